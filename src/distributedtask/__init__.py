@@ -1,0 +1,40 @@
+"""distributedtask: tasks every node of a cluster must run, coordinated through etcd.
+
+The public names of the API contract (spec/API.md), importable as ``import distributedtask as
+dt``. See :class:`Manager` for the transitions and :class:`EtcdClient` for the connection.
+"""
+
+from .etcd.client import EtcdClient
+from .exceptions import (
+    DistributedTaskError,
+    EtcdError,
+    InvalidTaskError,
+    NoEligibleNodesError,
+    TaskAlreadyRunningError,
+    TaskNotFoundError,
+    TaskNotRunningError,
+    TaskStillRunningError,
+    TaskTooFreshError,
+)
+from .manager import Manager
+from .model import Progress, Task, TaskDescriptor, TaskStatus
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DistributedTaskError",
+    "EtcdClient",
+    "EtcdError",
+    "InvalidTaskError",
+    "Manager",
+    "NoEligibleNodesError",
+    "Progress",
+    "Task",
+    "TaskAlreadyRunningError",
+    "TaskDescriptor",
+    "TaskNotFoundError",
+    "TaskNotRunningError",
+    "TaskStatus",
+    "TaskStillRunningError",
+    "TaskTooFreshError",
+]

@@ -1,0 +1,154 @@
+"""The one error tree of distributedtask.
+
+Every error the library raises on purpose derives from :class:`DistributedTaskError`::
+
+    DistributedTaskError
+     ├─ TaskNotFoundError        no task (namespace, id) with that version
+     ├─ TaskAlreadyRunningError  add_task while that id is STARTED
+     ├─ TaskNotRunningError      record/cancel on a terminal version
+     ├─ TaskStillRunningError    clean_up_task on a STARTED task
+     ├─ TaskTooFreshError        clean_up_task before the TTL has passed
+     ├─ InvalidTaskError         (also ValueError) bad namespace/id/node id/payload
+     ├─ NoEligibleNodesError     add_task without nodes= and no live node serves the namespace
+     └─ EtcdError                etcd unreachable, timed out or refused the request
+
+Errors keep the fields they are about as attributes, so callers never parse messages.
+Exceptions are plain values: raising them has no side effect and they are safe to share
+between threads. ``EtcdError`` never carries a password or an auth token.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DistributedTaskError",
+    "EtcdError",
+    "InvalidTaskError",
+    "NoEligibleNodesError",
+    "TaskAlreadyRunningError",
+    "TaskNotFoundError",
+    "TaskNotRunningError",
+    "TaskStillRunningError",
+    "TaskTooFreshError",
+]
+
+
+class DistributedTaskError(Exception):
+    """Root of every error the library raises on purpose."""
+
+
+class _TaskError(DistributedTaskError):
+    """An error about one run ``(namespace, task_id, version)`` of a task."""
+
+    def __init__(
+        self, message: str, namespace: str, task_id: str, version: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.namespace = namespace
+        self.task_id = task_id
+        self.version = version
+
+
+class TaskNotFoundError(_TaskError):
+    """No task ``(namespace, task_id)`` exists with that version."""
+
+    def __init__(self, namespace: str, task_id: str, version: int | None = None) -> None:
+        what = f"task {namespace}/{task_id}"
+        if version is not None:
+            what += f" with version {version}"
+        super().__init__(f"{what} does not exist", namespace, task_id, version)
+
+
+class TaskAlreadyRunningError(_TaskError):
+    """``add_task`` while a run of that id is STARTED; ``version`` is the running one."""
+
+    def __init__(self, namespace: str, task_id: str, version: int) -> None:
+        super().__init__(
+            f"task {namespace}/{task_id} is already running with version {version}",
+            namespace,
+            task_id,
+            version,
+        )
+
+
+class TaskNotRunningError(_TaskError):
+    """A record or cancel on a version that is already terminal; ``status`` says which."""
+
+    def __init__(self, namespace: str, task_id: str, version: int, status: str) -> None:
+        super().__init__(
+            f"task {namespace}/{task_id} version {version} is no longer running ({status})",
+            namespace,
+            task_id,
+            version,
+        )
+        self.status = status
+
+
+class TaskStillRunningError(_TaskError):
+    """``clean_up_task`` on a run that is still STARTED."""
+
+    def __init__(self, namespace: str, task_id: str, version: int) -> None:
+        super().__init__(
+            f"task {namespace}/{task_id} version {version} is still running",
+            namespace,
+            task_id,
+            version,
+        )
+
+
+class TaskTooFreshError(_TaskError):
+    """``clean_up_task`` before ``completed_task_ttl`` has passed since ``finished_at``."""
+
+    def __init__(self, namespace: str, task_id: str, version: int, ttl_seconds: float) -> None:
+        super().__init__(
+            f"task {namespace}/{task_id} version {version} is too fresh to clean up "
+            f"(ttl {ttl_seconds:g}s)",
+            namespace,
+            task_id,
+            version,
+        )
+        self.ttl_seconds = ttl_seconds
+
+
+class InvalidTaskError(DistributedTaskError, ValueError):
+    """Bad namespace, task id, node id or payload. Nothing was written to etcd.
+
+    ``field`` names the argument at fault (``"namespace"``, ``"task_id"``, ``"node_id"``,
+    ``"payload"``, ``"nodes"``, ``"data"``).
+    """
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class NoEligibleNodesError(DistributedTaskError):
+    """``add_task(nodes=None)`` found no live node serving ``namespace``."""
+
+    def __init__(self, namespace: str) -> None:
+        super().__init__(f"no live node serves namespace {namespace!r}")
+        self.namespace = namespace
+
+
+class EtcdError(DistributedTaskError):
+    """etcd was unreachable, timed out or refused the request, after any retries.
+
+    ``endpoint`` is the last endpoint tried, ``code`` the gRPC status code etcd returned (or
+    ``None`` for transport errors), ``etcd_message`` etcd's own message, and ``transient``
+    whether the failure was of the kind that is retried (connection, timeout, unavailable).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        endpoint: str | None = None,
+        code: int | None = None,
+        etcd_message: str | None = None,
+        transient: bool = False,
+    ) -> None:
+        full = message if endpoint is None else f"{message} (endpoint {endpoint})"
+        super().__init__(full)
+        self.endpoint = endpoint
+        self.code = code
+        self.etcd_message = etcd_message
+        self.transient = transient

@@ -1,0 +1,333 @@
+"""The data model: :class:`Task`, :class:`TaskDescriptor`, :class:`TaskStatus`, :class:`Progress`,
+name validation, and the public JSON form of a task.
+
+The JSON form is the one of Weaviate's ``distributedtask.Task`` — keys ``namespace``, ``ID``,
+``version``, ``payload`` (base64), ``status``, ``startedAt``, ``finishedAt`` (RFC 3339, the Go
+zero time ``0001-01-01T00:00:00Z`` while unset), ``error`` (omitted when empty) and
+``finishedNodes`` (``{"node": true}``, never null) — plus ``nodes`` (a sorted list), which
+Weaviate does not have because its tasks run on every node.
+
+Everything here is pure and immutable: values are safe to share between threads. Decoding
+raises :class:`~distributedtask.exceptions.InvalidTaskError` (field ``"data"``) on anything
+malformed, never another exception type.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import unicodedata
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+from .exceptions import InvalidTaskError
+
+__all__ = [
+    "MAX_NAME_BYTES",
+    "Progress",
+    "Task",
+    "TaskDescriptor",
+    "TaskStatus",
+    "format_time",
+    "parse_time",
+    "task_from_json",
+    "task_to_json",
+    "truncate_ms",
+    "validate_name",
+]
+
+MAX_NAME_BYTES = 256
+GO_ZERO_TIME = "0001-01-01T00:00:00Z"
+
+
+class TaskStatus(str, enum.Enum):
+    """The status of one run of a task. Every status but STARTED is terminal."""
+
+    STARTED = "STARTED"
+    FINISHED = "FINISHED"
+    CANCELLED = "CANCELLED"
+    FAILED = "FAILED"
+
+    @property
+    def terminal(self) -> bool:
+        """True for FINISHED, CANCELLED and FAILED."""
+        return self is not TaskStatus.STARTED
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True, order=True)
+class TaskDescriptor:
+    """One run of a task within its namespace: ``(id, version)``. Hashable and ordered."""
+
+    id: str
+    version: int
+
+
+@dataclass(frozen=True)
+class Task:
+    """One run of a task as the cluster sees it.
+
+    ``version`` is the etcd revision of the transaction that added this run; ``nodes`` are the
+    nodes that must run it, fixed when it was added; ``finished_nodes`` those that recorded
+    completion of this version.
+    """
+
+    namespace: str
+    id: str
+    version: int
+    payload: bytes
+    status: TaskStatus
+    started_at: datetime
+    finished_at: datetime | None
+    error: str | None
+    nodes: frozenset[str]
+    finished_nodes: frozenset[str]
+
+    @property
+    def descriptor(self) -> TaskDescriptor:
+        """``TaskDescriptor(self.id, self.version)``."""
+        return TaskDescriptor(self.id, self.version)
+
+    @property
+    def pending_nodes(self) -> frozenset[str]:
+        """The nodes of this run that have not recorded completion."""
+        return self.nodes - self.finished_nodes
+
+    def should_run_on(self, node_id: str) -> bool:
+        """Whether ``node_id`` must be running this run now: STARTED, assigned, not finished."""
+        return (
+            self.status is TaskStatus.STARTED
+            and node_id in self.nodes
+            and node_id not in self.finished_nodes
+        )
+
+
+@dataclass(frozen=True)
+class Progress:
+    """The latest progress a node reported for a run: ``fraction`` in [0, 1]."""
+
+    fraction: float
+    message: str
+    updated_at: datetime
+
+
+def validate_name(value: object, field: str) -> str:
+    """Check a namespace, task id or node id and return it.
+
+    Raises :class:`InvalidTaskError` unless ``value`` is a non-empty ``str`` of at most 256
+    UTF-8 bytes without control characters.
+    """
+    if not isinstance(value, str):
+        raise InvalidTaskError(f"{field} must be a str, not {type(value).__name__}", field)
+    if not value:
+        raise InvalidTaskError(f"{field} must not be empty", field)
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidTaskError(f"{field} is not valid unicode: {value!r}", field) from None
+    if size > MAX_NAME_BYTES:
+        raise InvalidTaskError(
+            f"{field} is {size} UTF-8 bytes long, more than {MAX_NAME_BYTES}", field
+        )
+    for ch in value:
+        if unicodedata.category(ch) == "Cc":
+            raise InvalidTaskError(f"{field} contains a control character: {value!r}", field)
+    return value
+
+
+def truncate_ms(moment: datetime) -> datetime:
+    """``moment`` in UTC, truncated to whole milliseconds (the precision we store).
+
+    Raises :class:`InvalidTaskError` for a naive datetime: the clock must be timezone-aware.
+    """
+    if moment.tzinfo is None:
+        raise InvalidTaskError("clock returned a naive datetime; it must be aware UTC", "clock")
+    moment = moment.astimezone(timezone.utc)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def to_epoch_ms(moment: datetime) -> int:
+    """Milliseconds since the Unix epoch of an aware datetime."""
+    delta = moment - datetime(1970, 1, 1, tzinfo=timezone.utc)
+    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+
+
+def from_epoch_ms(ms: int) -> datetime:
+    """The aware UTC datetime of ``ms`` milliseconds since the Unix epoch."""
+    seconds, millis = divmod(ms, 1000)
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).replace(microsecond=millis * 1000)
+
+
+def format_time(moment: datetime | None) -> str:
+    """RFC 3339 in UTC as Go's ``time.Time`` marshals it (trailing fraction zeros trimmed)."""
+    if moment is None:
+        return GO_ZERO_TIME
+    moment = truncate_ms(moment)
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    if moment.microsecond:
+        text += f".{moment.microsecond // 1000:03d}".rstrip("0")
+    return text + "Z"
+
+
+def parse_time(text: object) -> datetime | None:
+    """Parse an RFC 3339 time (``None`` for Go's zero time). Raises :class:`InvalidTaskError`."""
+    if not isinstance(text, str):
+        raise InvalidTaskError(f"time must be an RFC 3339 string, not {text!r}", "data")
+    if text == GO_ZERO_TIME or text.startswith("0001-01-01T00:00:00"):
+        return None
+    normalized = text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text
+    head, sep, tail = normalized.partition(".")
+    if sep:  # fromisoformat (3.10) wants exactly 3 or 6 fraction digits
+        digits = ""
+        while tail and tail[0].isdigit():
+            digits, tail = digits + tail[0], tail[1:]
+        normalized = f"{head}.{(digits + '000000')[:6]}{tail}"
+    try:
+        moment = datetime.fromisoformat(normalized)
+    except ValueError:
+        raise InvalidTaskError(f"not an RFC 3339 time: {text!r}", "data") from None
+    if moment.tzinfo is None:
+        raise InvalidTaskError(f"time has no offset: {text!r}", "data")
+    return truncate_ms(moment)
+
+
+def task_to_dict(task: Task) -> dict[str, Any]:
+    """The JSON-ready mapping of a task (Weaviate's keys plus ``nodes``)."""
+    out: dict[str, Any] = {
+        "namespace": task.namespace,
+        "ID": task.id,
+        "version": task.version,
+        "payload": base64.b64encode(task.payload).decode("ascii"),
+        "status": task.status.value,
+        "startedAt": format_time(task.started_at),
+        "finishedAt": format_time(task.finished_at),
+    }
+    if task.error:
+        out["error"] = task.error
+    out["finishedNodes"] = {node: True for node in sorted(task.finished_nodes)}
+    out["nodes"] = sorted(task.nodes)
+    return out
+
+
+def task_to_json(task: Task) -> bytes:
+    """The JSON form of one task."""
+    return orjson.dumps(task_to_dict(task))
+
+
+def _field(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = data.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InvalidTaskError(f"task JSON: {key!r} is missing or of the wrong type", "data")
+    return value
+
+
+def _names(values: Iterable[object], what: str) -> frozenset[str]:
+    names = set()
+    for value in values:
+        names.add(validate_name(value, what))
+    return frozenset(names)
+
+
+def task_from_dict(data: object) -> Task:
+    """Decode one task from its JSON-ready mapping. Raises :class:`InvalidTaskError`."""
+    if not isinstance(data, dict):
+        raise InvalidTaskError("task JSON must be an object", "data")
+    try:
+        payload_text = data.get("payload") or ""
+        if not isinstance(payload_text, str):
+            raise InvalidTaskError("task JSON: 'payload' must be base64 text", "data")
+        payload = base64.b64decode(payload_text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        if isinstance(exc, InvalidTaskError):
+            raise
+        raise InvalidTaskError("task JSON: 'payload' is not valid base64", "data") from None
+    try:
+        status = TaskStatus(_field(data, "status", str))
+    except ValueError:
+        status_text = data.get("status")
+        raise InvalidTaskError(f"task JSON: unknown status {status_text!r}", "data") from None
+    started_at = parse_time(_field(data, "startedAt", str))
+    if started_at is None:
+        raise InvalidTaskError("task JSON: 'startedAt' is unset", "data")
+    finished_at = parse_time(data.get("finishedAt", GO_ZERO_TIME))
+    error = data.get("error") or None
+    if error is not None and not isinstance(error, str):
+        raise InvalidTaskError("task JSON: 'error' must be a string", "data")
+    finished = data.get("finishedNodes") or {}
+    if not isinstance(finished, dict):
+        raise InvalidTaskError("task JSON: 'finishedNodes' must be an object", "data")
+    nodes_list = data.get("nodes")
+    if not isinstance(nodes_list, list):
+        raise InvalidTaskError("task JSON: 'nodes' must be a list", "data")
+    version = _field(data, "version", int)
+    if version <= 0:
+        raise InvalidTaskError("task JSON: 'version' must be positive", "data")
+    return Task(
+        namespace=validate_name(_field(data, "namespace", str), "namespace"),
+        id=validate_name(_field(data, "ID", str), "task_id"),
+        version=version,
+        payload=payload,
+        status=status,
+        started_at=started_at,
+        finished_at=finished_at,
+        error=error,
+        nodes=_names(nodes_list, "node_id"),
+        finished_nodes=_names((n for n, done in finished.items() if done is True), "node_id"),
+    )
+
+
+def task_from_json(data: bytes | str) -> Task:
+    """Decode one task from its JSON form. Raises :class:`InvalidTaskError`."""
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise InvalidTaskError("task JSON is not valid JSON", "data") from None
+    return task_from_dict(parsed)
+
+
+def tasks_to_payload(tasks: Mapping[str, list[Task]]) -> bytes:
+    """``{"tasks": {namespace: [task JSON, ...]}}``, namespaces and ids sorted."""
+    body = {
+        "tasks": {
+            ns: [task_to_dict(t) for t in sorted(tasks[ns], key=lambda t: t.id)]
+            for ns in sorted(tasks)
+        }
+    }
+    return orjson.dumps(body)
+
+
+def tasks_from_payload(data: bytes | str) -> list[Task]:
+    """Every task of a ``{"tasks": {...}}`` document. Raises :class:`InvalidTaskError`."""
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise InvalidTaskError("snapshot is not valid JSON", "data") from None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("tasks"), dict):
+        raise InvalidTaskError('snapshot must be an object {"tasks": {...}}', "data")
+    out: list[Task] = []
+    seen: set[tuple[str, str]] = set()
+    for namespace, items in parsed["tasks"].items():
+        if not isinstance(items, list):
+            raise InvalidTaskError(f"snapshot: tasks of {namespace!r} must be a list", "data")
+        for item in items:
+            task = task_from_dict(item)
+            if task.namespace != namespace:
+                raise InvalidTaskError(
+                    f"snapshot: task {task.id!r} filed under {namespace!r} "
+                    f"says namespace {task.namespace!r}",
+                    "data",
+                )
+            if (task.namespace, task.id) in seen:
+                raise InvalidTaskError(
+                    f"snapshot: task {task.namespace}/{task.id} appears twice", "data"
+                )
+            seen.add((task.namespace, task.id))
+            out.append(task)
+    return out
