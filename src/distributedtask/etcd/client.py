@@ -367,8 +367,10 @@ class EtcdClient:
     def _classify_status(
         self, code: int | None, message: str, endpoint: _Endpoint, http_error: str = ""
     ) -> Exception:
-        if code == _UNAUTHENTICATED or (
-            code == _FAILED_PRECONDITION and "auth store" in message
+        if (
+            code == _UNAUTHENTICATED
+            or (code == _FAILED_PRECONDITION and "auth store" in message)
+            or "user name is empty" in message  # auth is on and we sent no token
         ):
             if self._password is not None and any(m in message for m in _TOKEN_MESSAGES):
                 return _TokenRejectedError()

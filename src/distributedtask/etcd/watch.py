@@ -153,20 +153,23 @@ class ResumableWatch:
 
     def _run(self) -> None:
         failures = 0
-        relist = False
+        relist: str | None = None  # the reason for the next snapshot, if one is due
         while not self._stop.is_set():
             try:
-                if relist or self._resync_requested.is_set():
-                    reason = "resync" if self._resync_requested.is_set() else "compacted"
+                if self._resync_requested.is_set():
                     self._resync_requested.clear()
-                    self._deliver_snapshot(reason)
-                    relist = False
+                    relist = relist or "resync"
+                if relist is not None:
+                    self._deliver_snapshot(relist)
+                    relist = None
                 delivered = self._follow()
-                reason, relist = "eof", False
+                reason = "eof"
                 if delivered:
                     failures = 0
             except _RestartError as restart:
-                reason, relist = restart.reason, restart.relist
+                reason = restart.reason
+                if restart.relist:
+                    relist = reason
                 if reason in ("compacted", "resync"):
                     failures = 0
             except EtcdError as exc:
@@ -175,7 +178,7 @@ class ResumableWatch:
                     log.warning("watch of %r: %s", self._key, exc)
             except Exception:  # a handler bug must not end the watch
                 log.exception("watch handler of %r failed; relisting", self._key)
-                reason, relist = "error", True
+                reason, relist = "error", "handler-error"
             if self._stop.is_set():
                 return
             if self._on_restart is not None:
