@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from tests.support import FakeClock
 
 import distributedtask as dt
 from distributedtask.testing.proxy import TcpProxy
-from tests.support import FakeClock
 
 
 @pytest.fixture

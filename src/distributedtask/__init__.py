@@ -18,6 +18,14 @@ from .exceptions import (
 )
 from .manager import Manager
 from .model import Progress, Task, TaskDescriptor, TaskStatus
+from .provider import (
+    Provider,
+    TaskCompletionRecorder,
+    TaskContext,
+    TaskHandle,
+    ThreadProvider,
+)
+from .scheduler import Scheduler
 
 __version__ = "0.1.0"
 
@@ -29,12 +37,18 @@ __all__ = [
     "Manager",
     "NoEligibleNodesError",
     "Progress",
+    "Provider",
+    "Scheduler",
     "Task",
     "TaskAlreadyRunningError",
+    "TaskCompletionRecorder",
+    "TaskContext",
     "TaskDescriptor",
+    "TaskHandle",
     "TaskNotFoundError",
     "TaskNotRunningError",
     "TaskStatus",
     "TaskStillRunningError",
     "TaskTooFreshError",
+    "ThreadProvider",
 ]

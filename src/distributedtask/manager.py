@@ -501,9 +501,7 @@ class Manager:
             failure=reads,
         )
         if result.succeeded:
-            return replace(
-                task, status=TaskStatus.FINISHED, finished_at=now, error=None
-            )
+            return replace(task, status=TaskStatus.FINISHED, finished_at=now, error=None)
         return self._explain(namespace, task_id, version, result, token, node_id)
 
     def record_node_failure(
@@ -589,8 +587,10 @@ class Manager:
         :class:`TaskNotRunningError`, :class:`EtcdError`.
         """
         version = self._check_run_args(namespace, task_id, version, node_id)
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or math.isnan(
-            fraction
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, (int, float))
+            or math.isnan(fraction)
         ):
             raise InvalidTaskError(f"fraction must be a number, not {fraction!r}", "fraction")
         if not isinstance(message, str):
@@ -715,8 +715,7 @@ class Manager:
         try:
             if not done.wait(timeout):
                 raise TimeoutError(
-                    f"task {namespace}/{task_id} version {version} did not end "
-                    f"within {timeout:g}s"
+                    f"task {namespace}/{task_id} version {version} did not end within {timeout:g}s"
                 )
         finally:
             watch.stop()

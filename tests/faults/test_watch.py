@@ -103,7 +103,9 @@ def test_survives_a_cut_connection_without_gaps_or_duplicates(
 
 
 def test_relists_after_compaction_while_disconnected(
-    etcd_client: dt.EtcdClient, etcd_endpoint: str, etcd_proxy: TcpProxy,
+    etcd_client: dt.EtcdClient,
+    etcd_endpoint: str,
+    etcd_proxy: TcpProxy,
     watched: tuple[bytes, View],
 ) -> None:
     prefix, view = watched

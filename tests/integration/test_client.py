@@ -112,9 +112,12 @@ def test_auth_right_password_works_and_a_wrong_one_fails_at_once(auth_etcd: Etcd
             other.list_tasks()
         assert not denied.value.transient
 
-    with TcpProxy("127.0.0.1", auth_etcd.client_port) as proxy, dt.EtcdClient(
-        proxy.endpoint, username="alice", password="wrong-password", timeout=5.0
-    ) as client:
+    with (
+        TcpProxy("127.0.0.1", auth_etcd.client_port) as proxy,
+        dt.EtcdClient(
+            proxy.endpoint, username="alice", password="wrong-password", timeout=5.0
+        ) as client,
+    ):
         began = time.monotonic()
         with pytest.raises(dt.EtcdError, match="authentication failed") as info:
             dt.Manager(client, prefix="/alice/tasks").list_tasks()
@@ -122,8 +125,9 @@ def test_auth_right_password_works_and_a_wrong_one_fails_at_once(auth_etcd: Etcd
         assert proxy.requests == 1  # no retry storm
         assert "wrong-password" not in str(info.value) and "wrong-password" not in repr(client)
 
-    with dt.EtcdClient(auth_etcd.endpoint) as anonymous, pytest.raises(
-        dt.EtcdError, match="authentication"
+    with (
+        dt.EtcdClient(auth_etcd.endpoint) as anonymous,
+        pytest.raises(dt.EtcdError, match="authentication"),
     ):
         anonymous.range(b"/alice/x")
 
@@ -171,14 +175,19 @@ def test_tls_with_client_certificates(tmp_path: Path, dtask_prefix: str) -> None
             manager = dt.Manager(client, prefix=dtask_prefix)
             assert manager.add_task("ns", "t", nodes=["n1"]).status is dt.TaskStatus.STARTED
         with dt.EtcdClient(
-            server.endpoint, ca_cert=f"{d}/other-ca.pem", cert=f"{d}/client.pem",
-            key=f"{d}/client.key", timeout=5.0,
+            server.endpoint,
+            ca_cert=f"{d}/other-ca.pem",
+            cert=f"{d}/client.pem",
+            key=f"{d}/client.key",
+            timeout=5.0,
         ) as wrong_ca:
             began = time.monotonic()
             with pytest.raises(dt.EtcdError, match="TLS") as info:
                 wrong_ca.range(b"/x")
             assert not info.value.transient and time.monotonic() - began < 3
-        with dt.EtcdClient(server.endpoint, ca_cert=f"{d}/ca.pem", timeout=5.0) as no_cert, \
-                pytest.raises(dt.EtcdError) as missing:
+        with (
+            dt.EtcdClient(server.endpoint, ca_cert=f"{d}/ca.pem", timeout=5.0) as no_cert,
+            pytest.raises(dt.EtcdError) as missing,
+        ):
             no_cert.range(b"/x")
         assert not missing.value.transient

@@ -248,6 +248,17 @@ def test_proxy_block_refuses_until_unblocked(etcd_proxy: TcpProxy) -> None:
     assert wait_until(lambda: _answers(etcd_proxy.endpoint), ignore=(requests.ConnectionError,))
 
 
+def test_proxy_loses_a_response_but_the_write_happened(
+    etcd_proxy: TcpProxy, etcd_endpoint: str, dtask_prefix: str
+) -> None:
+    etcd_proxy.drop_next_response()
+    with pytest.raises(requests.ConnectionError):
+        kv_put(etcd_proxy.endpoint, f"{dtask_prefix}/lost", "written")
+    assert etcd_proxy.dropped == 1
+    assert kv_get(etcd_endpoint, f"{dtask_prefix}/lost") == b"written"
+    assert kv_get(etcd_proxy.endpoint, f"{dtask_prefix}/lost") == b"written"
+
+
 def test_proxy_in_front_of_a_killed_server(etcd_private: EtcdServer) -> None:
     with TcpProxy("127.0.0.1", etcd_private.client_port) as proxy:
         assert _answers(proxy.endpoint)

@@ -327,3 +327,21 @@ def test_proxy_close_joins_its_thread(echo: tuple[str, int]) -> None:
     sock.close()
     with pytest.raises(RuntimeError, match="closed"):
         proxy.cut()
+
+
+def test_proxy_drops_a_response_after_the_request_went_through(echo: tuple[str, int]) -> None:
+    with TcpProxy(*echo) as proxy:
+        proxy.drop_next_response(skip=1)
+        with _connect(proxy) as sock:
+            sock.sendall(b"POST /first")
+            assert _recv_exact(sock, 11) == b"POST /first"  # skipped: passes
+            sock.sendall(b"POST /second")
+            with pytest.raises(ConnectionResetError):
+                sock.recv(100)
+        assert proxy.dropped == 1
+        with _connect(proxy) as sock:  # one drop only
+            sock.sendall(b"GET /third")
+            assert _recv_exact(sock, 10) == b"GET /third"
+        assert proxy.requests == 3
+        with pytest.raises(ValueError, match="skip"):
+            proxy.drop_next_response(skip=-1)

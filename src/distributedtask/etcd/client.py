@@ -197,9 +197,7 @@ class EtcdClient:
             endpoints = [e for e in endpoints.split(",") if e.strip()]
         if not endpoints:
             raise ValueError("at least one etcd endpoint is required")
-        if timeout is None or not isinstance(timeout, (int, float)) or not (
-            0 < timeout < math.inf
-        ):
+        if timeout is None or not isinstance(timeout, (int, float)) or not (0 < timeout < math.inf):
             raise ValueError(f"timeout must be a finite number of seconds > 0, not {timeout!r}")
         if (username is None) != (password is None):
             raise ValueError("username and password go together")
@@ -282,9 +280,11 @@ class EtcdClient:
         def attempt() -> dict[str, Any]:
             nonlocal maybe_applied
             try:
-                return self._attempt(lambda ep, headers: ep.gateway.post(
-                    ep.gateway.get_url(path), json=body, headers=headers
-                ))
+                return self._attempt(
+                    lambda ep, headers: ep.gateway.post(
+                        ep.gateway.get_url(path), json=body, headers=headers
+                    )
+                )
             except _RetryableError as retry:
                 maybe_applied = maybe_applied or retry.maybe_sent
                 raise
@@ -410,9 +410,7 @@ class EtcdClient:
             isinstance(exc, requests.exceptions.ConnectionError) and _is_connect_failure(exc)
         )
         kind = "timed out" if isinstance(exc, requests.exceptions.Timeout) else "unreachable"
-        error = EtcdError(
-            f"etcd {kind}: {_reason(exc)}", endpoint=endpoint.url, transient=True
-        )
+        error = EtcdError(f"etcd {kind}: {_reason(exc)}", endpoint=endpoint.url, transient=True)
         return _RetryableError(error, maybe_sent=not not_sent)
 
     # ---- authentication -------------------------------------------------------------------
@@ -479,8 +477,12 @@ class EtcdClient:
     ) -> t.RangeResult:
         """A linearizable read of ``[key, range_end)``. Raises :class:`EtcdError`."""
         body = t.range_body(
-            key, range_end, revision=revision, limit=limit,
-            keys_only=keys_only, count_only=count_only,
+            key,
+            range_end,
+            revision=revision,
+            limit=limit,
+            keys_only=keys_only,
+            count_only=count_only,
         )
         data, _ = self.call("kv/range", body)
         return t.RangeResult.parse(data)
@@ -572,9 +574,17 @@ def _is_connect_failure(exc: requests.RequestException) -> bool:
 
 def _reason(exc: BaseException) -> str:
     text = str(exc)
-    for marker in ("Connection refused", "timed out", "Connection reset", "Connection aborted",
-                   "Read timed out", "CERTIFICATE_VERIFY_FAILED", "certificate required",
-                   "RemoteDisconnected", "Name or service not known"):
+    for marker in (
+        "Connection refused",
+        "timed out",
+        "Connection reset",
+        "Connection aborted",
+        "Read timed out",
+        "CERTIFICATE_VERIFY_FAILED",
+        "certificate required",
+        "RemoteDisconnected",
+        "Name or service not known",
+    ):
         if marker in text:
             return marker
     return text[:200]

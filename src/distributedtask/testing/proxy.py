@@ -3,14 +3,15 @@
 `TcpProxy` accepts connections on a free loopback port and forwards each to the target. Tests
 can then `~TcpProxy.cut` every current connection (an RST, as when a middlebox drops state),
 `~TcpProxy.block` the path (new connections are accepted and reset at once, current ones are
-cut) and `~TcpProxy.unblock` it, and read how many HTTP requests clients sent
+cut) and `~TcpProxy.unblock` it, lose the response to a request that the server did handle
+(`~TcpProxy.drop_next_response`), and read how many HTTP requests clients sent
 (`~TcpProxy.requests`), to assert on round trips rather than on timings.
 
 Threading: one named daemon thread (``dtask-proxy-<port>``) runs a selector loop that owns
-every socket; it does no polling, a socketpair wakes it. `cut`, `block`, `unblock` and
-`reset_counts` may be called from any thread; the first three run inside the loop and return
-once done, so after ``cut()`` returns, the cut connections are gone. `close` stops the loop on
-an `threading.Event`, joins the thread and resets whatever is still open.
+every socket; it does no polling, a socketpair wakes it. Every public method may be called
+from any thread; `cut`, `block`, `unblock` and `drop_next_response` run inside the loop and
+return once done, so after ``cut()`` returns, the cut connections are gone. `close` stops the
+loop on a `threading.Event`, joins the thread and resets whatever is still open.
 
 Failure semantics: an upstream that refuses or resets is passed on to the client as a reset.
 Half-closes are forwarded. If the loop itself fails (a harness bug), every connection is reset
@@ -72,6 +73,8 @@ class _Conn:
         "client_shut",
         "connected",
         "counter",
+        "doomed",
+        "doomed_answered",
         "masks",
         "to_client",
         "to_upstream",
@@ -91,6 +94,8 @@ class _Conn:
         self.client_shut = False
         self.upstream_shut = False
         self.counter = RequestCounter()
+        self.doomed = False
+        self.doomed_answered = False
         self.masks: dict[socket.socket, int] = {client: 0, upstream: 0}
 
 
@@ -134,6 +139,8 @@ class TcpProxy:
         self._requests = 0
         self._accepted = 0
         self._blocked = False
+        self._drop_countdown: int | None = None
+        self._dropped = 0
         self._stopping = threading.Event()
         self._error: BaseException | None = None
         self._closed = False
@@ -170,14 +177,40 @@ class TcpProxy:
         return self._call(lambda: len(self._conns) // 2)
 
     @property
+    def dropped(self) -> int:
+        """Responses lost on purpose (see `drop_next_response`) since creation or reset."""
+        with self._lock:
+            return self._dropped
+
+    @property
     def blocked(self) -> bool:
         return self._blocked
 
     def reset_counts(self) -> None:
-        """Set `requests` and `accepted` to zero."""
+        """Set `requests`, `accepted` and `dropped` to zero."""
         with self._lock:
             self._requests = 0
             self._accepted = 0
+            self._dropped = 0
+
+    def drop_next_response(self, skip: int = 0) -> None:
+        """Lose the response to a coming request, as when the network fails after the send.
+
+        The next ``skip`` requests (on any connection) pass; the one after reaches the server,
+        which handles it (a write takes effect), but when its response arrives the proxy resets
+        that connection instead of passing the response on. Replaces a drop still pending.
+
+        Raises:
+            ValueError: ``skip`` is negative.
+            RuntimeError: the proxy is closed or its loop failed.
+        """
+        if skip < 0:
+            raise ValueError("skip must be >= 0")
+
+        def arm() -> None:
+            self._drop_countdown = skip
+
+        self._call(arm)
 
     def cut(self) -> int:
         """Reset every current connection (RST both ways); return how many were cut.
@@ -363,6 +396,11 @@ class TcpProxy:
             else:
                 if mask & selectors.EVENT_READ:
                     self._read(conn, is_client)
+                    if conn.doomed_answered:
+                        self._drop(conn)  # the response is lost: the client sees a reset
+                        with self._lock:
+                            self._dropped += 1
+                        return
                 if mask & selectors.EVENT_WRITE:
                     self._write(conn, is_client)
             self._half_close(conn)
@@ -391,9 +429,24 @@ class TcpProxy:
             if found:
                 with self._lock:
                     self._requests += found
+                self._arm(conn, found)
             conn.to_upstream += data
+        elif conn.doomed:
+            conn.doomed_answered = True  # etcd has handled the request; do not pass it on
         else:
             conn.to_client += data
+
+    def _arm(self, conn: _Conn, found: int) -> None:
+        # HTTP clients do not pipeline, so the next bytes from upstream on this connection
+        # answer the request that starts in this chunk.
+        for _ in range(found):
+            if self._drop_countdown is None:
+                return
+            if self._drop_countdown == 0:
+                self._drop_countdown = None
+                conn.doomed = True
+                return
+            self._drop_countdown -= 1
 
     def _write(self, conn: _Conn, is_client: bool) -> None:
         sock, buf = (

@@ -1,0 +1,142 @@
+"""Prometheus metrics, created against an injected registry.
+
+One :class:`Metrics` object per registry (created on first use and shared), so several
+Schedulers in one process — or a Scheduler restarted — never register a metric twice. Every
+name below is part of the contract (API.md) and is used by ``contrib/`` (dashboard, alerts):
+
+=========================================================  =========  =======================
+name                                                       type       labels
+=========================================================  =========  =======================
+distributedtask_tasks_running                              gauge      namespace
+distributedtask_task_starts_total                          counter    namespace
+distributedtask_task_terminations_total                    counter    namespace
+distributedtask_local_cleanups_total                       counter    namespace
+distributedtask_provider_errors_total                      counter    namespace, operation
+distributedtask_start_latency_seconds                      histogram  namespace
+distributedtask_watch_restarts_total                       counter    reason
+distributedtask_resyncs_total                              counter
+distributedtask_node_loss_failures_total                   counter    namespace
+distributedtask_lease_losses_total                         counter
+distributedtask_skipped_records_total                      counter
+distributedtask_members                                    gauge
+distributedtask_record_retries_total                       counter    operation
+=========================================================  =========  =======================
+
+prometheus-client collectors are thread-safe; so is this module.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["METRIC_NAMES", "Metrics", "metrics_for"]
+
+METRIC_NAMES = (
+    "distributedtask_tasks_running",
+    "distributedtask_task_starts_total",
+    "distributedtask_task_terminations_total",
+    "distributedtask_local_cleanups_total",
+    "distributedtask_provider_errors_total",
+    "distributedtask_start_latency_seconds",
+    "distributedtask_watch_restarts_total",
+    "distributedtask_resyncs_total",
+    "distributedtask_node_loss_failures_total",
+    "distributedtask_lease_losses_total",
+    "distributedtask_skipped_records_total",
+    "distributedtask_members",
+    "distributedtask_record_retries_total",
+)
+
+
+class Metrics:
+    """The collectors of one registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        ns = ("namespace",)
+        self.tasks_running = Gauge(
+            "distributedtask_tasks_running",
+            "Runs this node has started and not yet terminated",
+            ns,
+            registry=registry,
+        )
+        self.task_starts = Counter(
+            "distributedtask_task_starts_total", "Runs started on this node", ns, registry=registry
+        )
+        self.task_terminations = Counter(
+            "distributedtask_task_terminations_total",
+            "Runs terminated because they stopped being wanted (cancelled, failed elsewhere, "
+            "replaced, removed)",
+            ns,
+            registry=registry,
+        )
+        self.local_cleanups = Counter(
+            "distributedtask_local_cleanups_total",
+            "Local states of runs removed by the provider",
+            ns,
+            registry=registry,
+        )
+        self.provider_errors = Counter(
+            "distributedtask_provider_errors_total",
+            "Exceptions raised by provider calls (each is retried with backoff)",
+            (*ns, "operation"),
+            registry=registry,
+        )
+        self.start_latency = Histogram(
+            "distributedtask_start_latency_seconds",
+            "From a run's startedAt to its local start",
+            ns,
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+        )
+        self.watch_restarts = Counter(
+            "distributedtask_watch_restarts_total",
+            "Times the etcd watch was re-established, by reason",
+            ("reason",),
+            registry=registry,
+        )
+        self.resyncs = Counter(
+            "distributedtask_resyncs_total", "Full relists of the cluster state", registry=registry
+        )
+        self.node_loss_failures = Counter(
+            "distributedtask_node_loss_failures_total",
+            "Runs this node marked FAILED because an assigned node was lost",
+            ns,
+            registry=registry,
+        )
+        self.lease_losses = Counter(
+            "distributedtask_lease_losses_total",
+            "Times this node's membership lease was lost and granted anew",
+            registry=registry,
+        )
+        self.skipped_records = Counter(
+            "distributedtask_skipped_records_total",
+            "Values under the prefix that could not be read and were skipped",
+            registry=registry,
+        )
+        self.members = Gauge(
+            "distributedtask_members", "Live members seen by this node", registry=registry
+        )
+        self.record_retries = Counter(
+            "distributedtask_record_retries_total",
+            "Completion, failure and progress records that etcd could not take at once and "
+            "were retried in the background",
+            ("operation",),
+            registry=registry,
+        )
+
+
+_lock = threading.Lock()
+_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, Metrics] = weakref.WeakKeyDictionary()
+
+
+def metrics_for(registry: CollectorRegistry | None) -> Metrics:
+    """The :class:`Metrics` of ``registry`` (default: prometheus-client's global one)."""
+    registry = REGISTRY if registry is None else registry
+    with _lock:
+        found = _by_registry.get(registry)
+        if found is None:
+            found = _by_registry[registry] = Metrics(registry)
+        return found
