@@ -32,6 +32,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import quote, unquote_to_bytes
 
+from .exceptions import InvalidTaskError
+from .model import validate_name
+
 __all__ = [
     "Keys",
     "MemberKey",
@@ -48,14 +51,18 @@ def _esc(segment: str) -> str:
 
 
 def _unesc(segment: str) -> str | None:
-    """The name a segment encodes, or None if it is not exactly what :func:`_esc` produces."""
+    """The name a segment encodes, or None if it is not exactly what :func:`_esc` produces
+    from a valid name."""
     try:
         name = unquote_to_bytes(segment).decode("utf-8")
     except UnicodeDecodeError:
         return None
     if not name or _esc(name) != segment:
         return None
-    return name
+    try:
+        return validate_name(name, "name")
+    except InvalidTaskError:
+        return None
 
 
 def prefix_range_end(prefix: bytes) -> bytes:
@@ -114,11 +121,17 @@ class MemberKey:
 ParsedKey = TaskKey | OutcomeKey | RunKey | ProgressKey | MemberKey
 
 
+RESERVED_SEGMENTS = frozenset({"tasks", "outcomes", "runs", "progress", "members"})
+
+
 class Keys:
     """Builds and parses every key under one prefix.
 
     ``prefix`` must be a non-empty string; a trailing ``/`` is ignored, so ``"/a"`` and
-    ``"/a/"`` name the same tree. Raises :class:`ValueError` for an empty prefix.
+    ``"/a/"`` name the same tree. None of its ``/``-separated segments may be one of the names
+    the schema uses below a prefix (``tasks``, ``outcomes``, ``runs``, ``progress``,
+    ``members``): otherwise the tree of prefix ``/a/runs`` would lie inside the run keys of
+    prefix ``/a``, and two prefixes must never meet. Raises :class:`ValueError`.
     """
 
     def __init__(self, prefix: str) -> None:
@@ -126,6 +139,9 @@ class Keys:
             raise ValueError(
                 f"prefix must be a non-empty path such as '/distributedtask': {prefix!r}"
             )
+        reserved = RESERVED_SEGMENTS.intersection(prefix.split("/"))
+        if reserved:
+            raise ValueError(f"prefix {prefix!r} uses the reserved segment {sorted(reserved)[0]!r}")
         self.prefix = prefix.rstrip("/")
         self.root = (self.prefix + "/").encode("utf-8")
         self._tasks = self.root + b"tasks/"
@@ -204,7 +220,8 @@ class Keys:
         if kind == "progress" and len(parts) == 4:
             ns, tid, node = _unesc(parts[0]), _unesc(parts[1]), _unesc(parts[3])
             version = parts[2]
-            if not (ns and tid and node and version.isdigit() and version == str(int(version))):
+            canonical = version.isdigit() and version == str(int(version)) and int(version) > 0
+            if not (ns and tid and node and canonical):
                 return None
             return ProgressKey(ns, tid, int(version), node)
         if kind == "members" and len(parts) == 1:

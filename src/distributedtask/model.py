@@ -17,10 +17,11 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import orjson
@@ -43,6 +44,7 @@ __all__ = [
 
 MAX_NAME_BYTES = 256
 GO_ZERO_TIME = "0001-01-01T00:00:00Z"
+_GO_ZERO = datetime(1, 1, 1, tzinfo=timezone.utc)
 
 
 class TaskStatus(str, enum.Enum):
@@ -145,24 +147,36 @@ def validate_name(value: object, field: str) -> str:
 def truncate_ms(moment: datetime) -> datetime:
     """``moment`` in UTC, truncated to whole milliseconds (the precision we store).
 
-    Raises :class:`InvalidTaskError` for a naive datetime: the clock must be timezone-aware.
+    Raises :class:`InvalidTaskError` for a naive datetime (the clock must be timezone-aware)
+    or one that has no UTC equivalent within years 1-9999.
     """
     if moment.tzinfo is None:
         raise InvalidTaskError("clock returned a naive datetime; it must be aware UTC", "clock")
-    moment = moment.astimezone(timezone.utc)
+    try:
+        moment = moment.astimezone(timezone.utc)
+    except (OverflowError, ValueError):
+        raise InvalidTaskError(f"time out of range: {moment!r}", "data") from None
     return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
 def to_epoch_ms(moment: datetime) -> int:
     """Milliseconds since the Unix epoch of an aware datetime."""
-    delta = moment - datetime(1970, 1, 1, tzinfo=timezone.utc)
+    delta = moment - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 def from_epoch_ms(ms: int) -> datetime:
-    """The aware UTC datetime of ``ms`` milliseconds since the Unix epoch."""
-    seconds, millis = divmod(ms, 1000)
-    return datetime.fromtimestamp(seconds, tz=timezone.utc).replace(microsecond=millis * 1000)
+    """The aware UTC datetime of ``ms`` milliseconds since the Unix epoch.
+
+    Raises :class:`ValueError` when that lies outside years 1-9999.
+    """
+    try:
+        return _EPOCH + timedelta(milliseconds=ms)
+    except OverflowError:
+        raise ValueError(f"{ms} ms since the epoch is out of range") from None
 
 
 def format_time(moment: datetime | None) -> str:
@@ -170,31 +184,36 @@ def format_time(moment: datetime | None) -> str:
     if moment is None:
         return GO_ZERO_TIME
     moment = truncate_ms(moment)
-    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    text = (
+        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}"
+        f"T{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}"
+    )
     if moment.microsecond:
         text += f".{moment.microsecond // 1000:03d}".rstrip("0")
     return text + "Z"
+
+
+_RFC3339 = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})"
+)
 
 
 def parse_time(text: object) -> datetime | None:
     """Parse an RFC 3339 time (``None`` for Go's zero time). Raises :class:`InvalidTaskError`."""
     if not isinstance(text, str):
         raise InvalidTaskError(f"time must be an RFC 3339 string, not {text!r}", "data")
-    if text == GO_ZERO_TIME or text.startswith("0001-01-01T00:00:00"):
-        return None
-    normalized = text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text
-    head, sep, tail = normalized.partition(".")
-    if sep:  # fromisoformat (3.10) wants exactly 3 or 6 fraction digits
-        digits = ""
-        while tail and tail[0].isdigit():
-            digits, tail = digits + tail[0], tail[1:]
-        normalized = f"{head}.{(digits + '000000')[:6]}{tail}"
+    match = _RFC3339.fullmatch(text)
+    if match is None:
+        raise InvalidTaskError(f"not an RFC 3339 time: {text!r}", "data")
+    day, clock, fraction, offset = match.groups()
+    offset = "+00:00" if offset in ("Z", "z") else offset
+    micros = (fraction or "").ljust(6, "0")[:6]
     try:
-        moment = datetime.fromisoformat(normalized)
+        moment = datetime.fromisoformat(f"{day}T{clock}.{micros}{offset}")
     except ValueError:
         raise InvalidTaskError(f"not an RFC 3339 time: {text!r}", "data") from None
-    if moment.tzinfo is None:
-        raise InvalidTaskError(f"time has no offset: {text!r}", "data")
+    if moment == _GO_ZERO:
+        return None
     return truncate_ms(moment)
 
 
@@ -229,24 +248,24 @@ def _field(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> 
 
 
 def _names(values: Iterable[object], what: str) -> frozenset[str]:
-    names = set()
-    for value in values:
-        names.add(validate_name(value, what))
-    return frozenset(names)
+    try:
+        return frozenset(validate_name(value, what) for value in values)
+    except InvalidTaskError as exc:
+        raise InvalidTaskError(f"task JSON: {exc}", "data") from None
 
 
 def task_from_dict(data: object) -> Task:
     """Decode one task from its JSON-ready mapping. Raises :class:`InvalidTaskError`."""
     if not isinstance(data, dict):
         raise InvalidTaskError("task JSON must be an object", "data")
+    payload_text = data.get("payload")
+    if payload_text is None:
+        payload_text = ""
+    if not isinstance(payload_text, str):
+        raise InvalidTaskError("task JSON: 'payload' must be base64 text", "data")
     try:
-        payload_text = data.get("payload") or ""
-        if not isinstance(payload_text, str):
-            raise InvalidTaskError("task JSON: 'payload' must be base64 text", "data")
         payload = base64.b64decode(payload_text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        if isinstance(exc, InvalidTaskError):
-            raise
+    except (binascii.Error, ValueError):
         raise InvalidTaskError("task JSON: 'payload' is not valid base64", "data") from None
     try:
         status = TaskStatus(_field(data, "status", str))
@@ -257,29 +276,44 @@ def task_from_dict(data: object) -> Task:
     if started_at is None:
         raise InvalidTaskError("task JSON: 'startedAt' is unset", "data")
     finished_at = parse_time(data.get("finishedAt", GO_ZERO_TIME))
-    error = data.get("error") or None
+    error = data.get("error")
     if error is not None and not isinstance(error, str):
         raise InvalidTaskError("task JSON: 'error' must be a string", "data")
-    finished = data.get("finishedNodes") or {}
-    if not isinstance(finished, dict):
-        raise InvalidTaskError("task JSON: 'finishedNodes' must be an object", "data")
+    finished = data.get("finishedNodes")
+    if finished is None:
+        finished = {}
+    if not isinstance(finished, dict) or not all(
+        v is True or v is False for v in finished.values()
+    ):
+        raise InvalidTaskError("task JSON: 'finishedNodes' must map node ids to booleans", "data")
     nodes_list = data.get("nodes")
     if not isinstance(nodes_list, list):
         raise InvalidTaskError("task JSON: 'nodes' must be a list", "data")
+    nodes = _names(nodes_list, "node_id")
+    if not nodes:
+        raise InvalidTaskError("task JSON: 'nodes' must not be empty", "data")
+    finished_nodes = _names((n for n, done in finished.items() if done), "node_id")
+    if not finished_nodes <= nodes:
+        raise InvalidTaskError("task JSON: 'finishedNodes' names nodes not in 'nodes'", "data")
     version = _field(data, "version", int)
     if version <= 0:
         raise InvalidTaskError("task JSON: 'version' must be positive", "data")
+    try:
+        namespace = validate_name(_field(data, "namespace", str), "namespace")
+        task_id = validate_name(_field(data, "ID", str), "task_id")
+    except InvalidTaskError as exc:
+        raise InvalidTaskError(f"task JSON: {exc}", "data") from None
     return Task(
-        namespace=validate_name(_field(data, "namespace", str), "namespace"),
-        id=validate_name(_field(data, "ID", str), "task_id"),
+        namespace=namespace,
+        id=task_id,
         version=version,
         payload=payload,
         status=status,
         started_at=started_at,
         finished_at=finished_at,
-        error=error,
-        nodes=_names(nodes_list, "node_id"),
-        finished_nodes=_names((n for n, done in finished.items() if done is True), "node_id"),
+        error=error or None,
+        nodes=nodes,
+        finished_nodes=finished_nodes,
     )
 
 

@@ -56,7 +56,7 @@ def _load(raw: bytes, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CorruptRecordError(f"{what} is not a JSON object")
     version = data.get("v")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
             raise CorruptRecordError(f"{what} has format version {version}, newer than ours")
         raise CorruptRecordError(f"{what} has no known format version")
@@ -70,10 +70,11 @@ def _get(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what:
     return value
 
 
-def _opt_ms(data: Mapping[str, Any], key: str, what: str) -> datetime | None:
-    if data.get(key) is None:
-        return None
-    return from_epoch_ms(_get(data, key, int, what))
+def _ms(data: Mapping[str, Any], key: str, what: str) -> datetime:
+    try:
+        return from_epoch_ms(_get(data, key, int, what))
+    except ValueError:
+        raise CorruptRecordError(f"{what}: time {key!r} is out of range") from None
 
 
 def _names(values: object, what: str) -> frozenset[str]:
@@ -129,7 +130,7 @@ class TaskRecord:
             raise CorruptRecordError(f"{what}: no nodes")
         return cls(
             payload=payload,
-            started_at=from_epoch_ms(_get(data, "startedAt", int, what)),
+            started_at=_ms(data, "startedAt", what),
             nodes=nodes,
             token=_get(data, "token", str, what),
             version=version,
@@ -196,7 +197,7 @@ class OutcomeRecord:
             raise CorruptRecordError(f"{what}: bad error")
         return cls(
             status=status,
-            finished_at=from_epoch_ms(_get(data, "finishedAt", int, what)),
+            finished_at=_ms(data, "finishedAt", what),
             token=_get(data, "token", str, what),
             error=error,
         )
@@ -235,11 +236,13 @@ class RunRecord:
         if outcome not in (PENDING, COMPLETED, FAILED):
             raise CorruptRecordError(f"{what}: unknown outcome {outcome!r}")
         error = data.get("error")
+        if error is not None and not isinstance(error, str):
+            raise CorruptRecordError(f"{what}: bad error")
         return cls(
             outcome=outcome,
-            at=from_epoch_ms(_get(data, "at", int, what)),
+            at=_ms(data, "at", what),
             token=_get(data, "token", str, what),
-            error=error if isinstance(error, str) else None,
+            error=error,
         )
 
 
@@ -262,7 +265,7 @@ def decode_progress(raw: bytes) -> Progress:
     return Progress(
         fraction=float(fraction),
         message=_get(data, "message", str, what),
-        updated_at=from_epoch_ms(_get(data, "at", int, what)),
+        updated_at=_ms(data, "at", what),
     )
 
 
@@ -289,14 +292,14 @@ class MemberRecord:
         what = "member record"
         data = _load(raw, what)
         namespaces = _get(data, "namespaces", list, what)
-        if not all(isinstance(ns, str) for ns in namespaces):
-            raise CorruptRecordError(f"{what}: namespaces must be strings")
         try:
             node = validate_name(_get(data, "node", str, what), "node_id")
+            for namespace in namespaces:
+                validate_name(namespace, "namespace")
         except InvalidTaskError as exc:
             raise CorruptRecordError(f"{what}: {exc}") from None
         return cls(
             node_id=node,
             namespaces=frozenset(namespaces),
-            started_at=from_epoch_ms(_get(data, "startedAt", int, what)),
+            started_at=_ms(data, "startedAt", what),
         )

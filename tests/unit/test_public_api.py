@@ -74,8 +74,15 @@ def test_every_name_in_all_is_importable() -> None:
 
 
 def test_all_contains_the_api_names() -> None:
+    # a subset check: Scheduler, Provider, ... join __all__ as they are implemented
     assert set(dt.__all__) >= API_NAMES
-    assert set(dt.__all__) <= API_NAMES | LATER_API_NAMES
+    assert all(name.isidentifier() and not name.startswith("_") for name in dt.__all__)
+
+
+@pytest.mark.parametrize("name", sorted(LATER_API_NAMES))
+def test_later_api_names_are_exported_once_implemented(name: str) -> None:
+    if hasattr(dt, name):
+        assert name in dt.__all__
 
 
 def test_exported_names_are_the_defining_objects() -> None:
@@ -341,11 +348,6 @@ def test_etcd_client_repr_without_auth() -> None:
         client.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: EtcdClient raises AttributeError/TypeError, not ValueError, for endpoints "
-    "that are not str, for watch_timeout=None, and accepts timeout=True",
-)
 @pytest.mark.parametrize(
     ("args", "kwargs"),
     [

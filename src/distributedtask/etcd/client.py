@@ -87,6 +87,11 @@ class _TokenRejectedError(Exception):
     """Internal: etcd rejected our auth token."""
 
 
+def _check_seconds(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number of seconds > 0, not {value!r}")
+
+
 def _parse_endpoint(endpoint: str) -> tuple[str, str, int]:
     text = endpoint.strip()
     if "://" not in text:
@@ -195,16 +200,18 @@ class EtcdClient:
     ) -> None:
         if isinstance(endpoints, str):
             endpoints = [e for e in endpoints.split(",") if e.strip()]
+        elif isinstance(endpoints, (bytes, bytearray)) or not isinstance(endpoints, Sequence):
+            raise ValueError(f"endpoints must be a str or a sequence of str: {endpoints!r}")
         if not endpoints:
             raise ValueError("at least one etcd endpoint is required")
-        if timeout is None or not isinstance(timeout, (int, float)) or not (0 < timeout < math.inf):
-            raise ValueError(f"timeout must be a finite number of seconds > 0, not {timeout!r}")
+        if not all(isinstance(e, str) for e in endpoints):
+            raise ValueError(f"every endpoint must be a str: {endpoints!r}")
+        _check_seconds("timeout", timeout)
+        _check_seconds("watch_timeout", watch_timeout)
         if (username is None) != (password is None):
             raise ValueError("username and password go together")
         if key is not None and cert is None:
             raise ValueError("a client key needs its certificate (cert=)")
-        if not 0 < watch_timeout < math.inf:
-            raise ValueError(f"watch_timeout must be finite seconds > 0: {watch_timeout!r}")
         self.timeout = float(timeout)
         self.watch_timeout = float(watch_timeout)
         self.username = username

@@ -397,9 +397,9 @@ class TcpProxy:
                 if mask & selectors.EVENT_READ:
                     self._read(conn, is_client)
                     if conn.doomed_answered:
-                        self._drop(conn)  # the response is lost: the client sees a reset
-                        with self._lock:
+                        with self._lock:  # count first: the reset wakes the client up
                             self._dropped += 1
+                        self._drop(conn)  # the response is lost: the client sees a reset
                         return
                 if mask & selectors.EVENT_WRITE:
                     self._write(conn, is_client)
