@@ -554,15 +554,21 @@ class Scheduler:
     def _reconcile_pending(self) -> None:
         with self._lock:
             full, self._full_reconcile = self._full_reconcile, False
-            dirty, self._dirty = self._dirty, set()
-            tasks = dict(self._view.tasks)
+            dirty = {key for key in self._dirty if key[0] in self.providers}
+            self._dirty = set()
+            if full:
+                dirty |= {key for key in self._view.tasks if key[0] in self.providers}
+            tasks = {key: self._view.tasks.get(key) for key in dirty}
         if full:
             for namespace, provider in self.providers.items():
                 listed, local = self._call(namespace, "get_local_tasks", provider.get_local_tasks)
                 if listed and local is not None:
                     self._local[namespace] = set(local)
-            dirty |= set(tasks) | set(self._running)
-            dirty |= {(ns, d.id) for ns, local_set in self._local.items() for d in local_set}
+            extra = set(self._running)
+            extra |= {(ns, d.id) for ns, local_set in self._local.items() for d in local_set}
+            with self._lock:
+                tasks.update({key: self._view.tasks.get(key) for key in extra - dirty})
+            dirty |= extra
         for task_id in sorted(dirty):
             if self._stopping.is_set():
                 return

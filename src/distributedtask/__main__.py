@@ -1,0 +1,5 @@
+"""``python -m distributedtask``: the ``dtask`` command line."""
+
+from .cli import run
+
+run()

@@ -1,0 +1,777 @@
+"""``dtask``: the command line of distributedtask.
+
+Every subcommand connects with the same options, each also read from the environment:
+``--endpoints`` (``DTASK_ENDPOINTS``, comma-separated), ``--prefix`` (``DTASK_PREFIX``),
+``--timeout`` (``DTASK_TIMEOUT``), ``--ca-cert`` / ``--cert`` / ``--key`` (``DTASK_CA_CERT``,
+``DTASK_CERT``, ``DTASK_KEY``), ``--user`` (``DTASK_USER``) and ``--password-file``
+(``DTASK_PASSWORD_FILE``) or ``DTASK_PASSWORD`` (no ``--password`` flag: a password on the
+command line is visible to every user of the machine).
+
+Exit status: 0 success; for ``wait``, 0 FINISHED, 1 FAILED, 2 CANCELLED; 3 for an error of
+ours (etcd unreachable, no such task, task still running...), printed as one line
+``dtask: error: ...`` on stderr, never a traceback; 64 for bad usage; 130 when interrupted.
+
+Threading: the CLI is single-threaded except where it follows a watch (``wait``, ``watch``,
+``node``, ``demo``), whose threads are stopped and joined before it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+import orjson
+
+from .etcd.client import EtcdClient
+from .etcd.watch import Changes, ResumableWatch, Snapshot
+from .exceptions import DistributedTaskError, InvalidTaskError, TaskNotFoundError
+from .keys import MemberKey, OutcomeKey, ProgressKey, RunKey, TaskKey, prefix_range_end
+from .manager import Manager
+from .model import Progress, Task, TaskStatus, task_to_dict
+from .records import (
+    COMPLETED,
+    FAILED,
+    CorruptRecordError,
+    MemberRecord,
+    OutcomeRecord,
+    RunRecord,
+    TaskRecord,
+    decode_progress,
+)
+
+__all__ = ["main"]
+
+EXIT_ERROR = 3
+EXIT_USAGE = 64
+EXIT_INTERRUPTED = 130
+WAIT_EXIT = {TaskStatus.FINISHED: 0, TaskStatus.FAILED: 1, TaskStatus.CANCELLED: 2}
+
+
+class UsageError(Exception):
+    """Bad command-line usage: exit 64."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: usage error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value else default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="dtask",
+        description="Coordinate tasks every node of a cluster must run, through etcd.",
+    )
+    conn = parser.add_argument_group("connection (each also read from the environment)")
+    conn.add_argument(
+        "--endpoints",
+        default=_env("DTASK_ENDPOINTS", "http://127.0.0.1:2379"),
+        help="etcd endpoints, comma-separated [DTASK_ENDPOINTS]",
+    )
+    conn.add_argument(
+        "--prefix",
+        default=_env("DTASK_PREFIX", "/distributedtask"),
+        help="key prefix of the task tree [DTASK_PREFIX]",
+    )
+    conn.add_argument(
+        "--timeout",
+        type=float,
+        default=float(_env("DTASK_TIMEOUT", "5") or 5),
+        help="seconds per etcd request [DTASK_TIMEOUT]",
+    )
+    conn.add_argument("--ca-cert", default=_env("DTASK_CA_CERT"), help="CA bundle [DTASK_CA_CERT]")
+    conn.add_argument("--cert", default=_env("DTASK_CERT"), help="client certificate [DTASK_CERT]")
+    conn.add_argument("--key", default=_env("DTASK_KEY"), help="client key [DTASK_KEY]")
+    conn.add_argument("--user", default=_env("DTASK_USER"), help="etcd user [DTASK_USER]")
+    conn.add_argument(
+        "--password-file",
+        default=_env("DTASK_PASSWORD_FILE"),
+        help="file holding the etcd password [DTASK_PASSWORD_FILE]; or set DTASK_PASSWORD",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("list", help="a table of every task")
+    p.add_argument("--json", action="store_true", help="the JSON of list_tasks_payload")
+    p.add_argument("--namespace", help="only this namespace")
+    p.set_defaults(run=cmd_list)
+
+    p = sub.add_parser("get", help="one task as JSON, with each node's progress")
+    p.add_argument("namespace")
+    p.add_argument("task_id")
+    p.set_defaults(run=cmd_get)
+
+    p = sub.add_parser("add", help="add a run of a task")
+    p.add_argument("namespace")
+    p.add_argument("task_id")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--payload", help="the payload, as text")
+    source.add_argument("--payload-file", help="read the payload from a file ('-': stdin)")
+    p.add_argument("--nodes", help="comma-separated node ids (default: the live nodes)")
+    p.set_defaults(run=cmd_add)
+
+    p = sub.add_parser("cancel", help="cancel a running task")
+    p.add_argument("namespace")
+    p.add_argument("task_id")
+    p.add_argument("--version", type=int, help="the run to cancel (default: the current one)")
+    p.set_defaults(run=cmd_cancel)
+
+    p = sub.add_parser("cleanup", help="remove a terminal task whose TTL has passed")
+    p.add_argument("namespace")
+    p.add_argument("task_id")
+    p.add_argument("--version", type=int, help="the run (default: the current one)")
+    p.add_argument(
+        "--ttl", type=float, default=None, help="completed-task TTL in seconds (default 5 days)"
+    )
+    p.set_defaults(run=cmd_cleanup)
+
+    p = sub.add_parser("wait", help="follow a task with live progress; exit 0/1/2 by outcome")
+    p.add_argument("namespace")
+    p.add_argument("task_id")
+    p.add_argument("--version", type=int, help="the run (default: the current one)")
+    p.add_argument("--timeout-after", type=float, default=None, help="give up after N seconds")
+    p.add_argument("--plain", action="store_true", help="lines instead of progress bars")
+    p.set_defaults(run=cmd_wait)
+
+    p = sub.add_parser("watch", help="print a line for every change")
+    p.add_argument("--count", type=int, default=None, help="exit after N lines")
+    p.add_argument("--progress", action="store_true", help="include progress reports")
+    p.set_defaults(run=cmd_watch)
+
+    p = sub.add_parser("members", help="the live nodes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_members)
+
+    p = sub.add_parser("export", help="write every task as JSON to stdout")
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("import", help="replace every task with those of an export")
+    p.add_argument("file", help="an export file ('-': stdin)")
+    p.set_defaults(run=cmd_import)
+
+    p = sub.add_parser("node", help="run a node daemon (a Scheduler) until SIGTERM")
+    p.add_argument("--node-id", required=True)
+    p.add_argument(
+        "--provider",
+        action="append",
+        required=True,
+        metavar="NS=SPEC",
+        help="NS=command, or NS=module:factory; repeat for more namespaces",
+    )
+    p.add_argument("--state-dir", default=None, help="providers' local state (default ./state)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port")
+    p.add_argument("--metrics-host", default="127.0.0.1")
+    p.add_argument("--member-ttl", type=float, default=10.0, help="seconds")
+    p.add_argument("--node-loss-grace", type=float, default=60.0, help="seconds; <0: forever")
+    p.add_argument("--ttl", type=float, default=None, help="completed-task TTL, seconds")
+    p.add_argument("--resync", type=float, default=300.0, help="full relist interval, seconds")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(run=cmd_node)
+
+    p = sub.add_parser("demo", help="the guided demo on an embedded etcd and three nodes")
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+# ---- connection ------------------------------------------------------------------------------
+
+
+def connect(args: argparse.Namespace, *, ttl: float | None = None) -> tuple[EtcdClient, Manager]:
+    password = _env("DTASK_PASSWORD")
+    if args.password_file:
+        try:
+            password = Path(args.password_file).read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read --password-file: {exc.strerror}") from None
+    if args.user and password is None:
+        raise UsageError("--user needs DTASK_PASSWORD or --password-file")
+    try:
+        client = EtcdClient(
+            args.endpoints,
+            timeout=args.timeout,
+            ca_cert=args.ca_cert,
+            cert=args.cert,
+            key=args.key,
+            username=args.user,
+            password=password if args.user else None,
+        )
+        options: dict[str, Any] = {"prefix": args.prefix}
+        if ttl is not None:
+            options["completed_task_ttl"] = timedelta(seconds=ttl)
+        return client, Manager(client, **options)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _current(manager: Manager, namespace: str, task_id: str, version: int | None) -> Task:
+    task = manager.get_task(namespace, task_id)
+    if task is None or (version is not None and task.version != version):
+        raise TaskNotFoundError(namespace, task_id, version)
+    return task
+
+
+# ---- output helpers --------------------------------------------------------------------------
+
+
+def _age(moment: datetime) -> str:
+    seconds = max(0, int((datetime.now(timezone.utc) - moment).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _table(rows: list[list[str]], headers: list[str], out: TextIO) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # the cli extra is not installed: plain columns
+        widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
+        for row in [headers, *rows]:
+            cells = (str(c).ljust(w) for c, w in zip(row, widths, strict=True))
+            print("  ".join(cells).rstrip(), file=out)
+        return
+    table = Table(*headers, box=None, header_style="bold", pad_edge=False)
+    for row in rows:
+        table.add_row(*row)
+    Console(file=out, width=200 if not out.isatty() else None).print(table)
+
+
+def _write_json(data: object, out: TextIO) -> None:
+    out.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+# ---- commands --------------------------------------------------------------------------------
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    _, manager = connect(args)
+    tasks = manager.list_tasks()
+    if args.namespace:
+        tasks = {k: v for k, v in tasks.items() if k == args.namespace}
+    if args.json:
+        from .model import tasks_to_payload
+
+        sys.stdout.write(
+            orjson.dumps(orjson.loads(tasks_to_payload(tasks)), option=orjson.OPT_INDENT_2).decode()
+            + "\n"
+        )
+        return 0
+    rows = [
+        [
+            task.namespace,
+            task.id,
+            str(task.version),
+            task.status.value,
+            f"{len(task.finished_nodes)}/{len(task.nodes)}",
+            _age(task.started_at),
+        ]
+        for namespace in sorted(tasks)
+        for task in tasks[namespace]
+    ]
+    if not rows:
+        print("no tasks")
+        return 0
+    _table(rows, ["NAMESPACE", "ID", "VERSION", "STATUS", "NODES", "AGE"], sys.stdout)
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    _, manager = connect(args)
+    task = _current(manager, args.namespace, args.task_id, None)
+    body = task_to_dict(task)
+    body["progress"] = {
+        node: {"fraction": p.fraction, "message": p.message, "updatedAt": p.updated_at.isoformat()}
+        for node, p in sorted(manager.get_progress(task.namespace, task.id, task.version).items())
+    }
+    _write_json(body, sys.stdout)
+    return 0
+
+
+def _read_payload(args: argparse.Namespace) -> bytes:
+    if args.payload is not None:
+        return str(args.payload).encode()
+    if args.payload_file is None:
+        return b""
+    if args.payload_file == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(args.payload_file).read_bytes()
+    except OSError as exc:
+        raise UsageError(
+            f"cannot read payload file {args.payload_file!r}: {exc.strerror}"
+        ) from None
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    payload = _read_payload(args)
+    nodes = None
+    if args.nodes is not None:
+        nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+        if not nodes:
+            raise UsageError("--nodes names no node")
+    _, manager = connect(args)
+    task = manager.add_task(args.namespace, args.task_id, payload, nodes=nodes)
+    print(
+        f"added {task.namespace}/{task.id} version {task.version} "
+        f"on {', '.join(sorted(task.nodes))}"
+    )
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    _, manager = connect(args)
+    version = args.version or _current(manager, args.namespace, args.task_id, None).version
+    task = manager.cancel_task(args.namespace, args.task_id, version)
+    print(f"cancelled {task.namespace}/{task.id} version {task.version}")
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    _, manager = connect(args, ttl=args.ttl)
+    version = args.version or _current(manager, args.namespace, args.task_id, None).version
+    manager.clean_up_task(args.namespace, args.task_id, version)
+    print(f"cleaned up {args.namespace}/{args.task_id} version {version}")
+    return 0
+
+
+def cmd_members(args: argparse.Namespace) -> int:
+    _, manager = connect(args)
+    members = manager.live_members()
+    if args.json:
+        _write_json(
+            [
+                {
+                    "node": m.node_id,
+                    "namespaces": sorted(m.namespaces),
+                    "startedAt": m.started_at.isoformat(),
+                }
+                for m in members
+            ],
+            sys.stdout,
+        )
+        return 0
+    if not members:
+        print("no live members")
+        return 0
+    rows = [[m.node_id, ", ".join(sorted(m.namespaces)), _age(m.started_at)] for m in members]
+    _table(rows, ["NODE", "NAMESPACES", "UP"], sys.stdout)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    _, manager = connect(args)
+    sys.stdout.buffer.write(manager.snapshot() + b"\n")
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    try:
+        data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.file!r}: {exc.strerror}") from None
+    _, manager = connect(args)
+    manager.restore(data)
+    count = sum(len(v) for v in manager.list_tasks().values())
+    print(f"imported {count} tasks under {manager.prefix}")
+    return 0
+
+
+# ---- following changes: watch and wait -------------------------------------------------------
+
+
+def _follow(
+    manager: Manager,
+    key: bytes,
+    range_end: bytes,
+    handler: Callable[[Snapshot | Changes], None],
+    list_ranges: Sequence[tuple[bytes, bytes]] | None = None,
+) -> ResumableWatch:
+    watch = ResumableWatch(
+        manager.client, key, range_end, handler, list_ranges=list_ranges, name="dtask-cli-watch"
+    )
+    watch.start()
+    return watch
+
+
+def describe_event(manager: Manager, kind: str, kv: Any, progress: bool) -> str | None:
+    """One human line for a watch event, or None for events not worth a line."""
+    parsed = manager.keys.parse(kv.key)
+    try:
+        if isinstance(parsed, TaskKey):
+            name = f"{parsed.namespace}/{parsed.task_id}"
+            return f"added {name} v{kv.mod_revision}" if kind == "put" else f"removed {name}"
+        if isinstance(parsed, OutcomeKey) and kind == "put":
+            outcome = OutcomeRecord.decode(kv.value)
+            error = f": {outcome.error}" if outcome.error else ""
+            return f"{parsed.namespace}/{parsed.task_id} {outcome.status.value}{error}"
+        if isinstance(parsed, RunKey) and kind == "put":
+            run = RunRecord.decode(kv.value)
+            name = f"{parsed.namespace}/{parsed.task_id}"
+            if run.outcome == COMPLETED:
+                return f"{name} completed on {parsed.node_id}"
+            if run.outcome == FAILED:
+                return f"{name} failed on {parsed.node_id}: {run.error}"
+            return None
+        if isinstance(parsed, ProgressKey) and kind == "put" and progress:
+            p = decode_progress(kv.value)
+            return (
+                f"{parsed.namespace}/{parsed.task_id} v{parsed.version} {parsed.node_id} "
+                f"{p.fraction:.0%} {p.message}".rstrip()
+            )
+        if isinstance(parsed, MemberKey):
+            if kind == "delete":
+                return f"member {parsed.node_id} left"
+            member = MemberRecord.decode(kv.value)
+            return f"member {member.node_id} joined ({', '.join(sorted(member.namespaces))})"
+    except CorruptRecordError as exc:
+        return f"unreadable value at {kv.key!r}: {exc}"
+    return None
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    _, manager = connect(args)
+    done = threading.Event()
+    printed = 0
+
+    def handle(batch: Snapshot | Changes) -> None:
+        nonlocal printed
+        if isinstance(batch, Snapshot):
+            if batch.reason != "initial":
+                print(f"(relisted at revision {batch.revision}: {batch.reason})", flush=True)
+            return
+        for event in batch.events:
+            line = describe_event(manager, event.kind, event.kv, args.progress)
+            if line is None or done.is_set():
+                continue
+            print(line, flush=True)
+            printed += 1
+            if args.count is not None and printed >= args.count:
+                done.set()
+
+    root = manager.keys.root
+    watch = _follow(manager, root, prefix_range_end(root), handle, list_ranges=[(root, root)])
+    print(f"watching {manager.prefix} from revision {watch.revision}", flush=True)
+    try:
+        _wait_interruptibly(done)
+    finally:
+        watch.stop()
+    return 0
+
+
+def _wait_interruptibly(event: threading.Event, timeout: float | None = None) -> bool:
+    # Event.wait in short slices so Ctrl-C (KeyboardInterrupt) is delivered promptly.
+    deadline = None if timeout is None else _monotonic() + timeout
+    while not event.wait(0.2 if deadline is None else max(0.0, min(0.2, deadline - _monotonic()))):
+        if deadline is not None and _monotonic() >= deadline:
+            return False
+    return True
+
+
+def _monotonic() -> float:
+    import time
+
+    return time.monotonic()
+
+
+@dataclass
+class _WaitState:
+    task: Task
+    progress: dict[str, Progress]
+    completed: set[str]
+    failed: dict[str, str]
+    outcome: OutcomeRecord | None = None
+    gone: bool = False
+
+
+class _WaitView:
+    """Follows one run: its nodes' run keys, progress keys and outcome (three small watches)."""
+
+    def __init__(self, manager: Manager, task: Task, on_change: Callable[[], None]) -> None:
+        self.manager = manager
+        self.state = _WaitState(task, {}, set(task.finished_nodes), {})
+        self.lock = threading.Lock()
+        self.changed = threading.Event()
+        self.done = threading.Event()
+        self._on_change = on_change
+        keys = manager.keys
+        ns, tid, version = task.namespace, task.id, task.version
+        runs = keys.task_runs(ns, tid)
+        progress = keys.version_progress(ns, tid, version)
+        outcome, record = keys.outcome(ns, tid), keys.task(ns, tid)
+        self.watches = [
+            _follow(manager, runs, prefix_range_end(runs), self._on_runs),
+            _follow(manager, progress, prefix_range_end(progress), self._on_progress),
+            _follow(
+                manager,
+                outcome,
+                outcome + b"\0",
+                self._on_outcome,
+                list_ranges=[(outcome, outcome + b"\0"), (record, record + b"\0")],
+            ),
+        ]
+
+    def stop(self) -> None:
+        for watch in self.watches:
+            watch.stop()
+
+    def _events(self, batch: Snapshot | Changes) -> list[tuple[str, Any]]:
+        if isinstance(batch, Snapshot):
+            return [("put", kv) for kv in batch.kvs]
+        return [(e.kind, e.kv) for e in batch.events]
+
+    def _on_runs(self, batch: Snapshot | Changes) -> None:
+        with self.lock:
+            for kind, kv in self._events(batch):
+                parsed = self.manager.keys.parse(kv.key)
+                if not isinstance(parsed, RunKey) or kind != "put":
+                    continue
+                try:
+                    run = RunRecord.decode(kv.value)
+                except CorruptRecordError:
+                    continue
+                if run.outcome == COMPLETED:
+                    self.state.completed.add(parsed.node_id)
+                elif run.outcome == FAILED:
+                    self.state.failed[parsed.node_id] = run.error or "failed"
+        self._changed()
+
+    def _on_progress(self, batch: Snapshot | Changes) -> None:
+        with self.lock:
+            for kind, kv in self._events(batch):
+                parsed = self.manager.keys.parse(kv.key)
+                if isinstance(parsed, ProgressKey) and kind == "put":
+                    try:
+                        self.state.progress[parsed.node_id] = decode_progress(kv.value)
+                    except CorruptRecordError:
+                        continue
+        self._changed()
+
+    def _on_outcome(self, batch: Snapshot | Changes) -> None:
+        keys, state = self.manager.keys, self.state
+        with self.lock:
+            if isinstance(batch, Snapshot):
+                by_kind = {type(keys.parse(kv.key)): kv for kv in batch.kvs}
+                record, outcome = by_kind.get(TaskKey), by_kind.get(OutcomeKey)
+                try:
+                    version = (
+                        None
+                        if record is None
+                        else TaskRecord.decode(record.value).version_at(record.mod_revision)
+                    )
+                    if version != state.task.version:
+                        state.gone = True  # removed, or replaced by a newer run
+                    elif outcome is not None:
+                        state.outcome = OutcomeRecord.decode(outcome.value)
+                except CorruptRecordError:
+                    state.gone = True
+            else:
+                for event in batch.events:
+                    if event.kind == "delete":
+                        state.gone = state.gone or state.outcome is None
+                        continue
+                    try:
+                        state.outcome = OutcomeRecord.decode(event.kv.value)
+                    except CorruptRecordError:
+                        state.gone = True
+            if state.outcome is not None or state.gone:
+                self.done.set()
+        self._changed()
+
+    def _changed(self) -> None:
+        self.changed.set()
+        self._on_change()
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    _, manager = connect(args)
+    task = _current(manager, args.namespace, args.task_id, args.version)
+    plain = args.plain or not sys.stdout.isatty()
+    renderer = _PlainRenderer(sys.stdout) if plain else _RichRenderer(task)
+    view = _WaitView(manager, task, lambda: None)
+    try:
+        renderer.start()
+        deadline = None if args.timeout_after is None else _monotonic() + args.timeout_after
+        while not view.done.is_set():
+            remaining = None if deadline is None else deadline - _monotonic()
+            if remaining is not None and remaining <= 0:
+                renderer.stop()
+                print(
+                    f"dtask: error: {task.namespace}/{task.id} still running after "
+                    f"{args.timeout_after:g}s",
+                    file=sys.stderr,
+                )
+                return EXIT_ERROR
+            view.changed.wait(0.2 if remaining is None else min(0.2, remaining))
+            view.changed.clear()
+            with view.lock:
+                renderer.update(view.state)
+        with view.lock:
+            renderer.update(view.state)
+            state = view.state
+        renderer.stop()
+    finally:
+        view.stop()
+    if state.outcome is None:
+        raise TaskNotFoundError(task.namespace, task.id, task.version)
+    error = f": {state.outcome.error}" if state.outcome.error else ""
+    print(f"{task.namespace}/{task.id} v{task.version} {state.outcome.status.value}{error}")
+    return WAIT_EXIT[state.outcome.status]
+
+
+class _PlainRenderer:
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.seen: dict[str, tuple[float, str, str]] = {}
+
+    def start(self) -> None:
+        pass
+
+    def update(self, state: _WaitState) -> None:
+        for node in sorted(state.task.nodes):
+            line = _node_line(state, node)
+            if self.seen.get(node) != line:
+                self.seen[node] = line
+                fraction, label, message = line
+                print(
+                    f"{node}: {label} {fraction:.0%} {message}".rstrip(), file=self.out, flush=True
+                )
+
+    def stop(self) -> None:
+        pass
+
+
+def _node_line(state: _WaitState, node: str) -> tuple[float, str, str]:
+    progress = state.progress.get(node)
+    fraction = progress.fraction if progress else 0.0
+    message = progress.message if progress else ""
+    if node in state.completed:
+        return 1.0, "done", message
+    if node in state.failed:
+        return fraction, "failed", state.failed[node]
+    if state.outcome is not None:
+        return fraction, state.outcome.status.value.lower(), message
+    return fraction, "running", message
+
+
+class _RichRenderer:
+    def __init__(self, task: Task) -> None:
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+        self.bars = Progress(
+            TextColumn("{task.description:<16}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[label]:<9} {task.fields[message]}"),
+        )
+        self.ids = {
+            node: self.bars.add_task(node, total=1.0, label="running", message="")
+            for node in sorted(task.nodes)
+        }
+
+    def start(self) -> None:
+        self.bars.start()
+
+    def update(self, state: _WaitState) -> None:
+        for node, bar in self.ids.items():
+            fraction, label, message = _node_line(state, node)
+            self.bars.update(bar, completed=fraction, label=label, message=message[:60])
+
+    def stop(self) -> None:
+        self.bars.stop()
+
+
+# ---- node and demo ---------------------------------------------------------------------------
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from .node import JsonLogFormatter, NodeDaemon, load_provider, parse_provider_spec
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    level = logging.getLevelName(str(args.log_level).upper())
+    if not isinstance(level, int):
+        raise UsageError(f"unknown --log-level {args.log_level!r}")
+    root.setLevel(level)
+    state_dir = Path(args.state_dir or "state")
+    providers = {}
+    for spec in args.provider:
+        try:
+            namespace, what = parse_provider_spec(spec)
+            providers[namespace] = load_provider(what, state_dir / namespace)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    _, manager = connect(args, ttl=args.ttl)
+    os.environ["DTASK_NODE_ID"] = args.node_id  # commands run by providers see their node
+    daemon = NodeDaemon(
+        manager,
+        node_id=args.node_id,
+        providers=providers,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        member_ttl=timedelta(seconds=args.member_ttl),
+        node_loss_grace=None
+        if args.node_loss_grace < 0
+        else timedelta(seconds=args.node_loss_grace),
+        resync_interval=timedelta(seconds=args.resync),
+    )
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: daemon.request_stop())
+    daemon.run()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main()
+
+
+# ---- entry point -----------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``dtask``; returns the exit status (see the module doc)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="dtask: %(levelname)s: %(message)s")
+    try:
+        result: int = args.run(args)
+        return result
+    except UsageError as exc:
+        print(f"dtask: usage error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except InvalidTaskError as exc:
+        print(f"dtask: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except DistributedTaskError as exc:
+        print(f"dtask: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("dtask: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 0
+
+
+def run() -> None:
+    """Console-script entry: ``sys.exit(main())``."""
+    sys.exit(main())
