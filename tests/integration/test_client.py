@@ -102,12 +102,12 @@ def auth_etcd(etcd_private: EtcdServer) -> EtcdServer:
 
 def test_auth_right_password_works_and_a_wrong_one_fails_at_once(auth_etcd: EtcdServer) -> None:
     with dt.EtcdClient(auth_etcd.endpoint, username="alice", password="alice-secret") as client:
-        manager = dt.Manager(client, prefix="/alice/tasks")
+        manager = dt.Manager(client, prefix="/alice/dtask")
         task = manager.add_task("ns", "t", b"x", nodes=["n1"])
         assert manager.get_task("ns", "t") == task
         assert "alice-secret" not in repr(client)
         # a prefix alice has no role for
-        other = dt.Manager(client, prefix="/bob/tasks")
+        other = dt.Manager(client, prefix="/bob/dtask")
         with pytest.raises(dt.EtcdError, match="permission") as denied:
             other.list_tasks()
         assert not denied.value.transient
@@ -120,7 +120,7 @@ def test_auth_right_password_works_and_a_wrong_one_fails_at_once(auth_etcd: Etcd
     ):
         began = time.monotonic()
         with pytest.raises(dt.EtcdError, match="authentication failed") as info:
-            dt.Manager(client, prefix="/alice/tasks").list_tasks()
+            dt.Manager(client, prefix="/alice/dtask").list_tasks()
         assert time.monotonic() - began < 3
         assert proxy.requests == 1  # no retry storm
         assert "wrong-password" not in str(info.value) and "wrong-password" not in repr(client)
@@ -134,7 +134,7 @@ def test_auth_right_password_works_and_a_wrong_one_fails_at_once(auth_etcd: Etcd
 
 def test_auth_token_is_renewed_when_etcd_forgets_it(auth_etcd: EtcdServer) -> None:
     with dt.EtcdClient(auth_etcd.endpoint, username="alice", password="alice-secret") as client:
-        manager = dt.Manager(client, prefix="/alice/tasks")
+        manager = dt.Manager(client, prefix="/alice/dtask")
         task = manager.add_task("ns", "t", nodes=["n1"])
         auth_etcd.restart()  # simple tokens live in memory: every one is now invalid
         assert manager.get_task("ns", "t") == task
