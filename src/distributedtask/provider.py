@@ -12,22 +12,21 @@ is set by ``terminate()``; ``context.progress(fraction, message)`` reports progr
 by the recorder). A normal return records completion, an exception records failure with its
 message, and a run that was terminated records nothing. Local state is an in-memory set, or,
 with ``state_dir``, one directory per run (``<state_dir>/<escaped id>/<version>``) that the
-function may use and that ``cleanup_task`` removes. ``join(timeout)`` waits for every run
+function may use and that ``cleanup_task`` removes (the layout of
+:mod:`distributedtask.rundirs`). ``join(timeout)`` waits for every run
 thread to end (after terminating them, a cooperative function returns promptly).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import shutil
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
-from urllib.parse import quote, unquote
 
 from .model import Task, TaskDescriptor
+from .rundirs import RunDirs
 
 __all__ = [
     "Provider",
@@ -121,46 +120,31 @@ class ThreadProvider:
 
     def __init__(self, fn: TaskFunction, *, state_dir: str | Path | None = None) -> None:
         self._fn = fn
-        self._state_dir = Path(state_dir) if state_dir is not None else None
+        self._dirs = RunDirs(state_dir) if state_dir is not None else None
         self._recorder: TaskCompletionRecorder | None = None
         self._lock = threading.Lock()
         self._local: set[TaskDescriptor] = set()
         self._handles: list[_ThreadHandle] = []
-        if self._state_dir is not None:
-            self._state_dir.mkdir(parents=True, exist_ok=True)
+        if self._dirs is not None:
+            self._dirs.root.mkdir(parents=True, exist_ok=True)
 
     def set_completion_recorder(self, recorder: TaskCompletionRecorder) -> None:
         self._recorder = recorder
 
-    def _run_dir(self, descriptor: TaskDescriptor) -> Path | None:
-        if self._state_dir is None:
-            return None
-        return self._state_dir / quote(descriptor.id, safe="") / str(descriptor.version)
-
     def get_local_tasks(self) -> list[TaskDescriptor]:
-        if self._state_dir is None:
-            with self._lock:
-                return sorted(self._local)
-        found = []
-        for id_dir in self._state_dir.iterdir():
-            for version_dir in id_dir.iterdir() if id_dir.is_dir() else ():
-                if version_dir.name.isdigit():
-                    found.append(TaskDescriptor(unquote(id_dir.name), int(version_dir.name)))
-        return sorted(found)
+        if self._dirs is not None:
+            return self._dirs.list()
+        with self._lock:
+            return sorted(self._local)
 
     def cleanup_task(self, descriptor: TaskDescriptor) -> None:
         with self._lock:
             self._local.discard(descriptor)
-        run_dir = self._run_dir(descriptor)
-        if run_dir is not None:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            with contextlib.suppress(OSError):  # the id's directory, once its last version is gone
-                run_dir.parent.rmdir()
+        if self._dirs is not None:
+            self._dirs.remove(descriptor)
 
     def start_task(self, task: Task) -> TaskHandle:
-        run_dir = self._run_dir(task.descriptor)
-        if run_dir is not None:
-            run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = self._dirs.create(task.descriptor) if self._dirs is not None else None
         context = TaskContext(task, self._recorder, run_dir)
         thread = threading.Thread(
             target=self._run,
