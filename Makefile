@@ -33,7 +33,7 @@ pytest: install
 test: lint typecheck pytest
 
 demo: install
-	$(BIN)/python -m distributedtask.demo
+	$(BIN)/dtask demo
 
 clean:
 	rm -rf $(VENV) build dist

@@ -665,8 +665,9 @@ def _node_line(state: _WaitState, node: str) -> tuple[float, str, str]:
         return 1.0, "done", message
     if node in state.failed:
         return fraction, "failed", state.failed[node]
-    if state.outcome is not None:
-        return fraction, state.outcome.status.value.lower(), message
+    if state.outcome is not None:  # ended elsewhere: this node's run was stopped
+        label = "cancelled" if state.outcome.status is TaskStatus.CANCELLED else "stopped"
+        return fraction, label, message
     return fraction, "running", message
 
 

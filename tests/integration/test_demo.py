@@ -1,37 +1,44 @@
-"""`make demo` (python -m distributedtask.demo) runs to the end and leaves nothing behind."""
+"""`dtask demo` (what `make demo` runs) goes to the end and leaves nothing behind."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
-import pytest
 
-
-def _demo_etcds() -> list[str]:
+def _ours() -> list[str]:
     out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
-    return [line for line in out.stdout.splitlines() if "--name=demo" in line and "etcd" in line]
+    return [
+        line
+        for line in out.stdout.splitlines()
+        if ("--name=demo" in line and "etcd" in line) or "--prefix /demo node" in line
+    ]
 
 
-def test_demo_runs_to_the_end_and_leaves_no_process() -> None:
-    if _demo_etcds():
-        pytest.skip("another demo etcd is running on this machine")
+def test_demo_runs_to_the_end_and_leaves_no_process_or_file() -> None:
+    before = set(Path(tempfile.gettempdir()).glob("dtask-demo-*"))
     result = subprocess.run(
-        [sys.executable, "-m", "distributedtask.demo"],
+        [sys.executable, "-m", "distributedtask", "demo"],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
     for expected in (
+        "node-a  shell",
+        "shell/backup v",
         "FINISHED",
+        "node-b: exit status 3: disk /data is full",
+        "node-a: shell/migrate",
+        "terminated",
         "CANCELLED",
-        "TaskAlreadyRunningError",
-        "TaskTooFreshError",
-        "cleaned up backup/nightly",
-        "(no tasks)",
-        "etcd stopped",
+        "node-a exited 0, node-b exited 0, node-c exited 0",
+        "Everything stopped and removed",
     ):
-        assert expected in result.stdout
-    assert _demo_etcds() == []
+        assert expected in out, expected
+    assert _ours() == []
+    assert set(Path(tempfile.gettempdir()).glob("dtask-demo-*")) == before
