@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Iterable
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
@@ -127,6 +128,33 @@ class Metrics:
             registry=registry,
         )
 
+
+    def touch(self, namespaces: Iterable[str]) -> None:
+        """Create every labelled series of these namespaces at 0.
+
+        A series appears at its first increment otherwise, and ``increase()`` cannot see that
+        first event: a rare one (a node loss) would never alert.
+        """
+        for namespace in namespaces:
+            for counter in (
+                self.task_starts,
+                self.task_terminations,
+                self.local_cleanups,
+                self.node_loss_failures,
+            ):
+                counter.labels(namespace=namespace)
+            self.tasks_running.labels(namespace=namespace)
+            self.start_latency.labels(namespace=namespace)
+            for operation in PROVIDER_OPERATIONS:
+                self.provider_errors.labels(namespace=namespace, operation=operation)
+        for operation in ("complete", "fail", "progress"):
+            self.record_retries.labels(operation=operation)
+        for reason in WATCH_RESTART_REASONS:
+            self.watch_restarts.labels(reason=reason)
+
+
+PROVIDER_OPERATIONS = ("start", "terminate", "cleanup", "get_local_tasks")
+WATCH_RESTART_REASONS = ("compacted", "connect", "eof", "canceled", "error", "resync")
 
 _lock = threading.Lock()
 _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, Metrics] = weakref.WeakKeyDictionary()

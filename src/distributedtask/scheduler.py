@@ -182,6 +182,7 @@ class Scheduler:
         self.node_loss_grace = node_loss_grace
         self.log = logger or logging.getLogger("distributedtask.scheduler")
         self.metrics: Metrics = metrics_for(registry)
+        self.metrics.touch(self.providers)
         self._keys = manager.keys
         self._recorder = _Recorder(self)
 

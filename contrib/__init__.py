@@ -1,0 +1,1 @@
+"""Deployment and example files for distributedtask (not part of the installed package)."""

@@ -1,0 +1,1 @@
+"""Example providers: copy one and adapt it; see example_provider.py."""
