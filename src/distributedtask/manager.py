@@ -631,14 +631,18 @@ class Manager:
 
     # ---- clean-up -------------------------------------------------------------------------
 
-    def clean_up_task(self, namespace: str, task_id: str, version: int) -> None:
+    def clean_up_task(
+        self, namespace: str, task_id: str, version: int, *, ttl: timedelta | None = None
+    ) -> None:
         """Remove the terminal run ``version`` from the cluster (two round trips).
 
+        ``ttl`` overrides ``completed_task_ttl`` for this call (a Scheduler passes its own).
         Raises :class:`TaskNotFoundError` (no such id or another version),
         :class:`TaskStillRunningError`, :class:`TaskTooFreshError` (``now - finished_at <=
-        completed_task_ttl``), :class:`EtcdError`.
+        ttl``), :class:`EtcdError`.
         """
         version = self._check_run_args(namespace, task_id, version)
+        ttl = self.completed_task_ttl if ttl is None else ttl
         key = self.keys.task(namespace, task_id)
         outcome_key = self.keys.outcome(namespace, task_id)
         found = self._from_reads(
@@ -649,10 +653,8 @@ class Manager:
         kv, outcome, _ = found
         if outcome is None:
             raise TaskStillRunningError(namespace, task_id, version)
-        if self.now() - outcome.finished_at <= self.completed_task_ttl:
-            raise TaskTooFreshError(
-                namespace, task_id, version, self.completed_task_ttl.total_seconds()
-            )
+        if self.now() - outcome.finished_at <= ttl:
+            raise TaskTooFreshError(namespace, task_id, version, ttl.total_seconds())
         result = self.client.txn(
             compare=[
                 t.mod_equals(key, kv.mod_revision),

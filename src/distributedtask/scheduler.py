@@ -206,6 +206,7 @@ class Scheduler:
         self._local: dict[str, set[TaskDescriptor]] = {ns: set() for ns in self.providers}
         self._recorded: set[tuple[str, str, int]] = set()  # runs this node recorded
         self._attempts: dict[TaskId, int] = {}
+        self._local_failures = 0
         self._running_snapshot: dict[str, set[TaskDescriptor]] = {}
 
         self._stopping = threading.Event()
@@ -484,7 +485,7 @@ class Scheduler:
 
     def _fire(self, timer: _Timer) -> None:
         if timer.kind == "ttl":
-            self._ttl_cleanup(timer.task_id, timer.version)
+            self._ttl_cleanup(timer.task_id, timer.version, timer.attempt)
         elif timer.kind == "loss":
             self._node_loss(timer.node)
         elif timer.kind == "retry":
@@ -494,30 +495,37 @@ class Scheduler:
             self._flush_progress(timer.run)
         elif timer.kind == "record":
             self._retry_record(timer.run, timer.attempt)
+        elif timer.kind == "full":
+            with self._lock:
+                self._full_reconcile = True
         elif timer.kind == "resync":
             if self._watch is not None:
                 self._watch.resync()
             with self._lock:
                 self._add_timer(self.resync_interval.total_seconds(), "resync")
 
-    def _ttl_cleanup(self, task_id: TaskId, version: int) -> None:
+    def _ttl_cleanup(self, task_id: TaskId, version: int, attempt: int) -> None:
         with self._lock:
             task = self._view.tasks.get(task_id)
             if task is None or task.version != version or not task.status.terminal:
                 self._ttl_timers.discard((task_id, version))
                 return
         try:
-            self.manager.clean_up_task(task_id[0], task_id[1], version)
+            self.manager.clean_up_task(*task_id, version, ttl=self.completed_task_ttl)
             self.log.info("cleaned up %s/%s v%d after its TTL", task_id[0], task_id[1], version)
         except (TaskNotFoundError, TaskNotRunningError):
-            pass  # another node won
-        except TaskTooFreshError:  # our clock is behind the one that finished it
+            pass  # another node won; the deletion reaches us through the watch
+        except (TaskTooFreshError, EtcdError, CorruptRecordError) as exc:
+            # too fresh: only at the TTL's boundary, the clock being the one that scheduled it
+            self.log.info("TTL clean-up of %s/%s: %s; retrying", *task_id, exc)
             with self._lock:
-                self._add_timer(1.0, "ttl", task_id=task_id, version=version)
-        except (EtcdError, CorruptRecordError) as exc:
-            self.log.warning("TTL clean-up of %s/%s failed (%s); retrying", *task_id, exc)
-            with self._lock:
-                self._add_timer(self._backoff(3), "ttl", task_id=task_id, version=version)
+                self._add_timer(
+                    self._backoff(attempt + 1),
+                    "ttl",
+                    task_id=task_id,
+                    version=version,
+                    attempt=attempt + 1,
+                )
 
     def _node_loss(self, node: str) -> None:
         grace = self.node_loss_grace
@@ -561,10 +569,19 @@ class Scheduler:
                 dirty |= {key for key in self._view.tasks if key[0] in self.providers}
             tasks = {key: self._view.tasks.get(key) for key in dirty}
         if full:
+            failed = False
             for namespace, provider in self.providers.items():
                 listed, local = self._call(namespace, "get_local_tasks", provider.get_local_tasks)
                 if listed and local is not None:
                     self._local[namespace] = set(local)
+                else:
+                    failed = True
+            if failed:  # reconcile everything again, with backoff, once the provider can list
+                self._local_failures += 1
+                with self._lock:
+                    self._add_timer(self._backoff(self._local_failures), "full")
+            else:
+                self._local_failures = 0
             extra = set(self._running)
             extra |= {(ns, d.id) for ns, local_set in self._local.items() for d in local_set}
             with self._lock:
