@@ -36,7 +36,7 @@ from .etcd.watch import Changes, ResumableWatch, Snapshot
 from .exceptions import DistributedTaskError, InvalidTaskError, TaskNotFoundError
 from .keys import MemberKey, OutcomeKey, ProgressKey, RunKey, TaskKey, prefix_range_end
 from .manager import Manager
-from .model import Progress, Task, TaskStatus, task_to_dict
+from .model import Progress, Task, TaskStatus, format_time, task_to_dict
 from .records import (
     COMPLETED,
     FAILED,
@@ -72,6 +72,19 @@ def _env(name: str, default: str | None = None) -> str | None:
     return value if value else default
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _name(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="dtask",
@@ -91,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     conn.add_argument(
         "--timeout",
         type=float,
-        default=float(_env("DTASK_TIMEOUT", "5") or 5),
+        default=_env("DTASK_TIMEOUT", "5"),  # a string default goes through type=, as usage
         help="seconds per etcd request [DTASK_TIMEOUT]",
     )
     conn.add_argument("--ca-cert", default=_env("DTASK_CA_CERT"), help="CA bundle [DTASK_CA_CERT]")
@@ -108,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="a table of every task")
     p.add_argument("--json", action="store_true", help="the JSON of list_tasks_payload")
-    p.add_argument("--namespace", help="only this namespace")
+    p.add_argument("--namespace", type=_name, help="only this namespace")
     p.set_defaults(run=cmd_list)
 
     p = sub.add_parser("get", help="one task as JSON, with each node's progress")
@@ -149,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_wait)
 
     p = sub.add_parser("watch", help="print a line for every change")
-    p.add_argument("--count", type=int, default=None, help="exit after N lines")
+    p.add_argument("--count", type=_positive_int, default=None, help="exit after N lines")
     p.add_argument("--progress", action="store_true", help="include progress reports")
     p.set_defaults(run=cmd_watch)
 
@@ -246,9 +259,11 @@ def _table(rows: list[list[str]], headers: list[str], out: TextIO) -> None:
             cells = (str(c).ljust(w) for c, w in zip(row, widths, strict=True))
             print("  ".join(cells).rstrip(), file=out)
         return
+    from rich.text import Text
+
     table = Table(*headers, box=None, header_style="bold", pad_edge=False)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))  # names are data, never markup
     Console(file=out, width=200 if not out.isatty() else None).print(table)
 
 
@@ -296,7 +311,7 @@ def cmd_get(args: argparse.Namespace) -> int:
     task = _current(manager, args.namespace, args.task_id, None)
     body = task_to_dict(task)
     body["progress"] = {
-        node: {"fraction": p.fraction, "message": p.message, "updatedAt": p.updated_at.isoformat()}
+        node: {"fraction": p.fraction, "message": p.message, "updatedAt": format_time(p.updated_at)}
         for node, p in sorted(manager.get_progress(task.namespace, task.id, task.version).items())
     }
     _write_json(body, sys.stdout)
@@ -336,7 +351,9 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     _, manager = connect(args)
-    version = args.version or _current(manager, args.namespace, args.task_id, None).version
+    version = args.version
+    if version is None:
+        version = _current(manager, args.namespace, args.task_id, None).version
     task = manager.cancel_task(args.namespace, args.task_id, version)
     print(f"cancelled {task.namespace}/{task.id} version {task.version}")
     return 0
@@ -344,7 +361,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     _, manager = connect(args, ttl=args.ttl)
-    version = args.version or _current(manager, args.namespace, args.task_id, None).version
+    version = args.version
+    if version is None:
+        version = _current(manager, args.namespace, args.task_id, None).version
     manager.clean_up_task(args.namespace, args.task_id, version)
     print(f"cleaned up {args.namespace}/{args.task_id} version {version}")
     return 0
@@ -359,7 +378,7 @@ def cmd_members(args: argparse.Namespace) -> int:
                 {
                     "node": m.node_id,
                     "namespaces": sorted(m.namespaces),
-                    "startedAt": m.started_at.isoformat(),
+                    "startedAt": format_time(m.started_at),
                 }
                 for m in members
             ],
@@ -681,8 +700,11 @@ class _RichRenderer:
             TaskProgressColumn(),
             TextColumn("{task.fields[label]:<9} {task.fields[message]}"),
         )
+        from rich.markup import escape
+
+        self.escape = escape
         self.ids = {
-            node: self.bars.add_task(node, total=1.0, label="running", message="")
+            node: self.bars.add_task(escape(node), total=1.0, label="running", message="")
             for node in sorted(task.nodes)
         }
 
@@ -692,7 +714,9 @@ class _RichRenderer:
     def update(self, state: _WaitState) -> None:
         for node, bar in self.ids.items():
             fraction, label, message = _node_line(state, node)
-            self.bars.update(bar, completed=fraction, label=label, message=message[:60])
+            self.bars.update(
+                bar, completed=fraction, label=label, message=self.escape(message[:60])
+            )
 
     def stop(self) -> None:
         self.bars.stop()
@@ -769,8 +793,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dtask: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        return 0
+    except OSError as exc:  # e.g. the metrics port of `dtask node` is taken
+        if isinstance(exc, BrokenPipeError):
+            return 0
+        print(f"dtask: error: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def run() -> None:

@@ -154,9 +154,15 @@ class NodeDaemon:
         :class:`OSError` if the metrics port cannot be bound.
         """
         if self.metrics_port is not None:
-            self._server, self._server_thread = start_http_server(
-                self.metrics_port, addr=self.metrics_host, registry=self.registry
-            )
+            try:
+                self._server, self._server_thread = start_http_server(
+                    self.metrics_port, addr=self.metrics_host, registry=self.registry
+                )
+            except OSError as exc:
+                where = f"{self.metrics_host}:{self.metrics_port}"
+                raise OSError(
+                    exc.errno, f"cannot serve metrics on {where}: {exc.strerror}"
+                ) from None
             host, port = self.metrics_address or ("", 0)
             log.info("serving metrics on http://%s:%d/metrics", host, port)
         try:

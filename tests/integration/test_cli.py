@@ -1,0 +1,811 @@
+"""``dtask`` as a user runs it: a subprocess (``python -m distributedtask``) against the real
+etcd of the fixtures, every subcommand, its output, its exit status and its error lines."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+from tests.support import RecordingProvider
+
+import distributedtask as dt
+from distributedtask.providers import CommandProvider
+from distributedtask.testing import free_port, wait_until
+
+NS = "ns"
+EXIT_ERROR = 3
+EXIT_USAGE = 64
+RUN_TIMEOUT = 30  # seconds: a hung dtask fails the test instead of hanging it
+
+Dtask = Callable[..., subprocess.CompletedProcess[str]]
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without any DTASK_* variable, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DTASK_")}
+    env.update(extra or {})
+    return env
+
+
+def run_dtask(
+    args: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    stdin: str | bytes | None = None,
+    timeout: float = RUN_TIMEOUT,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``dtask args`` to completion; stdout/stderr as text."""
+    data = stdin.encode() if isinstance(stdin, str) else stdin
+    proc = subprocess.run(
+        [sys.executable, "-m", "distributedtask", *args],
+        input=data if data is not None else b"",
+        capture_output=True,
+        env=clean_env(env),
+        timeout=timeout,
+        check=False,
+    )
+    return subprocess.CompletedProcess(
+        proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+    )
+
+
+@pytest.fixture
+def conn(etcd_endpoint: str, dtask_prefix: str) -> list[str]:
+    """The connection options of this test's prefix."""
+    return ["--endpoints", etcd_endpoint, "--prefix", dtask_prefix]
+
+
+@pytest.fixture
+def dtask(conn: list[str]) -> Dtask:
+    """``dtask(*args, stdin=..., env=...)``: run a subcommand on this test's prefix."""
+
+    def call(*args: str, **options: Any) -> subprocess.CompletedProcess[str]:
+        return run_dtask([*conn, *args], **options)
+
+    return call
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    """Assert a clean success; return stdout."""
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    assert result.stderr == "", result.stderr
+    return result.stdout
+
+
+def error_line(result: subprocess.CompletedProcess[str], status: int = EXIT_ERROR) -> str:
+    """Assert exit ``status`` with exactly one ``dtask: ...`` line on stderr; return it."""
+    assert result.returncode == status, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    prefix = "dtask: error: " if status == EXIT_ERROR else "dtask: usage error: "
+    assert lines[0].startswith(prefix), lines[0]
+    return lines[0]
+
+
+def argparse_error(result: subprocess.CompletedProcess[str]) -> str:
+    """Assert a usage error found by argparse (usage lines, then one error line); return it."""
+    assert result.returncode == EXIT_USAGE, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("usage: dtask"), result.stderr
+    assert re.match(r"dtask( \w+)?: usage error: ", lines[-1]), lines[-1]
+    assert sum("usage error" in line for line in lines) == 1, result.stderr
+    return lines[-1]
+
+
+def added_version(stdout: str) -> int:
+    match = re.fullmatch(r"added (.+)/(.+) version (\d+) on (.+)\n", stdout)
+    assert match, stdout
+    return int(match.group(3))
+
+
+class Background:
+    """A ``dtask`` subprocess whose output lines are collected while it runs."""
+
+    def __init__(self, args: Sequence[str], *, env: Mapping[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "distributedtask", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean_env(env),
+        )
+        self._lock = threading.Lock()
+        self._out: list[str] = []
+        self._err: list[str] = []
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self._out), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self._err), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, stream: IO[str], into: list[str]) -> None:
+        for line in stream:
+            with self._lock:
+                into.append(line.rstrip("\n"))
+
+    @property
+    def out(self) -> list[str]:
+        with self._lock:
+            return list(self._out)
+
+    @property
+    def err(self) -> list[str]:
+        with self._lock:
+            return list(self._err)
+
+    def wait(self, timeout: float = RUN_TIMEOUT) -> int:
+        status = self.proc.wait(timeout)
+        for reader in self._readers:
+            reader.join(5)
+        return status
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        for reader in self._readers:
+            reader.join(5)
+
+
+@pytest.fixture
+def background(conn: list[str]) -> Iterator[Callable[..., Background]]:
+    """Start ``dtask`` subprocesses on this test's prefix; every one is killed after the test."""
+    started: list[Background] = []
+
+    def start(*args: str) -> Background:
+        proc = Background([*conn, *args])
+        started.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            proc.kill()
+
+
+@pytest.fixture
+def scheduler_factory(manager: dt.Manager) -> Iterator[Callable[[str], dt.Scheduler]]:
+    """Start real Schedulers (a do-nothing RecordingProvider serving NS); stopped after."""
+    made: list[dt.Scheduler] = []
+
+    def start(node_id: str) -> dt.Scheduler:
+        scheduler = dt.Scheduler(
+            manager,
+            node_id=node_id,
+            providers={NS: RecordingProvider()},
+            registry=CollectorRegistry(),
+            member_ttl=timedelta(seconds=2),
+            resync_interval=timedelta(hours=1),
+        )
+        made.append(scheduler)
+        scheduler.start()
+        return scheduler
+
+    try:
+        yield start
+    finally:
+        for scheduler in made:
+            scheduler.stop()
+
+
+# ---- connection ------------------------------------------------------------------------------
+
+
+def test_list_says_no_tasks_on_an_empty_prefix(dtask: Dtask) -> None:
+    assert ok(dtask("list")) == "no tasks\n"
+
+
+def test_connection_from_environment_variables(
+    etcd_endpoint: str, dtask_prefix: str, manager: dt.Manager
+) -> None:
+    env = {"DTASK_ENDPOINTS": etcd_endpoint, "DTASK_PREFIX": dtask_prefix}
+    out = ok(run_dtask(["add", NS, "t1", "--payload", "x", "--nodes", "n1"], env=env))
+    task = manager.get_task(NS, "t1")
+    assert task is not None and task.payload == b"x"
+    assert added_version(out) == task.version
+    listed = orjson.loads(ok(run_dtask(["list", "--json"], env=env)))
+    assert [t["ID"] for t in listed["tasks"][NS]] == ["t1"]
+    # the environment is only a default: the flags win
+    other = ok(run_dtask(["--prefix", dtask_prefix + "-other", "list"], env=env))
+    assert other == "no tasks\n"
+
+
+# ---- list and get ----------------------------------------------------------------------------
+
+
+def test_list_table_and_namespace_filter(dtask: Dtask, manager: dt.Manager) -> None:
+    a = manager.add_task(NS, "t1", b"", nodes=["n1", "n2"])
+    manager.record_node_completion(NS, "t1", a.version, "n1")
+    b = manager.add_task("other", "t2", b"", nodes=["n1"])
+    manager.cancel_task("other", "t2", b.version)
+
+    lines = ok(dtask("list")).splitlines()
+    assert lines[0].split() == ["NAMESPACE", "ID", "VERSION", "STATUS", "NODES", "AGE"]
+    rows = [line.split() for line in lines[1:]]
+    assert [row[:5] for row in rows] == [
+        [NS, "t1", str(a.version), "STARTED", "1/2"],
+        ["other", "t2", str(b.version), "CANCELLED", "0/1"],
+    ]
+    assert all(re.fullmatch(r"\d+[smhd]", row[5]) for row in rows), rows
+
+    only = ok(dtask("list", "--namespace", "other")).splitlines()
+    assert [line.split()[:2] for line in only[1:]] == [["other", "t2"]]
+    assert ok(dtask("list", "--namespace", "nothing-here")) == "no tasks\n"
+
+
+def test_list_json_shape(dtask: Dtask, manager: dt.Manager) -> None:
+    t1 = manager.add_task(NS, "t1", b"\x00\xffbin", nodes=["n2", "n1"])
+    manager.record_node_completion(NS, "t1", t1.version, "n1")
+    t2 = manager.add_task(NS, "t2", b"x", nodes=["n1"])
+    manager.record_node_failure(NS, "t2", t2.version, "n1", "boom")
+    manager.add_task("other", "t3", b"", nodes=["n1"])
+
+    data = orjson.loads(ok(dtask("list", "--json")))
+    assert set(data) == {"tasks"}
+    assert set(data["tasks"]) == {NS, "other"}
+    running, failed = data["tasks"][NS]
+    assert set(running) == {
+        "namespace",
+        "ID",
+        "version",
+        "payload",
+        "status",
+        "startedAt",
+        "finishedAt",
+        "finishedNodes",
+        "nodes",
+    }
+    assert running["namespace"] == NS and running["ID"] == "t1"
+    assert running["version"] == t1.version
+    assert base64.b64decode(running["payload"]) == b"\x00\xffbin"
+    assert running["status"] == "STARTED"
+    assert running["finishedAt"] == "0001-01-01T00:00:00Z"
+    assert running["finishedNodes"] == {"n1": True}
+    assert running["nodes"] == ["n1", "n2"]
+    assert datetime.fromisoformat(running["startedAt"].replace("Z", "+00:00")) == t1.started_at
+    assert failed["ID"] == "t2" and failed["status"] == "FAILED" and failed["error"] == "n1: boom"
+    assert failed["finishedAt"] != "0001-01-01T00:00:00Z"
+    assert failed["finishedNodes"] == {}
+    # the same document as the library's
+    assert data == orjson.loads(manager.list_tasks_payload())
+
+    filtered = orjson.loads(ok(dtask("list", "--json", "--namespace", "other")))
+    assert list(filtered["tasks"]) == ["other"]
+    assert orjson.loads(ok(dtask("list", "--json", "--namespace", "none"))) == {"tasks": {}}
+
+
+def test_get_prints_the_task_with_progress(dtask: Dtask, manager: dt.Manager) -> None:
+    task = manager.add_task(NS, "t1", b"payload", nodes=["n1", "n2"])
+    manager.record_progress(NS, "t1", task.version, "n1", 0.25, "a quarter")
+    body = orjson.loads(ok(dtask("get", NS, "t1")))
+    assert body["ID"] == "t1" and body["namespace"] == NS
+    assert body["version"] == task.version and body["status"] == "STARTED"
+    assert base64.b64decode(body["payload"]) == b"payload"
+    assert body["nodes"] == ["n1", "n2"] and body["finishedNodes"] == {}
+    assert set(body["progress"]) == {"n1"}
+    progress = body["progress"]["n1"]
+    assert progress["fraction"] == 0.25 and progress["message"] == "a quarter"
+    assert datetime.fromisoformat(progress["updatedAt"].replace("Z", "+00:00")).tzinfo
+
+
+def test_get_and_cancel_of_an_unknown_task(dtask: Dtask, manager: dt.Manager) -> None:
+    manager.add_task(NS, "t1", nodes=["n1"])
+    for args in (
+        ("get", "no-such-namespace", "t1"),
+        ("get", NS, "no-such-id"),
+        ("cancel", "no-such-namespace", "t1"),
+        ("cancel", "no-such-namespace", "t1", "--version", "5"),
+        ("cleanup", "no-such-namespace", "t1"),
+        ("wait", "no-such-namespace", "t1"),
+    ):
+        line = error_line(dtask(*args))
+        assert "does not exist" in line, (args, line)
+        assert f"{args[1]}/{args[2]}" in line, (args, line)
+
+
+# ---- add -------------------------------------------------------------------------------------
+
+
+def test_add_with_payload_text(dtask: Dtask, manager: dt.Manager) -> None:
+    out = ok(dtask("add", NS, "t1", "--payload", "héllo wörld", "--nodes", "b, a,"))
+    task = manager.get_task(NS, "t1")
+    assert task is not None
+    assert out == f"added {NS}/t1 version {task.version} on a, b\n"
+    assert task.payload == "héllo wörld".encode()
+    assert task.nodes == {"a", "b"} and task.status is dt.TaskStatus.STARTED
+
+
+def test_add_with_payload_file(dtask: Dtask, manager: dt.Manager, tmp_path: Path) -> None:
+    payload = CommandProvider.payload(argv=["echo", "hi"], timeout=5)
+    path = tmp_path / "payload.json"
+    path.write_bytes(payload)
+    added_version(ok(dtask("add", NS, "t1", "--payload-file", str(path), "--nodes", "n1")))
+    task = manager.get_task(NS, "t1")
+    assert task is not None and task.payload == payload and task.nodes == {"n1"}
+
+
+def test_add_with_payload_from_stdin(dtask: Dtask, manager: dt.Manager) -> None:
+    payload = bytes(range(256))
+    out = ok(dtask("add", NS, "t1", "--payload-file", "-", "--nodes", "n1", stdin=payload))
+    task = manager.get_task(NS, "t1")
+    assert task is not None and task.payload == payload
+    assert added_version(out) == task.version
+
+
+def test_add_without_payload_is_empty(dtask: Dtask, manager: dt.Manager) -> None:
+    ok(dtask("add", NS, "t1", "--nodes", "n1"))
+    task = manager.get_task(NS, "t1")
+    assert task is not None and task.payload == b""
+
+
+def test_add_without_nodes_assigns_the_live_members(
+    dtask: Dtask, manager: dt.Manager, scheduler_factory: Callable[[str], dt.Scheduler]
+) -> None:
+    scheduler_factory("m2")
+    scheduler_factory("m1")
+    out = ok(dtask("add", NS, "t1", "--payload", "x"))
+    task = manager.get_task(NS, "t1")
+    assert task is not None and task.nodes == {"m1", "m2"}
+    assert out == f"added {NS}/t1 version {task.version} on m1, m2\n"
+
+
+def test_add_without_nodes_and_no_live_member_fails(dtask: Dtask, manager: dt.Manager) -> None:
+    line = error_line(dtask("add", "lonely", "t1", "--payload", "x"))
+    assert "no live node serves namespace" in line and "'lonely'" in line
+    assert manager.list_tasks() == {}
+
+
+def test_add_of_a_running_task_fails(dtask: Dtask, manager: dt.Manager) -> None:
+    task = manager.add_task(NS, "t1", nodes=["n1"])
+    line = error_line(dtask("add", NS, "t1", "--nodes", "n1"))
+    assert f"already running with version {task.version}" in line
+    assert manager.get_task(NS, "t1") == task
+
+
+def test_add_with_no_node_in_nodes_is_a_usage_error(dtask: Dtask, manager: dt.Manager) -> None:
+    line = error_line(dtask("add", NS, "t1", "--nodes", " , "), EXIT_USAGE)
+    assert "--nodes" in line
+    assert manager.list_tasks() == {}
+
+
+def test_unreadable_payload_file(dtask: Dtask, manager: dt.Manager, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.json"
+    line = error_line(dtask("add", NS, "t1", "--payload-file", str(missing), "--nodes", "n1"), 64)
+    assert str(missing) in line and "No such file or directory" in line
+    line = error_line(dtask("add", NS, "t1", "--payload-file", str(tmp_path), "--nodes", "n1"), 64)
+    assert str(tmp_path) in line
+    assert manager.list_tasks() == {}
+
+
+def test_payload_and_payload_file_are_exclusive(dtask: Dtask, tmp_path: Path) -> None:
+    line = argparse_error(dtask("add", NS, "t1", "--payload", "x", "--payload-file", "-"))
+    assert "not allowed with" in line
+
+
+# ---- cancel and cleanup ----------------------------------------------------------------------
+
+
+def test_cancel_the_current_run(dtask: Dtask, manager: dt.Manager) -> None:
+    task = manager.add_task(NS, "t1", nodes=["n1"])
+    assert ok(dtask("cancel", NS, "t1")) == f"cancelled {NS}/t1 version {task.version}\n"
+    after = manager.get_task(NS, "t1")
+    assert after is not None and after.status is dt.TaskStatus.CANCELLED
+    line = error_line(dtask("cancel", NS, "t1"))
+    assert "no longer running" in line
+
+
+def test_cancel_a_given_version(dtask: Dtask, manager: dt.Manager) -> None:
+    task = manager.add_task(NS, "t1", nodes=["n1"])
+    line = error_line(dtask("cancel", NS, "t1", "--version", str(task.version + 1000)))
+    assert "does not exist" in line and str(task.version + 1000) in line
+    assert manager.get_task(NS, "t1") == task
+    out = ok(dtask("cancel", NS, "t1", "--version", str(task.version)))
+    assert out == f"cancelled {NS}/t1 version {task.version}\n"
+    after = manager.get_task(NS, "t1")
+    assert after is not None and after.status is dt.TaskStatus.CANCELLED
+
+
+def test_cleanup_refuses_a_running_task_then_a_fresh_one_then_removes(
+    dtask: Dtask, manager: dt.Manager
+) -> None:
+    task = manager.add_task(NS, "t1", nodes=["n1"])
+    assert "still running" in error_line(dtask("cleanup", NS, "t1", "--ttl", "0"))
+    manager.cancel_task(NS, "t1", task.version)
+    assert "too fresh to clean up" in error_line(dtask("cleanup", NS, "t1"))  # TTL: 5 days
+    assert "too fresh to clean up" in error_line(dtask("cleanup", NS, "t1", "--ttl", "3600"))
+    assert manager.get_task(NS, "t1") is not None
+    wrong = error_line(dtask("cleanup", NS, "t1", "--ttl", "0", "--version", "1"))
+    assert "does not exist" in wrong
+    out = ok(dtask("cleanup", NS, "t1", "--ttl", "0"))
+    assert out == f"cleaned up {NS}/t1 version {task.version}\n"
+    assert manager.get_task(NS, "t1") is None
+    assert "does not exist" in error_line(dtask("cleanup", NS, "t1", "--ttl", "0"))
+
+
+# ---- wait ------------------------------------------------------------------------------------
+
+
+def _end(manager: dt.Manager, task: dt.Task, how: str) -> None:
+    if how == "finish":
+        manager.record_node_completion(NS, task.id, task.version, "n1")
+        manager.record_node_completion(NS, task.id, task.version, "n2")
+    elif how == "fail":
+        manager.record_node_failure(NS, task.id, task.version, "n2", "boom")
+    else:
+        manager.cancel_task(NS, task.id, task.version)
+
+
+@pytest.mark.parametrize(
+    ("how", "status", "final", "n2_line"),
+    [
+        ("finish", 0, "FINISHED", "n2: done 100%"),
+        ("fail", 1, "FAILED: n2: boom", "n2: failed 0% boom"),
+        ("cancel", 2, "CANCELLED", "n2: cancelled 0%"),
+    ],
+)
+def test_wait_exits_by_outcome(
+    background: Callable[..., Background],
+    manager: dt.Manager,
+    how: str,
+    status: int,
+    final: str,
+    n2_line: str,
+) -> None:
+    task = manager.add_task(NS, "t1", nodes=["n1", "n2"])
+    waiter = background("wait", NS, "t1", "--plain")
+    # the initial state is printed once every watch has listed: from then on it follows
+    wait_until(lambda: "n2: running 0%" in waiter.out, timeout=10, message=str(waiter.err))
+    manager.record_progress(NS, "t1", task.version, "n1", 0.5, "half")
+    wait_until(lambda: "n1: running 50% half" in waiter.out, timeout=10)
+    # ended from another thread while the subprocess waits
+    ender = threading.Thread(target=_end, args=(manager, task, how))
+    ender.start()
+    ender.join(10)
+    assert waiter.wait(15) == status, (waiter.out, waiter.err)
+    assert waiter.err == []
+    out = waiter.out
+    assert out[-1] == f"{NS}/t1 v{task.version} {final}"
+    assert out[:2] == ["n1: running 0%", "n2: running 0%"]
+    assert n2_line in out
+    if how == "finish":
+        assert "n1: done 100% half" in out
+    else:
+        stopped = "cancelled" if how == "cancel" else "stopped"
+        assert f"n1: {stopped} 50% half" in out
+    assert all(re.fullmatch(r"n[12]: \w+ \d+%.*", line) for line in out[:-1]), out
+
+
+def test_wait_on_a_finished_task_returns_at_once(dtask: Dtask, manager: dt.Manager) -> None:
+    task = manager.add_task(NS, "t1", nodes=["n1"])
+    manager.record_node_failure(NS, "t1", task.version, "n1", "broken")
+    result = dtask("wait", NS, "t1", "--version", str(task.version), timeout=15)
+    assert result.returncode == 1, result
+    assert result.stdout.splitlines()[-1] == f"{NS}/t1 v{task.version} FAILED: n1: broken"
+
+
+def test_wait_gives_up_after_timeout(dtask: Dtask, manager: dt.Manager) -> None:
+    manager.add_task(NS, "t1", nodes=["n1"])
+    line = error_line(dtask("wait", NS, "t1", "--plain", "--timeout-after", "0.5", timeout=15))
+    assert line == f"dtask: error: {NS}/t1 still running after 0.5s"
+
+
+def test_wait_for_another_version_fails(dtask: Dtask, manager: dt.Manager) -> None:
+    task = manager.add_task(NS, "t1", nodes=["n1"])
+    line = error_line(dtask("wait", NS, "t1", "--version", str(task.version + 7)))
+    assert "does not exist" in line
+
+
+# ---- watch -----------------------------------------------------------------------------------
+
+
+def test_watch_prints_a_line_per_change(
+    background: Callable[..., Background],
+    manager: dt.Manager,
+    dtask_prefix: str,
+    scheduler_factory: Callable[[str], dt.Scheduler],
+) -> None:
+    manager.add_task(NS, "before", nodes=["n1"])  # existing tasks print nothing
+    watcher = background("watch", "--count", "7")
+    wait_until(lambda: watcher.out, timeout=10, message=str(watcher.err))
+    assert re.fullmatch(rf"watching {re.escape(dtask_prefix)} from revision \d+", watcher.out[0])
+
+    scheduler = scheduler_factory("m1")
+    t1 = manager.add_task(NS, "t1", nodes=["n1", "n2"])
+    manager.record_node_completion(NS, "t1", t1.version, "n1")
+    manager.record_node_completion(NS, "t1", t1.version, "n2")
+    t2 = manager.add_task(NS, "t2", nodes=["n1"])
+    manager.record_node_failure(NS, "t2", t2.version, "n1", "boom")
+    scheduler.stop()
+    assert watcher.wait(15) == 0, (watcher.out, watcher.err)
+    assert watcher.err == []
+    lines = watcher.out[1:]
+    assert lines[0] == f"member m1 joined ({NS})"
+    assert lines[1] == f"added {NS}/t1 v{t1.version}"
+    assert lines[2] == f"{NS}/t1 completed on n1"
+    assert set(lines[3:5]) == {f"{NS}/t1 completed on n2", f"{NS}/t1 FINISHED"}
+    assert lines[5] == f"added {NS}/t2 v{t2.version}"
+    assert lines[6] in {f"{NS}/t2 failed on n1: boom", f"{NS}/t2 FAILED: n1: boom"}
+    assert len(lines) == 7  # --count: it stopped after 7 lines
+
+
+def test_watch_reports_cancel_removal_and_progress(
+    background: Callable[..., Background], manager: dt.Manager
+) -> None:
+    watcher = background("watch", "--count", "4", "--progress")
+    wait_until(lambda: watcher.out, timeout=10, message=str(watcher.err))
+    task = manager.add_task(NS, "t1", nodes=["n1"])
+    manager.record_progress(NS, "t1", task.version, "n1", 0.5, "half")
+    manager.cancel_task(NS, "t1", task.version)
+    dt.Manager(
+        manager.client, prefix=manager.prefix, completed_task_ttl=timedelta(0)
+    ).clean_up_task(NS, "t1", task.version)
+    assert watcher.wait(15) == 0, (watcher.out, watcher.err)
+    assert watcher.out[1:] == [
+        f"added {NS}/t1 v{task.version}",
+        f"{NS}/t1 v{task.version} n1 50% half",
+        f"{NS}/t1 CANCELLED",
+        f"removed {NS}/t1",
+    ]
+
+
+# ---- members ---------------------------------------------------------------------------------
+
+
+def test_members_table_and_json(
+    dtask: Dtask, scheduler_factory: Callable[[str], dt.Scheduler], manager: dt.Manager
+) -> None:
+    assert ok(dtask("members")) == "no live members\n"
+    assert orjson.loads(ok(dtask("members", "--json"))) == []
+    scheduler = scheduler_factory("node-1")
+    lines = ok(dtask("members")).splitlines()
+    assert lines[0].split() == ["NODE", "NAMESPACES", "UP"]
+    assert [line.split()[:2] for line in lines[1:]] == [["node-1", NS]]
+    members = orjson.loads(ok(dtask("members", "--json")))
+    assert len(members) == 1
+    assert set(members[0]) == {"node", "namespaces", "startedAt"}
+    assert members[0]["node"] == "node-1" and members[0]["namespaces"] == [NS]
+    started = datetime.fromisoformat(members[0]["startedAt"].replace("Z", "+00:00"))
+    assert started == manager.live_members()[0].started_at
+    scheduler.stop()
+    assert ok(dtask("members")) == "no live members\n"
+
+
+# ---- export and import -----------------------------------------------------------------------
+
+
+def _comparable(task: dt.Task) -> tuple[Any, ...]:
+    """A task without its version (a STARTED run gets a new one on import)."""
+    return (
+        task.namespace,
+        task.id,
+        task.payload,
+        task.status,
+        task.started_at,
+        task.finished_at,
+        task.error,
+        task.nodes,
+        task.finished_nodes,
+    )
+
+
+def _comparable_all(tasks: Mapping[str, list[dt.Task]]) -> dict[str, list[tuple[Any, ...]]]:
+    return {ns: [_comparable(t) for t in ts] for ns, ts in tasks.items()}
+
+
+def test_export_then_import_into_another_prefix(
+    dtask: Dtask,
+    manager: dt.Manager,
+    etcd_client: dt.EtcdClient,
+    etcd_endpoint: str,
+    dtask_prefix: str,
+    tmp_path: Path,
+) -> None:
+    running = manager.add_task(NS, "running", b"\x00bin", nodes=["n1", "n2"])
+    manager.record_node_completion(NS, "running", running.version, "n1")
+    failed = manager.add_task(NS, "failed", b"f", nodes=["n1"])
+    manager.record_node_failure(NS, "failed", failed.version, "n1", "boom")
+    cancelled = manager.add_task("other", "cancelled", b"", nodes=["n3"])
+    manager.cancel_task("other", "cancelled", cancelled.version)
+
+    export = tmp_path / "export.json"
+    with export.open("wb") as sink:
+        proc = subprocess.run(
+            [sys.executable, "-m", "distributedtask", "--endpoints", etcd_endpoint,
+             "--prefix", dtask_prefix, "export"],
+            stdout=sink,
+            stderr=subprocess.PIPE,
+            env=clean_env(),
+            timeout=RUN_TIMEOUT,
+            check=False,
+        )  # fmt: skip
+    assert proc.returncode == 0 and proc.stderr == b"", proc.stderr
+    assert orjson.loads(export.read_bytes()) == orjson.loads(manager.snapshot())
+
+    target_prefix = dtask_prefix + "-copy"
+    target = dt.Manager(etcd_client, prefix=target_prefix)
+    target.add_task(NS, "replaced", nodes=["n9"])  # import replaces every task
+    imported = run_dtask(
+        ["--endpoints", etcd_endpoint, "--prefix", target_prefix, "import", str(export)]
+    )
+    assert ok(imported) == f"imported 3 tasks under {target_prefix}\n"
+
+    source, copy = manager.list_tasks(), target.list_tasks()
+    assert _comparable_all(copy) == _comparable_all(source)
+    by_id = {t.id: t for ts in copy.values() for t in ts}
+    assert by_id["failed"].version == failed.version  # terminal runs keep their version
+    assert by_id["cancelled"].version == cancelled.version
+    assert by_id["running"].version > running.version  # a STARTED run gets a new one
+
+    # and from stdin, into a third prefix
+    third_prefix = dtask_prefix + "-stdin"
+    imported = run_dtask(
+        ["--endpoints", etcd_endpoint, "--prefix", third_prefix, "import", "-"],
+        stdin=export.read_bytes(),
+    )
+    assert ok(imported) == f"imported 3 tasks under {third_prefix}\n"
+    third = dt.Manager(etcd_client, prefix=third_prefix).list_tasks()
+    assert _comparable_all(third) == _comparable_all(source)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b'{"tasks": {"ns": [{"namespace": "ns"}]}}',
+        b'{"tasks": []}',
+        b"",
+    ],
+    ids=["not-json", "missing-fields", "wrong-type", "empty"],
+)
+def test_import_of_a_corrupt_file_writes_nothing(
+    dtask: Dtask, manager: dt.Manager, tmp_path: Path, content: bytes
+) -> None:
+    kept = manager.add_task(NS, "kept", b"k", nodes=["n1"])
+    before = manager.snapshot()
+    path = tmp_path / "corrupt.json"
+    path.write_bytes(content)
+    error_line(dtask("import", str(path)))
+    assert manager.snapshot() == before
+    assert manager.get_task(NS, "kept") == kept
+
+
+def test_import_of_an_unreadable_file(dtask: Dtask, manager: dt.Manager, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.json"
+    line = error_line(dtask("import", str(missing)), EXIT_USAGE)
+    assert str(missing) in line
+
+
+# ---- bad input and broken connections --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["list"],
+        ["list", "--json"],
+        ["get", NS, "t1"],
+        ["add", NS, "t1", "--payload", "x", "--nodes", "n1"],
+        ["add", NS, "t1"],
+        ["cancel", NS, "t1"],
+        ["cleanup", NS, "t1"],
+        ["wait", NS, "t1"],
+        ["watch"],
+        ["members"],
+        ["export"],
+    ],
+    ids=lambda args: "-".join(args[:2]),
+)
+def test_etcd_unreachable(args: list[str]) -> None:
+    port = free_port()
+    result = run_dtask(
+        ["--endpoints", f"http://127.0.0.1:{port}", "--timeout", "0.5", *args], timeout=20
+    )
+    line = error_line(result)
+    assert line.startswith("dtask: error: etcd unreachable"), line
+    assert str(port) in line
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "what"),
+    [
+        (["get", "", "t1"], "namespace"),
+        (["add", "", "t1", "--nodes", "n1"], "namespace"),
+        (["add", NS, "", "--nodes", "n1"], "id"),
+        (["add", NS, "t1", "--nodes", "bad\x01node"], "node"),
+        (["cancel", "", "t1", "--version", "3"], "namespace"),
+        (["cancel", "", "t1"], "namespace"),
+        (["wait", "", "t1"], "namespace"),
+    ],
+)
+def test_invalid_names(dtask: Dtask, manager: dt.Manager, args: list[str], what: str) -> None:
+    line = error_line(dtask(*args))
+    assert what in line and ("empty" in line or "control" in line), line
+    assert manager.list_tasks() == {}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["no-such-command"],
+        [],
+        ["get", NS],
+        ["add"],
+        ["cancel", NS, "t1", "--version", "abc"],
+        ["wait", NS, "t1", "--timeout-after", "soon"],
+        ["list", "--bogus"],
+        ["--timeout", "abc", "list"],
+        ["node", "--provider", "shell=command"],
+    ],
+    ids=lambda args: "-".join(args) or "nothing",
+)
+def test_usage_errors(dtask: Dtask, manager: dt.Manager, args: list[str]) -> None:
+    argparse_error(dtask(*args))
+    assert manager.list_tasks() == {}
+
+
+def test_bad_timeout_is_a_usage_error(conn: list[str]) -> None:
+    line = error_line(run_dtask([*conn, "--timeout", "-1", "list"]), EXIT_USAGE)
+    assert "timeout" in line
+
+
+def test_user_without_password_is_a_usage_error(conn: list[str]) -> None:
+    line = error_line(run_dtask([*conn, "--user", "root", "list"]), EXIT_USAGE)
+    assert "DTASK_PASSWORD" in line
+
+
+def test_a_bad_timeout_in_the_environment_is_a_usage_error(conn: list[str]) -> None:
+    result = run_dtask([*conn, "list"], env={"DTASK_TIMEOUT": "abc"})
+    assert result.returncode == EXIT_USAGE, result
+    assert "Traceback" not in result.stderr
+
+
+def test_cancel_of_version_zero_does_not_cancel_the_current_run(
+    dtask: Dtask, manager: dt.Manager
+) -> None:
+    task = manager.add_task(NS, "t1", nodes=["n1"])
+    result = dtask("cancel", NS, "t1", "--version", "0")
+    assert manager.get_task(NS, "t1") == task
+    assert result.returncode in {EXIT_ERROR, EXIT_USAGE}
+
+
+@pytest.mark.parametrize("command", [["wait", NS, "t1", "--plain"], ["watch"]])
+def test_interrupt_exits_130(
+    background: Callable[..., Background], manager: dt.Manager, command: list[str]
+) -> None:
+    manager.add_task(NS, "t1", nodes=["n1"])
+    follower = background(*command)
+    wait_until(lambda: follower.out, timeout=10, message=str(follower.err))
+    follower.proc.send_signal(signal.SIGINT)
+    assert follower.wait(10) == 130
+    assert follower.err == ["dtask: interrupted"]
+
+
+@pytest.mark.parametrize(("namespace", "task_id"), [("ns", "[/]"), ("[bold]ns[/bold]", "t1")])
+def test_list_shows_names_with_brackets_verbatim(
+    dtask: Dtask, manager: dt.Manager, namespace: str, task_id: str
+) -> None:
+    manager.add_task(namespace, task_id, nodes=["n1"])
+    out = ok(dtask("list"))
+    assert out.splitlines()[1].split()[:2] == [namespace, task_id]
