@@ -128,7 +128,6 @@ class Metrics:
             registry=registry,
         )
 
-
     def touch(self, namespaces: Iterable[str]) -> None:
         """Create every labelled series of these namespaces at 0.
 
