@@ -29,6 +29,8 @@ under the prefix, bad escapes, wrong shape) rather than raising. Pure functions;
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass
 from urllib.parse import quote, unquote_to_bytes
 
@@ -50,9 +52,19 @@ def _esc(segment: str) -> str:
     return quote(segment, safe="", encoding="utf-8", errors="strict")
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9_.~-]{0,255}")  # its own escape, a valid name
+
+
 def _unesc(segment: str) -> str | None:
     """The name a segment encodes, or None if it is not exactly what :func:`_esc` produces
     from a valid name."""
+    if _PLAIN.fullmatch(segment) and segment not in (".", ".."):
+        return segment  # the common case, without decoding and re-encoding
+    return _unesc_general(segment)
+
+
+@functools.lru_cache(maxsize=4096)
+def _unesc_general(segment: str) -> str | None:
     try:
         name = unquote_to_bytes(segment).decode("utf-8")
     except UnicodeDecodeError:
@@ -220,7 +232,13 @@ class Keys:
         if kind == "progress" and len(parts) == 4:
             ns, tid, node = _unesc(parts[0]), _unesc(parts[1]), _unesc(parts[3])
             version = parts[2]
-            canonical = version.isdigit() and version == str(int(version)) and int(version) > 0
+            canonical = (
+                version.isascii()
+                and version.isdigit()
+                and len(version) <= 19
+                and version == str(int(version))
+                and int(version) > 0
+            )
             if not (ns and tid and node and canonical):
                 return None
             return ProgressKey(ns, tid, int(version), node)

@@ -45,7 +45,7 @@ import logging
 import math
 import secrets
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
@@ -192,28 +192,35 @@ class Manager:
 
     # ---- reading --------------------------------------------------------------------------
 
-    def _finished(self, kvs: Iterable[t.KeyValue]) -> set[str]:
+    def _finished(self, runs: Mapping[str, t.KeyValue]) -> set[str]:
         done = set()
-        for kv in kvs:
-            parsed = self.keys.parse(kv.key)
-            if not isinstance(parsed, RunKey):
-                continue
+        for node, kv in runs.items():
             try:
                 if RunRecord.decode(kv.value).outcome == COMPLETED:
-                    done.add(parsed.node_id)
+                    done.add(node)
             except CorruptRecordError as exc:
                 self._skip(kv.key, exc)
         return done
 
-    def _assemble(
+    def runs_by_node(self, kvs: Iterable[t.KeyValue]) -> dict[str, t.KeyValue]:
+        """The run keys of one task, by node id (keys that are not run keys are ignored)."""
+        out = {}
+        for kv in kvs:
+            parsed = self.keys.parse(kv.key)
+            if isinstance(parsed, RunKey):
+                out[parsed.node_id] = kv
+        return out
+
+    def assemble(
         self,
         namespace: str,
         task_id: str,
         kv: t.KeyValue,
         outcome_kv: t.KeyValue | None,
-        runs: Iterable[t.KeyValue],
+        runs: Mapping[str, t.KeyValue],
     ) -> tuple[TaskRecord, OutcomeRecord | None, Task]:
-        """Decode a run from its keys. Raises ``CorruptRecordError``."""
+        """Decode a run from its keys: the record, the outcome (if any) and the run keys by
+        node (for views built from a watch). Raises ``CorruptRecordError``."""
         record = TaskRecord.decode(kv.value)
         outcome = None if outcome_kv is None else OutcomeRecord.decode(outcome_kv.value)
         task = record.to_task(namespace, task_id, kv.mod_revision, self._finished(runs), outcome)
@@ -234,9 +241,8 @@ class Manager:
         kv = result.range(at).first()
         if kv is None:
             return None
-        _, outcome, task = self._assemble(
-            namespace, task_id, kv, result.range(at + 1).first(), result.range(at + 2).kvs
-        )
+        runs = self.runs_by_node(result.range(at + 2).kvs)
+        _, outcome, task = self.assemble(namespace, task_id, kv, result.range(at + 1).first(), runs)
         return kv, outcome, task
 
     def get_task(self, namespace: str, task_id: str) -> Task | None:
@@ -277,7 +283,7 @@ class Manager:
         """
         records: dict[tuple[str, str], t.KeyValue] = {}
         outcomes: dict[tuple[str, str], t.KeyValue] = {}
-        runs: dict[tuple[str, str], list[t.KeyValue]] = {}
+        runs: dict[tuple[str, str], dict[str, t.KeyValue]] = {}
         for kv in kvs:
             parsed = self.keys.parse(kv.key)
             if isinstance(parsed, TaskKey):
@@ -285,14 +291,14 @@ class Manager:
             elif isinstance(parsed, OutcomeKey):
                 outcomes[(parsed.namespace, parsed.task_id)] = kv
             elif isinstance(parsed, RunKey):
-                runs.setdefault((parsed.namespace, parsed.task_id), []).append(kv)
+                runs.setdefault((parsed.namespace, parsed.task_id), {})[parsed.node_id] = kv
             elif parsed is None:
                 self._skip(kv.key, CorruptRecordError("not a key of ours"))
         out: dict[str, list[Task]] = {}
         for (ns, tid), kv in records.items():
             try:
-                _, _, task = self._assemble(
-                    ns, tid, kv, outcomes.get((ns, tid)), runs.get((ns, tid), ())
+                _, _, task = self.assemble(
+                    ns, tid, kv, outcomes.get((ns, tid)), runs.get((ns, tid), {})
                 )
             except CorruptRecordError as exc:
                 self._skip(kv.key, exc)

@@ -113,6 +113,7 @@ class _View:
     runs: dict[TaskId, dict[str, t.KeyValue]] = field(default_factory=dict)
     tasks: dict[TaskId, Task] = field(default_factory=dict)
     members: dict[str, MemberRecord] = field(default_factory=dict)
+    awaited: dict[str, int] = field(default_factory=dict)  # node -> STARTED runs pending on it
     revision: int = 0
 
 
@@ -388,23 +389,21 @@ class Scheduler:
         return {task_id}
 
     def _rebuild(self, view: _View, task_id: TaskId) -> None:
+        self._await(view, view.tasks.get(task_id), -1)
         kv = view.records.get(task_id)
         if kv is None:
             view.tasks.pop(task_id, None)
             return
         try:
-            _, _, task = self.manager._assemble(
-                task_id[0],
-                task_id[1],
-                kv,
-                view.outcomes.get(task_id),
-                view.runs.get(task_id, {}).values(),
+            _, _, task = self.manager.assemble(
+                task_id[0], task_id[1], kv, view.outcomes.get(task_id), view.runs.get(task_id, {})
             )
         except CorruptRecordError as exc:
             self._skip(kv.key, exc)
             view.tasks.pop(task_id, None)
             return
         view.tasks[task_id] = task
+        self._await(view, task, +1)
         ttl_key = (task_id, task.version)
         if task.finished_at is not None and ttl_key not in self._ttl_timers:
             self._ttl_timers.add(ttl_key)
@@ -418,16 +417,25 @@ class Scheduler:
             self.metrics.skipped_records.inc()
             self.log.warning("skipping unreadable value %r: %s", key, exc)
 
+    @staticmethod
+    def _await(view: _View, task: Task | None, delta: int) -> None:
+        """Count, per node, the STARTED runs still waiting for it (the nodes we watch for)."""
+        if task is None or task.status is not TaskStatus.STARTED:
+            return
+        for node in task.pending_nodes:
+            count = view.awaited.get(node, 0) + delta
+            if count > 0:
+                view.awaited[node] = count
+            else:
+                view.awaited.pop(node, None)
+
     def _check_members(self) -> None:
         """Note assigned nodes that lost membership; schedule their node-loss deadline."""
         if self.node_loss_grace is None:
             return
         now = time.monotonic()
         members = self._view.members
-        wanted: set[str] = set()
-        for task in self._view.tasks.values():
-            if task.status is TaskStatus.STARTED:
-                wanted |= task.pending_nodes
+        wanted = set(self._view.awaited)
         for node in list(self._lost_since):
             if node in members or node not in wanted:
                 del self._lost_since[node]
@@ -453,7 +461,8 @@ class Scheduler:
             time.monotonic() + delay, next(self._seq), kind, task_id, version, node, attempt
         )
         heapq.heappush(self._timers, timer)
-        self._wake.notify_all()
+        if self._timers[0] is timer:  # the worker sleeps until the earliest timer: wake it
+            self._wake.notify_all()
 
     def _backoff(self, attempt: int) -> float:
         state = tenacity.RetryCallState(self._retrying, None, (), {})

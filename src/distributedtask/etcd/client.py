@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -301,19 +303,39 @@ class EtcdClient:
     def _retrying(self, fn: Callable[[], _T]) -> _T:
         if self._closed.is_set():
             raise EtcdError("the etcd client is closed")
+        began = time.monotonic()
+        try:
+            return fn()  # the common case, without building a retry loop
+        except _RetryableError as first:
+            remaining = self.timeout - (time.monotonic() - began)
+            if remaining <= 0:
+                raise first.error from None
         retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_delay(self.timeout),
+            stop=tenacity.stop_after_delay(remaining),
             wait=tenacity.wait_random_exponential(multiplier=0.05, max=1.0),
             retry=tenacity.retry_if_exception_type(_RetryableError),
             sleep=self._sleep,
             reraise=True,
         )
         try:
-            return retrying(fn)
+            return retrying(self._after_backoff(fn))
         except _RetryableError as retry:
             if self._closed.is_set():
                 raise EtcdError("the etcd client is closed") from None
             raise retry.error from None
+
+    def _after_backoff(self, fn: Callable[[], _T]) -> Callable[[], _T]:
+        """``fn``, but its first call is preceded by one backoff (the attempt already made)."""
+        waited = False
+
+        def call() -> _T:
+            nonlocal waited
+            if not waited:
+                waited = True
+                self._sleep(random.uniform(0, 0.05))
+            return fn()
+
+        return call
 
     def _sleep(self, seconds: float) -> None:
         if self._closed.wait(seconds):

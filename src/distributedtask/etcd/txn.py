@@ -10,6 +10,7 @@ values; thread-safe.
 from __future__ import annotations
 
 import base64
+import binascii
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +49,10 @@ def b64(data: bytes) -> str:
 def unb64(text: object) -> bytes:
     if not isinstance(text, str):
         raise EtcdError(f"malformed etcd response: expected base64 text, got {text!r}")
-    return base64.b64decode(text)
+    try:
+        return binascii.a2b_base64(text)
+    except binascii.Error:
+        raise EtcdError("malformed etcd response: bad base64") from None
 
 
 def as_int(value: object, default: int = 0) -> int:
