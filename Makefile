@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck pytest install clean
+.PHONY: test demo bench lint typecheck pytest install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lint: install
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks contrib
 
 typecheck: install
 	$(BIN)/mypy
@@ -34,6 +34,11 @@ test: lint typecheck pytest
 
 demo: install
 	$(BIN)/dtask demo
+
+# The benchmarks: every figure a ratio against a baseline measured in the same run.
+bench: install
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[bench]'
+	$(BIN)/python -m benchmarks
 
 clean:
 	rm -rf $(VENV) build dist

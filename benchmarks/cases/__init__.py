@@ -1,0 +1,1 @@
+"""The benchmark cases, one module each; every module has ``run(env) -> CaseResult``."""
