@@ -39,7 +39,6 @@ from .manager import Manager
 from .model import Progress, Task, TaskStatus, format_time, task_to_dict
 from .records import (
     COMPLETED,
-    FAILED,
     CorruptRecordError,
     MemberRecord,
     OutcomeRecord,
@@ -443,11 +442,7 @@ def describe_event(manager: Manager, kind: str, kv: Any, progress: bool) -> str 
         if isinstance(parsed, RunKey) and kind == "put":
             run = RunRecord.decode(kv.value)
             name = f"{parsed.namespace}/{parsed.task_id}"
-            if run.outcome == COMPLETED:
-                return f"{name} completed on {parsed.node_id}"
-            if run.outcome == FAILED:
-                return f"{name} failed on {parsed.node_id}: {run.error}"
-            return None
+            return f"{name} completed on {parsed.node_id}" if run.outcome == COMPLETED else None
         if isinstance(parsed, ProgressKey) and kind == "put" and progress:
             p = decode_progress(kv.value)
             return (
@@ -567,8 +562,6 @@ class _WaitView:
                     continue
                 if run.outcome == COMPLETED:
                     self.state.completed.add(parsed.node_id)
-                elif run.outcome == FAILED:
-                    self.state.failed[parsed.node_id] = run.error or "failed"
         self._changed()
 
     def _on_progress(self, batch: Snapshot | Changes) -> None:
@@ -609,6 +602,9 @@ class _WaitView:
                         state.outcome = OutcomeRecord.decode(event.kv.value)
                     except CorruptRecordError:
                         state.gone = True
+            if state.outcome is not None and state.outcome.node is not None:
+                error = state.outcome.error or "failed"
+                state.failed[state.outcome.node] = error.removeprefix(f"{state.outcome.node}: ")
             if state.outcome is not None or state.gone:
                 self.done.set()
         self._changed()
@@ -680,7 +676,8 @@ def _node_line(state: _WaitState, node: str) -> tuple[float, str, str]:
     progress = state.progress.get(node)
     fraction = progress.fraction if progress else 0.0
     message = progress.message if progress else ""
-    if node in state.completed:
+    finished = state.outcome is not None and state.outcome.status is TaskStatus.FINISHED
+    if node in state.completed or finished:  # FINISHED: every node completed
         return 1.0, "done", message
     if node in state.failed:
         return fraction, "failed", state.failed[node]

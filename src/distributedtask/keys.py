@@ -6,8 +6,8 @@ Under a prefix ``P`` (``"/distributedtask"`` by default)::
                                             never rewritten while the run exists
     P/outcomes/<ns>/<id>                    how the run ended: FINISHED, FAILED or CANCELLED;
                                             absent while it is STARTED
-    P/runs/<ns>/<id>/<node>                 one node's part in the current run: pending,
-                                            completed or failed (written with the task record)
+    P/runs/<ns>/<id>/<node>                 one node's part in the current run: pending
+                                            (written with the task record) or completed
     P/progress/<ns>/<id>/<version>/<node>   one node's latest progress report for a run
     P/members/<node>                        a live Scheduler's membership (lease-bound)
 
@@ -15,9 +15,9 @@ The run keys of the DESIGN carried the version in the key; they do not here, and
 deliberate: the run's node keys are written *in the same transaction as the task record*, when
 the version (that transaction's revision) is not yet known. Having one key per assigned node
 lets etcd itself enforce "only an assigned node may record" with a compare
-(``create_revision > 0``), in the one round trip of a completion, and every transition that
-ends or replaces a run rewrites or deletes them atomically, so they always belong to the
-current run.
+(``create_revision > 0``), and tell "no node is pending" with another (a pending key's
+``mod_revision`` is the version), in the one round trip of a completion; replacing or removing
+a run deletes them atomically, so they always belong to the current run.
 
 Every name segment is percent-encoded (``urllib.parse.quote`` with no safe characters), so a
 ``/`` inside a namespace, id or node id can never forge another key, and every prefix we range
@@ -237,6 +237,7 @@ class Keys:
                 and version.isdigit()
                 and len(version) <= 19
                 and version == str(int(version))
+                and int(version) < 2**63
                 and int(version) > 0
             )
             if not (ns and tid and node and canonical):

@@ -2,8 +2,8 @@
 
 A run is stored as (keys.py has the schema): the task record (written once when the run is
 added, never rewritten while it exists, so its ``mod_revision`` *is* the version), one run key
-per assigned node (pending / completed / failed), and the outcome key, which exists once the run
-has ended. "Version V is STARTED" is therefore two compares, ``mod(task) == V`` and
+per assigned node (pending / completed), and the outcome key, which exists once the run has
+ended. "Version V is STARTED" is therefore two compares, ``mod(task) == V`` and
 ``create(outcome) == 0``, and every transition is one transaction guarded by them::
 
     add (new id)      IF create(task) == 0 THEN put record + a pending key per node      1 trip
@@ -11,20 +11,27 @@ has ended. "Version V is STARTED" is therefore two compares, ``mod(task) == V`` 
     add (over a       the above; then IF mod(task) == observed THEN delete the old run;  3 trips
      terminal run)    then the create again (watchers see the old run go, the new come)
     complete          IF started(V) AND exists(runs/node) THEN put runs/node,            1 trip
-                      range record, range runs/      ELSE range record, outcome, runs/
-                      ... when that was the last pending node:                           +1 trip
-                      IF started(V) THEN put outcome FINISHED
-    fail              IF started(V) AND exists(runs/node) THEN put outcome FAILED,       1 trip
-                      put runs/node
+                        and, nested: IF no other run key has mod == V (none pending)
+                                     THEN put outcome FINISHED
+                      ELSE range record, outcome, runs/
+    fail              IF started(V) AND exists(runs/node) THEN put outcome FAILED (node) 1 trip
     cancel            IF started(V) THEN put outcome CANCELLED                           1 trip
     clean up          range record + outcome; IF mod(task) == observed AND               2 trips
-                      mod(outcome) == observed THEN delete the run's keys
+                      exists(outcome) THEN delete the run's keys
 
-This deviates from DESIGN.md, which rewrote the task record with the terminal state: that needs
-the record's fields (a payload of up to 1 MiB) in hand, so a cancel or a failure would have cost
-a read first, or written the payload again. With a separate outcome key every transition is one
-round trip that writes a few hundred bytes, and etcd itself refuses a node that was not
-assigned (its run key does not exist). On a failed compare the failure branch reads what is
+A pending run key is written in the transaction that adds the run, so its ``mod_revision`` is
+the version; a completion rewrites it. The completion that leaves no key pending writes FINISHED
+in the same transaction (a nested one, etcd >= 3.3, whose compares see the state before the
+outer writes): the last completion and a racing cancel are decided by etcd, one of them wins.
+A failure does not touch the run keys, so nodes that completed stay in ``finished_nodes``.
+
+This deviates from DESIGN.md, which rewrote the task record with the terminal state (that needs
+the record's fields, a payload of up to 1 MiB, in hand: a cancel or a failure would have cost a
+read first, or written the payload again) and finished a task in a second transaction (which
+leaves a window where every node has completed but the run is still STARTED, and a cancel in
+it wins against a completion already recorded). Here every transition is one round trip that
+writes a few hundred bytes, and etcd itself refuses a node that was not assigned (its run key
+does not exist). On a failed compare the failure branch reads what is
 needed to say why (``does not exist``, ``no longer running``, not an assigned node).
 
 Retries: :class:`~distributedtask.etcd.client.EtcdClient` retries transient failures, so a
@@ -46,7 +53,6 @@ import math
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 from .etcd import txn as t
@@ -62,7 +68,7 @@ from .exceptions import (
     TaskStillRunningError,
     TaskTooFreshError,
 )
-from .keys import Keys, OutcomeKey, ProgressKey, RunKey, TaskKey, prefix_range_end
+from .keys import Keys, MemberKey, OutcomeKey, ProgressKey, RunKey, TaskKey, prefix_range_end
 from .model import (
     Progress,
     Task,
@@ -74,7 +80,6 @@ from .model import (
 )
 from .records import (
     COMPLETED,
-    FAILED,
     PENDING,
     CorruptRecordError,
     MemberRecord,
@@ -107,6 +112,9 @@ def _new_token() -> str:
 
 
 def _clip(text: str) -> str:
+    """A message fit to store: lone surrogates (undecodable file names, say) replaced, and
+    cut to ``MAX_MESSAGE_CHARS``."""
+    text = text.encode("utf-8", "replace").decode("utf-8")
     return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…"
 
 
@@ -192,14 +200,16 @@ class Manager:
 
     # ---- reading --------------------------------------------------------------------------
 
-    def _finished(self, runs: Mapping[str, t.KeyValue]) -> set[str]:
+    def _finished(
+        self, runs: Mapping[str, t.KeyValue], on_skip: Callable[[bytes, Exception], None]
+    ) -> set[str]:
         done = set()
         for node, kv in runs.items():
             try:
                 if RunRecord.decode(kv.value).outcome == COMPLETED:
                     done.add(node)
             except CorruptRecordError as exc:
-                self._skip(kv.key, exc)
+                on_skip(kv.key, exc)
         return done
 
     def runs_by_node(self, kvs: Iterable[t.KeyValue]) -> dict[str, t.KeyValue]:
@@ -218,12 +228,17 @@ class Manager:
         kv: t.KeyValue,
         outcome_kv: t.KeyValue | None,
         runs: Mapping[str, t.KeyValue],
+        *,
+        on_skip: Callable[[bytes, Exception], None] | None = None,
     ) -> tuple[TaskRecord, OutcomeRecord | None, Task]:
         """Decode a run from its keys: the record, the outcome (if any) and the run keys by
-        node (for views built from a watch). Raises ``CorruptRecordError``."""
+        node (for views built from a watch). An unreadable run key is reported to ``on_skip``
+        (default: logged and counted in ``skipped_records``) and read as pending. Raises
+        ``CorruptRecordError`` for an unreadable record or outcome."""
         record = TaskRecord.decode(kv.value)
         outcome = None if outcome_kv is None else OutcomeRecord.decode(outcome_kv.value)
-        task = record.to_task(namespace, task_id, kv.mod_revision, self._finished(runs), outcome)
+        finished = self._finished(runs, on_skip or self._skip)
+        task = record.to_task(namespace, task_id, kv.mod_revision, finished, outcome)
         return record, outcome, task
 
     def _reads(self, namespace: str, task_id: str) -> list[t.Op]:
@@ -321,10 +336,15 @@ class Manager:
         result = self.client.range(members_prefix, prefix_range_end(members_prefix))
         members = []
         for kv in result.kvs:
+            parsed = self.keys.parse(kv.key)
             try:
-                members.append(MemberRecord.decode(kv.value))
+                member = MemberRecord.decode(kv.value)
+                if not isinstance(parsed, MemberKey) or parsed.node_id != member.node_id:
+                    raise CorruptRecordError("a member record under another node's key")
             except CorruptRecordError as exc:
                 self._skip(kv.key, exc)
+                continue
+            members.append(member)
         return sorted(members, key=lambda m: m.node_id)
 
     # ---- adding ---------------------------------------------------------------------------
@@ -356,31 +376,26 @@ class Manager:
         else:
             assigned = self._nodes(nodes)
         record = TaskRecord(payload=data, started_at=self.now(), nodes=assigned, token=_new_token())
-        return self._create(namespace, task_id, record, ())
+        return self._create(namespace, task_id, record)
 
     def _create(
         self,
         namespace: str,
         task_id: str,
         record: TaskRecord,
-        finished_nodes: Iterable[str],
         outcome: OutcomeRecord | None = None,
     ) -> Task:
-        """Write a run (replacing a terminal one) and return it. See :meth:`add_task`."""
+        """Write a run — the record, a pending key per node, and ``outcome`` if given —
+        replacing a terminal (or unreadable) one, and return it. See :meth:`add_task`."""
         key = self.keys.task(namespace, task_id)
-        done = frozenset(finished_nodes)
-        writes = [t.put(key, record.encode())]
-        for node in sorted(record.nodes):
-            state = COMPLETED if node in done else PENDING
-            writes.append(
-                t.put(
-                    self.keys.run(namespace, task_id, node),
-                    RunRecord(state, record.started_at, record.token).encode(),
-                )
-            )
-        if outcome is not None:
-            writes.append(t.put(self.keys.outcome(namespace, task_id), outcome.encode()))
         outcome_key = self.keys.outcome(namespace, task_id)
+        pending = RunRecord(PENDING, record.started_at, record.token).encode()
+        writes = [t.put(key, record.encode())]
+        writes += [
+            t.put(self.keys.run(namespace, task_id, n), pending) for n in sorted(record.nodes)
+        ]
+        if outcome is not None:
+            writes.append(t.put(outcome_key, outcome.encode()))
         for _ in range(_RACE_ATTEMPTS):
             result = self.client.txn(
                 compare=[t.create_equals(key, 0)],
@@ -388,25 +403,26 @@ class Manager:
                 failure=[t.get(key), t.get(outcome_key)],
             )
             if result.succeeded:
-                return record.to_task(namespace, task_id, result.revision, done, outcome)
+                return record.to_task(namespace, task_id, result.revision, (), outcome)
             kv = result.range(0).first()
             if kv is None:
                 continue  # removed meanwhile: create again
-            existing = TaskRecord.decode(kv.value)
-            if existing.token == record.token:  # our own write, whose response was lost
-                return existing.to_task(namespace, task_id, kv.mod_revision, done, outcome)
             outcome_kv = result.range(1).first()
-            if outcome_kv is None:
-                raise TaskAlreadyRunningError(
-                    namespace, task_id, existing.version_at(kv.mod_revision)
-                )
-            self.client.txn(
-                compare=[
-                    t.mod_equals(key, kv.mod_revision),
-                    t.mod_equals(outcome_key, outcome_kv.mod_revision),
-                ],
-                success=self._delete_run_ops(namespace, task_id),
-            )
+            guard = [t.mod_equals(key, kv.mod_revision)]
+            try:
+                existing = TaskRecord.decode(kv.value)
+            except CorruptRecordError as exc:  # unreadable: it must not block the id forever
+                self._skip(kv.key, exc)
+                log.warning("replacing the unreadable record of %s/%s", namespace, task_id)
+            else:
+                if existing.token == record.token:  # our own write, whose response was lost
+                    return existing.to_task(namespace, task_id, kv.mod_revision, (), outcome)
+                if outcome_kv is None:
+                    raise TaskAlreadyRunningError(
+                        namespace, task_id, existing.version_at(kv.mod_revision)
+                    )
+                guard.append(t.mod_equals(outcome_key, outcome_kv.mod_revision))
+            self.client.txn(compare=guard, success=self._delete_run_ops(namespace, task_id))
         raise EtcdError(  # pragma: no cover - a livelock against other writers
             f"could not add task {namespace}/{task_id}: it kept changing under us"
         )
@@ -478,7 +494,9 @@ class Manager:
     ) -> Task:
         """Record that ``node_id`` finished ``version``; FINISHED once every node has.
 
-        Idempotent for a node while the run is STARTED. Returns the run after the call.
+        One transaction, also for the completion that finishes the run: a nested transaction
+        writes the FINISHED outcome when no other node's run key is still pending. Idempotent
+        for a node while the run is STARTED. Returns the run after the call.
         Raises :class:`TaskNotFoundError` (no such id or another version),
         :class:`TaskNotRunningError` (that version is terminal), :class:`InvalidTaskError`
         (``node_id`` is not one of the task's nodes; nothing written), :class:`EtcdError`.
@@ -486,35 +504,37 @@ class Manager:
         version = self._check_run_args(namespace, task_id, version, node_id)
         token = _new_token()
         run_key = self.keys.run(namespace, task_id, node_id)
+        runs = self.keys.task_runs(namespace, task_id)
         now = self.now()
+        finished = OutcomeRecord(TaskStatus.FINISHED, now, token)
+        # A pending run key was written with the record, so its mod_revision is the version;
+        # a completed one was rewritten later. "Every other node completed" is therefore
+        # "no other run key has mod_revision == version", which also holds for no keys at all.
+        last = t.nested_txn(
+            compare=[
+                t.mod_not_equal(runs, version, range_end=run_key),
+                t.mod_not_equal(run_key + b"\0", version, range_end=prefix_range_end(runs)),
+            ],
+            success=[t.put(self.keys.outcome(namespace, task_id), finished.encode())],
+        )
         reads = self._reads(namespace, task_id)
         result = self.client.txn(
             compare=[*self._started(namespace, task_id, version), t.exists(run_key)],
-            success=[t.put(run_key, RunRecord(COMPLETED, now, token).encode()), *reads],
+            success=[t.put(run_key, RunRecord(COMPLETED, now, token).encode()), last, *reads],
             failure=reads,
         )
         if not result.succeeded:
             return self._explain(namespace, task_id, version, result, token, node_id)
-        found = self._from_reads(namespace, task_id, result, at=1)
+        found = self._from_reads(namespace, task_id, result, at=2)
         assert found is not None
-        task = found[2]
-        if task.pending_nodes:
-            return task
-        outcome = OutcomeRecord(TaskStatus.FINISHED, now, token)
-        result = self.client.txn(
-            compare=self._started(namespace, task_id, version),
-            success=[t.put(self.keys.outcome(namespace, task_id), outcome.encode())],
-            failure=reads,
-        )
-        if result.succeeded:
-            return replace(task, status=TaskStatus.FINISHED, finished_at=now, error=None)
-        return self._explain(namespace, task_id, version, result, token, node_id)
+        return found[2]
 
     def record_node_failure(
         self, namespace: str, task_id: str, version: int, node_id: str, error: str
     ) -> Task:
-        """Record that ``node_id`` failed ``version``: the run becomes FAILED with ``error``
-        (prefixed with the node id).
+        """Record that ``node_id`` failed ``version``: the run becomes FAILED with ``error``,
+        prefixed with the node id (``"node-b: disk full"``). Nodes that completed before stay
+        in ``finished_nodes``.
 
         Raises :class:`TaskNotFoundError`, :class:`TaskNotRunningError`,
         :class:`InvalidTaskError` (not one of the task's nodes, or ``error`` not a str),
@@ -524,17 +544,16 @@ class Manager:
         if not isinstance(error, str):
             raise InvalidTaskError(f"error must be a str, not {type(error).__name__}", "error")
         message = _clip(error) or "failed"
-        token = _new_token()
-        now = self.now()
+        outcome = OutcomeRecord(
+            TaskStatus.FAILED, self.now(), _new_token(), f"{node_id}: {message}", node=node_id
+        )
         run_key = self.keys.run(namespace, task_id, node_id)
-        outcome = OutcomeRecord(TaskStatus.FAILED, now, token, f"{node_id}: {message}")
         return self._end_run(
             namespace,
             task_id,
             version,
             outcome,
             extra_compare=[t.exists(run_key)],
-            extra_ops=[t.put(run_key, RunRecord(FAILED, now, token, message).encode())],
             node_id=node_id,
         )
 
@@ -555,23 +574,18 @@ class Manager:
         outcome: OutcomeRecord,
         *,
         extra_compare: Iterable[t.Compare] = (),
-        extra_ops: Iterable[t.Op] = (),
         node_id: str | None = None,
     ) -> Task:
         """One transaction: IF ``version`` is STARTED THEN write its outcome."""
         reads = self._reads(namespace, task_id)
         result = self.client.txn(
             compare=[*self._started(namespace, task_id, version), *extra_compare],
-            success=[
-                t.put(self.keys.outcome(namespace, task_id), outcome.encode()),
-                *extra_ops,
-                *reads,
-            ],
+            success=[t.put(self.keys.outcome(namespace, task_id), outcome.encode()), *reads],
             failure=reads,
         )
         if not result.succeeded:
             return self._explain(namespace, task_id, version, result, outcome.token, node_id)
-        found = self._from_reads(namespace, task_id, result, at=1 + len(list(extra_ops)))
+        found = self._from_reads(namespace, task_id, result, at=1)
         assert found is not None
         return found[2]
 
@@ -772,15 +786,26 @@ class Manager:
         )
         for task in tasks:
             token = _new_token()
+            status, finished_at = task.status, task.finished_at
+            if status is TaskStatus.STARTED and task.finished_nodes >= task.nodes:
+                status, finished_at = TaskStatus.FINISHED, self.now()  # it had just finished
             outcome = None
-            if task.status.terminal:
-                assert task.finished_at is not None
-                outcome = OutcomeRecord(task.status, task.finished_at, token, task.error)
+            if status.terminal:
+                assert finished_at is not None
+                outcome = OutcomeRecord(status, finished_at, token, task.error)
             record = TaskRecord(
                 payload=task.payload,
                 started_at=task.started_at,
                 nodes=task.nodes,
                 token=token,
-                version=task.version if task.status.terminal else None,
+                version=task.version if status.terminal else None,
             )
-            self._create(task.namespace, task.id, record, task.finished_nodes, outcome)
+            self._create(task.namespace, task.id, record, outcome)
+            if task.finished_nodes:  # after the create: a completed key's revision is later
+                done = RunRecord(COMPLETED, record.started_at, token).encode()
+                self.client.txn(
+                    success=[
+                        t.put(self.keys.run(task.namespace, task.id, node), done)
+                        for node in sorted(task.finished_nodes)
+                    ]
+                )

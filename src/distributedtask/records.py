@@ -164,12 +164,14 @@ class TaskRecord:
 
 @dataclass(frozen=True)
 class OutcomeRecord:
-    """The stored form of ``P/outcomes/<ns>/<id>``: how the current run ended."""
+    """The stored form of ``P/outcomes/<ns>/<id>``: how the current run ended; ``node`` is the
+    node whose failure ended it (FAILED only)."""
 
     status: TaskStatus
     finished_at: datetime
     token: str
     error: str | None = None
+    node: str | None = None
 
     def encode(self) -> bytes:
         body: dict[str, Any] = {
@@ -180,6 +182,8 @@ class OutcomeRecord:
         }
         if self.error is not None:
             body["error"] = self.error
+        if self.node is not None:
+            body["node"] = self.node
         return orjson.dumps(body)
 
     @classmethod
@@ -195,27 +199,37 @@ class OutcomeRecord:
         error = data.get("error")
         if error is not None and not isinstance(error, str):
             raise CorruptRecordError(f"{what}: bad error")
+        node = data.get("node")
+        if node is not None:
+            try:
+                validate_name(node, "node_id")
+            except InvalidTaskError as exc:
+                raise CorruptRecordError(f"{what}: {exc}") from None
         return cls(
             status=status,
             finished_at=_ms(data, "finishedAt", what),
             token=_get(data, "token", str, what),
             error=error,
+            node=node,
         )
 
 
 PENDING = "pending"
 COMPLETED = "completed"
-FAILED = "failed"
 
 
 @dataclass(frozen=True)
 class RunRecord:
-    """The stored form of ``P/runs/<ns>/<id>/<node>``: one assigned node's part in the run."""
+    """The stored form of ``P/runs/<ns>/<id>/<node>``: one assigned node's part in the run.
 
-    outcome: str  # PENDING, COMPLETED or FAILED
+    Written PENDING with the task record (in the same transaction, so its ``mod_revision`` is
+    the run's version) and rewritten COMPLETED by the node; a failure does not touch it (the
+    outcome names the failing node).
+    """
+
+    outcome: str  # PENDING or COMPLETED
     at: datetime
     token: str
-    error: str | None = None
 
     def encode(self) -> bytes:
         body: dict[str, Any] = {
@@ -224,8 +238,6 @@ class RunRecord:
             "at": to_epoch_ms(self.at),
             "token": self.token,
         }
-        if self.error is not None:
-            body["error"] = self.error
         return orjson.dumps(body)
 
     @classmethod
@@ -233,17 +245,9 @@ class RunRecord:
         what = "run record"
         data = _load(raw, what)
         outcome = _get(data, "outcome", str, what)
-        if outcome not in (PENDING, COMPLETED, FAILED):
+        if outcome not in (PENDING, COMPLETED):
             raise CorruptRecordError(f"{what}: unknown outcome {outcome!r}")
-        error = data.get("error")
-        if error is not None and not isinstance(error, str):
-            raise CorruptRecordError(f"{what}: bad error")
-        return cls(
-            outcome=outcome,
-            at=_ms(data, "at", what),
-            token=_get(data, "token", str, what),
-            error=error,
-        )
+        return cls(outcome=outcome, at=_ms(data, "at", what), token=_get(data, "token", str, what))
 
 
 def encode_progress(progress: Progress) -> bytes:
@@ -262,6 +266,8 @@ def decode_progress(raw: bytes) -> Progress:
     what = "progress record"
     data = _load(raw, what)
     fraction = _get(data, "fraction", (int, float), what)
+    if not 0.0 <= fraction <= 1.0:
+        raise CorruptRecordError(f"{what}: fraction {fraction!r} is not in [0, 1]")
     return Progress(
         fraction=float(fraction),
         message=_get(data, "message", str, what),

@@ -358,8 +358,12 @@ class Scheduler:
                 view.members.pop(parsed.node_id, None)
             else:
                 try:
-                    view.members[parsed.node_id] = MemberRecord.decode(kv.value)
+                    member = MemberRecord.decode(kv.value)
+                    if member.node_id != parsed.node_id:
+                        raise CorruptRecordError("a member record under another node's key")
+                    view.members[parsed.node_id] = member
                 except CorruptRecordError as exc:
+                    view.members.pop(parsed.node_id, None)
                     self._skip(kv.key, exc)
             return set()
         if isinstance(parsed, ProgressKey):
@@ -396,7 +400,12 @@ class Scheduler:
             return
         try:
             _, _, task = self.manager.assemble(
-                task_id[0], task_id[1], kv, view.outcomes.get(task_id), view.runs.get(task_id, {})
+                task_id[0],
+                task_id[1],
+                kv,
+                view.outcomes.get(task_id),
+                view.runs.get(task_id, {}),
+                on_skip=self._skip,
             )
         except CorruptRecordError as exc:
             self._skip(kv.key, exc)
@@ -552,7 +561,7 @@ class Scheduler:
                 if task.status is TaskStatus.STARTED and node in task.pending_nodes
             ]
         for task in victims:
-            error = f"node {node} lost: no membership for {grace.total_seconds():g}s"
+            error = f"node lost: no membership for {grace.total_seconds():g}s"
             try:
                 self.manager.record_node_failure(task.namespace, task.id, task.version, node, error)
                 self.metrics.node_loss_failures.labels(namespace=task.namespace).inc()
@@ -746,6 +755,10 @@ class Scheduler:
                 exc,
             )
             return False
+        except Exception:  # a bug: retrying will not help, and the recorder must not raise
+            self.log.exception(
+                "record %s of %s/%s v%d failed", operation, namespace, task_id, version
+            )
         return True
 
     def _retry_record(self, run: tuple[str, str, int], attempt: int) -> None:

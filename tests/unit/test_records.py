@@ -19,7 +19,6 @@ from distributedtask.exceptions import DistributedTaskError
 from distributedtask.model import Progress, TaskStatus, truncate_ms
 from distributedtask.records import (
     COMPLETED,
-    FAILED,
     FORMAT_VERSION,
     PENDING,
     CorruptRecordError,
@@ -40,7 +39,7 @@ Decoder = Callable[[bytes], object]
 
 TASK = TaskRecord(payload=b"\x00p\xff", started_at=T0, nodes=frozenset({"n2", "n1"}), token="tok")
 OUTCOME = OutcomeRecord(status=TaskStatus.FAILED, finished_at=T1, token="tok", error="boom")
-RUN = RunRecord(outcome=FAILED, at=T1, token="tok", error="boom")
+RUN = RunRecord(outcome=COMPLETED, at=T1, token="tok")
 PROGRESS = Progress(fraction=0.25, message="a quarter", updated_at=T0)
 MEMBER = MemberRecord(node_id="node-1", namespaces=frozenset({"b", "a"}), started_at=T0)
 
@@ -198,8 +197,6 @@ def test_outcome_record_rejects_a_non_terminal_status() -> None:
     [
         RunRecord(PENDING, T0, "t"),
         RunRecord(COMPLETED, T1, "tok"),
-        RunRecord(FAILED, T1, "tok", error="boom"),
-        RunRecord(FAILED, T1, "tok", error=""),
     ],
 )
 def test_run_record_round_trip(record: RunRecord) -> None:
@@ -207,13 +204,12 @@ def test_run_record_round_trip(record: RunRecord) -> None:
 
 
 def test_run_record_outcomes() -> None:
-    assert (PENDING, COMPLETED, FAILED) == ("pending", "completed", "failed")
+    assert (PENDING, COMPLETED) == ("pending", "completed")
     assert orjson.loads(RUN.encode()) == {
         "v": 1,
-        "outcome": "failed",
+        "outcome": "completed",
         "at": 1715040000000,
         "token": "tok",
-        "error": "boom",
     }
 
 
@@ -530,10 +526,9 @@ def test_task_record_round_trip_property(record: TaskRecord) -> None:
     ),
     st.builds(
         RunRecord,
-        outcome=st.sampled_from([PENDING, COMPLETED, FAILED]),
+        outcome=st.sampled_from([PENDING, COMPLETED]),
         at=moments,
         token=json_text,
-        error=st.none() | json_text,
     ),
     st.builds(
         Progress,

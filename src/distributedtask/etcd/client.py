@@ -416,7 +416,11 @@ class EtcdClient:
                 code=code,
                 etcd_message=message,
             )
-        transient = code in _TRANSIENT_CODES or (
+        if code == _RESOURCE_EXHAUSTED and "larger than max" in message:
+            code_transient = False  # a request over gRPC's message size: resending cannot help
+        else:
+            code_transient = code in _TRANSIENT_CODES
+        transient = code_transient or (
             code is None and http_error in ("ConnectionFailedError", "ConnectionTimeoutError")
         )
         error = EtcdError(
@@ -601,19 +605,29 @@ def _is_connect_failure(exc: requests.RequestException) -> bool:
     )
 
 
+_REASONS = (
+    ("alert bad certificate", "etcd rejected the client certificate (or none was given)"),
+    ("alert certificate required", "etcd requires a client certificate"),
+    ("certificate required", "etcd requires a client certificate"),
+    ("alert unknown ca", "etcd does not trust the CA of the client certificate"),
+    ("CERTIFICATE_VERIFY_FAILED", "the server certificate is not signed by the given CA"),
+    ("alert handshake failure", "the TLS handshake failed"),
+    ("Connection refused", "Connection refused"),
+    ("Read timed out", "Read timed out"),
+    ("timed out", "timed out"),
+    ("Connection reset", "Connection reset"),
+    ("Connection aborted", "Connection aborted"),
+    ("RemoteDisconnected", "the connection was closed"),
+    ("Name or service not known", "Name or service not known"),
+)
+
+
 def _reason(exc: BaseException) -> str:
+    """A short human reason for a transport error (urllib3's own text is long and says
+    "Max retries exceeded" although nothing was retried)."""
     text = str(exc)
-    for marker in (
-        "Connection refused",
-        "timed out",
-        "Connection reset",
-        "Connection aborted",
-        "Read timed out",
-        "CERTIFICATE_VERIFY_FAILED",
-        "certificate required",
-        "RemoteDisconnected",
-        "Name or service not known",
-    ):
+    for marker, reason in _REASONS:
         if marker in text:
-            return marker
-    return text[:200]
+            return reason
+    inner = text.rpartition("Caused by ")[2] or text
+    return inner.rstrip(")")[:200]

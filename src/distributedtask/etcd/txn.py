@@ -32,6 +32,8 @@ __all__ = [
     "get",
     "get_prefix",
     "mod_equals",
+    "mod_not_equal",
+    "nested_txn",
     "put",
 ]
 
@@ -73,6 +75,22 @@ def as_int(value: object, default: int = 0) -> int:
 def mod_equals(key: bytes, revision: int) -> Compare:
     """The key's ``mod_revision`` equals ``revision`` (a missing key has 0)."""
     return {"key": b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": revision}
+
+
+def mod_not_equal(key: bytes, revision: int, *, range_end: bytes | None = None) -> Compare:
+    """Every key of ``[key, range_end)`` (or ``key``) has ``mod_revision != revision``.
+
+    Over an empty range etcd compares against an absent key (revision 0), so this holds.
+    """
+    body: dict[str, Any] = {
+        "key": b64(key),
+        "target": "MOD",
+        "result": "NOT_EQUAL",
+        "mod_revision": revision,
+    }
+    if range_end is not None:
+        body["range_end"] = b64(range_end)
+    return body
 
 
 def exists(key: bytes) -> Compare:
@@ -124,6 +142,20 @@ def get(key: bytes, range_end: bytes | None = None, **kwargs: Any) -> Op:
 
 def get_prefix(prefix: bytes, **kwargs: Any) -> Op:
     return get(prefix, prefix_range_end(prefix), **kwargs)
+
+
+def nested_txn(
+    compare: Sequence[Compare], success: Sequence[Op] = (), failure: Sequence[Op] = ()
+) -> Op:
+    """A transaction inside a transaction (etcd >= 3.3). Its compares are evaluated against the
+    state before the outer transaction's writes, like the outer compares."""
+    return {
+        "request_txn": {
+            "compare": list(compare),
+            "success": list(success),
+            "failure": list(failure),
+        }
+    }
 
 
 def delete(key: bytes, range_end: bytes | None = None) -> Op:

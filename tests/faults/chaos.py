@@ -1,0 +1,994 @@
+"""Chaos run: three Schedulers on a three-member etcd cluster under random faults, then invariants.
+
+What runs (everything on 127.0.0.1):
+
+- a three-member `EtcdCluster`;
+- three Schedulers (``node-a``, ``node-b``, ``node-c``), each with its own `EtcdClient` on all
+  three members (each starting on a different one). ``node-c`` reaches each member through a
+  `TcpProxy` of its own, so the fault loop can cut it off from the whole cluster;
+- per node a `ChaosProvider`: a `ThreadProvider` whose function, for each run, completes, fails
+  or hangs (waits on ``context.cancelled``), chosen by a RNG seeded with
+  ``(seed, node, task id, version)``, after a random short delay; it is instrumented (see
+  `NodeLedger`): starts, terminations, recorder calls, concurrency;
+- a client thread that makes ``tasks`` adds (``nodes=None``: the live nodes) over the fault
+  phase, some of them on an id used before (a new run replaces a terminal one; a STARTED one
+  refuses), and cancels a random fraction of the runs a little later;
+- an observer: a `ResumableWatch` of the whole prefix on its own client, recording every run's
+  history (the terminal state it reached, and the membership changes), since terminal runs are
+  removed after ``completed_task_ttl``;
+- the fault loop (the calling thread): kill the leader, kill a follower, pause a member, cut
+  ``node-c`` off (block its three proxies) for ``cut_seconds`` > ``member_ttl`` (sometimes
+  killing the leader during the cut), with short calm periods between faults.
+
+Then the end phase: heal everything, let the client finish, wait until every STARTED run waits
+only on hanging functions, cancel those runs (the one way a hang ends), wait until every run is
+terminal and the cluster holds no task after the TTL, and check:
+
+1. every run the observer saw is terminal, with the status its history implies: a cancel that
+   returned means CANCELLED; CANCELLED only after a cancel call; FINISHED only when every
+   assigned node's provider recorded completion (and ``finished_nodes`` says so); FAILED with
+   the error a provider recorded (or a legitimate node loss, see below); and nothing lost: all
+   completions and no cancel => FINISHED, a recorded failure and no cancel => FAILED;
+   once terminal, a run never changes status;
+2. per node: no run started twice in one process, never two runs of one task id at once (a run
+   is active from ``start_task`` until its function returns or its handle is terminated);
+   providers were only given runs assigned to their node;
+3. every add that returned is a run the observer saw, and every run seen was added (or comes
+   from an add that raised EtcdError, which may have been applied);
+4. after the TTL: no task, outcome, run or progress key left; every ThreadProvider's local set
+   empty and ``Scheduler.running()`` empty; after ``stop()``: no key at all under the prefix
+   (memberships revoked) and no thread of ours left;
+5. the cut really outlasted ``node-c``'s member TTL: the observer saw its membership go during
+   a cut, and it came back.
+
+Node-loss semantics checked: by default every cut is shorter than ``node_loss_grace``
+(``cut_seconds`` < grace), so no run may fail for node loss at all, and the cut node's runs
+(including hanging ones) go on and end normally: its completions and failures recorded while
+cut off are delivered afterwards, and it never starts a run a second time. With
+``loss_cut_every=N`` (the by-hand mode's default), every N-th cut lasts longer than member TTL +
+grace: then a FAILED run whose error says ``node node-c lost`` is legitimate exactly when such a
+long cut overlapped its life; a node-loss failure naming any other node, or outside a long cut,
+is a violation.
+
+Run by hand: ``python -m tests.faults.chaos --duration 600 --seed N`` (``--help`` for more);
+exit status 0 when every invariant held, 1 otherwise. The test (tests/faults/test_chaos.py)
+runs a bounded version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import logging
+import os
+import random
+import re
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from tests.support import keys_under
+
+import distributedtask as dt
+from distributedtask.etcd.watch import Changes, ResumableWatch, Snapshot
+from distributedtask.keys import MemberKey, OutcomeKey, RunKey, TaskKey, prefix_range_end
+from distributedtask.testing.etcd import EtcdCluster, wait_until
+from distributedtask.testing.proxy import TcpProxy
+
+__all__ = ["ChaosConfig", "ChaosReport", "main", "run_chaos"]
+
+log = logging.getLogger("tests.chaos")
+
+NS = "chaos"
+NODES = ("node-a", "node-b", "node-c")
+CUT_NODE = "node-c"
+OUR_THREAD_PREFIXES = ("dtask-", "distributedtask-", "chaos-")
+_LOSS = re.compile(r"node (\S+) lost")
+
+Run = tuple[str, int]  # (task id, version)
+
+
+def _pace(seconds: float) -> None:
+    """Fault-loop and client pacing: a plain timed wait, not a wait for a condition."""
+    threading.Event().wait(max(0.0, seconds))
+
+
+@dataclass
+class ChaosConfig:
+    seed: int
+    duration: float = 45.0  # seconds of faults (the client adds its tasks meanwhile)
+    tasks: int = 200
+    cancel_fraction: float = 0.2  # of the tasks added, cancelled 0-3 s later
+    reuse_fraction: float = 0.3  # adds that reuse an earlier id (a new run replaces its last)
+    p_fail: float = 0.05  # per node and run
+    p_hang: float = 0.15  # per node and run
+    member_ttl: float = 2.0
+    node_loss_grace: float = 20.0
+    cut_seconds: float = 5.0  # > member_ttl, < node_loss_grace
+    loss_cut_every: int = 0  # 0: never; N: every N-th cut lasts member_ttl + grace + 5 s
+    completed_ttl: float = 3.0
+    client_timeout: float = 2.0
+    watch_timeout: float = 6.0  # > the harness's 2 s progress-notify interval
+    settle_timeout: float = 120.0
+    prefix: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.prefix:
+            self.prefix = f"/dtask-chaos/{self.seed}-{uuid.uuid4().hex[:8]}"
+        if not self.member_ttl < self.cut_seconds < self.node_loss_grace:
+            raise ValueError("want member_ttl < cut_seconds < node_loss_grace")
+
+    @property
+    def long_cut_seconds(self) -> float:
+        return self.member_ttl + self.node_loss_grace + 5.0
+
+
+# ---- the instrumented provider ----------------------------------------------------------------
+
+
+@dataclass
+class _RunState:
+    run: Run
+    active: bool = True
+
+
+class NodeLedger:
+    """Everything one node's provider did, thread-safe."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.lock = threading.Lock()
+        self.starts: list[Run] = []
+        self.started: set[Run] = set()
+        self.active: Counter[str] = Counter()  # task id -> runs active now
+        self.max_active = 0
+        self.terminations = 0
+        self.completions: set[Run] = set()  # recorder.record_completion calls
+        self.failures: dict[Run, str] = {}  # recorder.record_failure calls
+        self.hanging: set[Run] = set()  # functions waiting on context.cancelled now
+        self.violations: list[str] = []
+
+    def start(self, task: dt.Task) -> _RunState:
+        run = (task.id, task.version)
+        with self.lock:
+            self.starts.append(run)
+            if run in self.started:
+                self.violations.append(f"{self.node}: started {run} twice in one process")
+            self.started.add(run)
+            if self.node not in task.nodes:
+                self.violations.append(f"{self.node}: given {run}, assigned to {task.nodes}")
+            self.active[task.id] += 1
+            if self.active[task.id] > 1:
+                self.violations.append(
+                    f"{self.node}: {self.active[task.id]} runs of {task.id} at once (new {run})"
+                )
+            self.max_active = max(self.max_active, self.active[task.id])
+            return _RunState(run)
+
+    def end(self, state: _RunState, *, terminated: bool = False) -> None:
+        with self.lock:
+            if terminated:
+                self.terminations += 1
+            if state.active:
+                state.active = False
+                self.active[state.run[0]] -= 1
+
+
+class _LedgerRecorder:
+    def __init__(self, inner: dt.TaskCompletionRecorder, ledger: NodeLedger) -> None:
+        self._inner = inner
+        self._ledger = ledger
+
+    def record_completion(self, namespace: str, task_id: str, version: int) -> None:
+        with self._ledger.lock:
+            self._ledger.completions.add((task_id, version))
+        self._inner.record_completion(namespace, task_id, version)
+
+    def record_failure(self, namespace: str, task_id: str, version: int, error: str) -> None:
+        with self._ledger.lock:
+            self._ledger.failures[(task_id, version)] = error
+        self._inner.record_failure(namespace, task_id, version, error)
+
+    def record_progress(
+        self, namespace: str, task_id: str, version: int, fraction: float, message: str = ""
+    ) -> None:
+        self._inner.record_progress(namespace, task_id, version, fraction, message)
+
+
+class _Handle:
+    def __init__(self, inner: dt.TaskHandle, state: _RunState, ledger: NodeLedger) -> None:
+        self._inner = inner
+        self._state = state
+        self._ledger = ledger
+
+    def terminate(self) -> None:
+        self._ledger.end(self._state, terminated=True)  # before the next start can happen
+        self._inner.terminate()
+
+
+def behaviour(config: ChaosConfig, node: str, task: dt.Task) -> tuple[str, float]:
+    """What ``node``'s function does for this run: complete, fail or hang, after a delay."""
+    rng = random.Random(f"{config.seed}/{node}/{task.id}/{task.version}")
+    x = rng.random()
+    kind = "fail" if x < config.p_fail else "hang" if x < config.p_fail + config.p_hang else "ok"
+    return kind, rng.uniform(0.0, 1.5)
+
+
+class ChaosProvider(dt.ThreadProvider):
+    """A ThreadProvider whose runs complete, fail or hang at random, and that keeps a ledger."""
+
+    def __init__(self, node: str, config: ChaosConfig) -> None:
+        super().__init__(self._function)
+        self.node = node
+        self.config = config
+        self.ledger = NodeLedger(node)
+        self._states: dict[Run, _RunState] = {}
+
+    def set_completion_recorder(self, recorder: dt.TaskCompletionRecorder) -> None:
+        super().set_completion_recorder(_LedgerRecorder(recorder, self.ledger))
+
+    def start_task(self, task: dt.Task) -> dt.TaskHandle:
+        state = self.ledger.start(task)  # active from here, before the function can end
+        with self.ledger.lock:
+            self._states[(task.id, task.version)] = state
+        return _Handle(super().start_task(task), state, self.ledger)
+
+    def _function(self, task: dt.Task, context: dt.TaskContext) -> None:
+        run = (task.id, task.version)
+        with self.ledger.lock:
+            state = self._states[run]
+        kind, delay = behaviour(self.config, self.node, task)
+        try:
+            if kind == "hang":
+                with self.ledger.lock:
+                    self.ledger.hanging.add(run)
+                context.cancelled.wait()  # only terminate() ends it
+                return
+            if context.cancelled.wait(delay):
+                return  # terminated meanwhile: nothing is recorded
+            context.progress(0.5, "half way")
+            if kind == "fail":
+                raise RuntimeError(f"injected failure on {self.node}: {task.id} v{task.version}")
+        finally:
+            with self.ledger.lock:
+                self.ledger.hanging.discard(run)
+            self.ledger.end(state)
+
+
+# ---- the observer -----------------------------------------------------------------------------
+
+
+@dataclass
+class RunHistory:
+    run: Run
+    nodes: frozenset[str]
+    first_seen: float
+    final: dt.Task | None = None
+    ended_at: float | None = None
+
+
+class Observer:
+    """Follows the whole prefix; keeps every run's history and membership changes."""
+
+    def __init__(self, client: dt.EtcdClient, manager: dt.Manager) -> None:
+        self.manager = manager
+        keys = manager.keys
+        self._keys = keys
+        self.lock = threading.Lock()
+        self.records: dict[str, Any] = {}
+        self.outcomes: dict[str, Any] = {}
+        self.runs: dict[str, dict[str, Any]] = {}
+        self.members: set[str] = set()
+        self.member_events: list[tuple[float, str, str]] = []  # (when, node, "up"/"down")
+        self.history: dict[Run, RunHistory] = {}
+        self.violations: list[str] = []
+        self.restarts: Counter[str] = Counter()
+        self._watch = ResumableWatch(
+            client,
+            keys.root,
+            prefix_range_end(keys.root),
+            self._on_batch,
+            list_ranges=[
+                *manager.list_ranges(),
+                (keys.all_members(), prefix_range_end(keys.all_members())),
+            ],
+            name="chaos-observer",
+            on_restart=self._on_restart,
+        )
+
+    def start(self) -> None:
+        self._watch.start()
+
+    def stop(self) -> None:
+        self._watch.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._watch.running
+
+    def _on_restart(self, reason: str) -> None:
+        with self.lock:
+            self.restarts[reason] += 1
+
+    def _on_batch(self, batch: Snapshot | Changes) -> None:
+        now = time.monotonic()
+        with self.lock:
+            if isinstance(batch, Snapshot):
+                touched = set(self.records)
+                self.records, self.outcomes, self.runs = {}, {}, {}
+                members: set[str] = set()
+                for kv in batch.kvs:
+                    touched |= self._apply(kv, deleted=False, members=members)
+                for node in members - self.members:
+                    self.member_events.append((now, node, "up"))
+                for node in self.members - members:
+                    self.member_events.append((now, node, "down"))
+                self.members = members
+            else:
+                touched = set()
+                for event in batch.events:
+                    touched |= self._apply(
+                        event.kv, deleted=event.kind == "delete", members=None, now=now
+                    )
+            for task_id in touched:
+                self._note(task_id, now)
+
+    def _apply(
+        self, kv: Any, *, deleted: bool, members: set[str] | None, now: float = 0.0
+    ) -> set[str]:
+        parsed = self._keys.parse(kv.key)
+        if isinstance(parsed, MemberKey):
+            if members is not None:
+                members.add(parsed.node_id)
+            elif deleted:
+                self.members.discard(parsed.node_id)
+                self.member_events.append((now, parsed.node_id, "down"))
+            elif parsed.node_id not in self.members:
+                self.members.add(parsed.node_id)
+                self.member_events.append((now, parsed.node_id, "up"))
+            return set()
+        if isinstance(parsed, TaskKey | OutcomeKey):
+            target = self.records if isinstance(parsed, TaskKey) else self.outcomes
+            if deleted:
+                target.pop(parsed.task_id, None)
+            else:
+                target[parsed.task_id] = kv
+            return {parsed.task_id}
+        if isinstance(parsed, RunKey):
+            runs = self.runs.setdefault(parsed.task_id, {})
+            if deleted:
+                runs.pop(parsed.node_id, None)
+            else:
+                runs[parsed.node_id] = kv
+            return {parsed.task_id}
+        return set()
+
+    def _note(self, task_id: str, now: float) -> None:
+        record = self.records.get(task_id)
+        if record is None:
+            return
+        kvs = [record, *self.runs.get(task_id, {}).values()]
+        if task_id in self.outcomes:
+            kvs.append(self.outcomes[task_id])
+        tasks = self.manager.tasks_from_kvs(kvs).get(NS, [])
+        if len(tasks) != 1:
+            self.violations.append(f"observer: cannot read {task_id} ({len(tasks)} tasks)")
+            return
+        task = tasks[0]
+        run = (task.id, task.version)
+        history = self.history.get(run)
+        if history is None:
+            history = self.history[run] = RunHistory(run, task.nodes, now)
+        if not task.status.terminal:
+            if history.final is not None:
+                self.violations.append(f"{run}: STARTED again after {history.final.status.value}")
+            return
+        if history.final is None:
+            history.final, history.ended_at = task, now
+        elif (history.final.status, history.final.error) != (task.status, task.error):
+            self.violations.append(
+                f"{run}: terminal state changed from {history.final.status.value} "
+                f"({history.final.error}) to {task.status.value} ({task.error})"
+            )
+        elif history.final.finished_nodes != task.finished_nodes:
+            self.violations.append(f"{run}: finished nodes changed after it ended")
+
+    def snapshot(self) -> dict[Run, RunHistory]:
+        with self.lock:
+            return dict(self.history)
+
+    def lapses(self, node: str) -> list[float]:
+        """When ``node``'s membership disappeared."""
+        with self.lock:
+            return [when for when, n, what in self.member_events if n == node and what == "down"]
+
+
+# ---- the client -------------------------------------------------------------------------------
+
+
+class ClientLedger:
+    """What the client did and what etcd answered, thread-safe."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.added: dict[Run, dt.Task] = {}
+        self.ambiguous_adds: list[str] = []  # ids of adds that raised EtcdError (may have applied)
+        self.refused_adds: Counter[str] = Counter()
+        self.cancels: dict[Run, str] = {}  # "ok", "not-running", "not-found", "ambiguous"
+        self.final_cancels = 0
+
+    def cancel(self, manager: dt.Manager, run: Run, *, final: bool = False) -> str:
+        try:
+            task = manager.cancel_task(NS, run[0], run[1])
+            outcome = "ok" if task.status is dt.TaskStatus.CANCELLED else f"bad:{task.status}"
+        except dt.TaskNotRunningError:
+            outcome = "not-running"
+        except dt.TaskNotFoundError:
+            outcome = "not-found"
+        except dt.EtcdError:
+            outcome = "ambiguous"
+        with self.lock:
+            # an earlier "ok" or "ambiguous" must not be hidden by a later "not-running"
+            if self.cancels.get(run) not in ("ok", "ambiguous"):
+                self.cancels[run] = outcome
+            if final:
+                self.final_cancels += 1
+        return outcome
+
+
+def client_loop(
+    config: ChaosConfig, manager: dt.Manager, ledger: ClientLedger, errors: list[str]
+) -> None:
+    rng = random.Random(f"{config.seed}/client")
+    spread = config.duration * 0.85
+    interval = spread / max(1, config.tasks)
+    due: list[tuple[float, Run]] = []
+    began = time.monotonic()
+
+    def cancel_due(until: float) -> None:
+        while due and due[0][0] <= until:
+            _, run = heapq.heappop(due)
+            ledger.cancel(manager, run)
+
+    try:
+        used: list[str] = []
+        for i in range(config.tasks):
+            reuse = used and rng.random() < config.reuse_fraction
+            task_id = rng.choice(used) if reuse else f"t{i:04d}"
+            used.append(task_id)
+            payload = rng.randbytes(rng.randrange(0, 64))
+            try:
+                task = manager.add_task(NS, task_id, payload)
+            except dt.EtcdError:
+                with ledger.lock:
+                    ledger.ambiguous_adds.append(task_id)
+            except dt.NoEligibleNodesError:
+                with ledger.lock:
+                    ledger.refused_adds["no eligible nodes"] += 1
+            except dt.TaskAlreadyRunningError:
+                with ledger.lock:
+                    ledger.refused_adds["already running"] += 1
+            else:
+                with ledger.lock:
+                    if _run_of(task) in ledger.added:
+                        errors.append(f"add_task returned {_run_of(task)} a second time")
+                    ledger.added[_run_of(task)] = task
+                if rng.random() < config.cancel_fraction:
+                    heapq.heappush(due, (time.monotonic() + rng.uniform(0, 3), _run_of(task)))
+            cancel_due(time.monotonic())
+            _pace(began + (i + 1) * interval - time.monotonic())  # client pacing
+        while due:
+            _pace(due[0][0] - time.monotonic())  # client pacing
+            cancel_due(time.monotonic())
+    except Exception as exc:  # reported, never silently ending the client
+        errors.append(f"client loop died: {exc!r}")
+
+
+def _run_of(task: dt.Task) -> Run:
+    return (task.id, task.version)
+
+
+# ---- the fault loop ---------------------------------------------------------------------------
+
+
+@dataclass
+class Fault:
+    kind: str
+    detail: str
+    began: float
+    ended: float = 0.0
+
+
+class FaultLoop:
+    def __init__(self, config: ChaosConfig, cluster: EtcdCluster, proxies: list[TcpProxy]) -> None:
+        self.config = config
+        self.cluster = cluster
+        self.proxies = proxies
+        self.rng = random.Random(f"{config.seed}/faults")
+        self.faults: list[Fault] = []
+        self.cuts = 0
+
+    def run(self, deadline: float) -> None:
+        kinds = ["kill-leader", "kill-follower", "pause", "cut"]
+        order = list(kinds)
+        self.rng.shuffle(order)  # every kind once first, then at random
+        while time.monotonic() < deadline:
+            kind = order.pop(0) if order else self.rng.choice(kinds)
+            getattr(self, "_" + kind.replace("-", "_"))()
+            _pace(self.rng.uniform(0.5, 2.0))  # fault-loop pacing: a calm period
+
+    def heal(self) -> None:
+        for proxy in self.proxies:
+            proxy.unblock()
+        for i, member in enumerate(self.cluster.members):
+            if member.paused:
+                self.cluster.unpause(i)
+            if not member.running:
+                self.cluster.restart(i)
+        self.cluster.wait_healthy()
+
+    def _log(self, kind: str, detail: str) -> Fault:
+        fault = Fault(kind, detail, time.monotonic())
+        self.faults.append(fault)
+        log.warning("chaos fault: %s %s", kind, detail)
+        return fault
+
+    def _kill(self, i: int, kind: str, leader: bool) -> None:
+        fault = self._log(kind, f"m{i}{' (leader)' if leader else ''}")
+        self.cluster.kill(i)
+        _pace(self.rng.uniform(1.0, 3.0))  # fault-loop pacing: how long it stays dead
+        self.cluster.restart(i)
+        fault.ended = time.monotonic()
+
+    def _kill_leader(self) -> None:
+        self._kill(self.cluster.wait_for_leader(), "kill-leader", True)
+
+    def _kill_follower(self) -> None:
+        leader = self.cluster.wait_for_leader()
+        follower = self.rng.choice([i for i in range(3) if i != leader])
+        self._kill(follower, "kill-follower", False)
+
+    def _pause(self) -> None:
+        i = self.rng.randrange(3)
+        leader = self.cluster.leader_index() == i
+        fault = self._log("pause", f"m{i}{' (leader)' if leader else ''}")
+        self.cluster.pause(i)
+        _pace(self.rng.uniform(2.0, 4.0))  # fault-loop pacing: how long it stays frozen
+        self.cluster.unpause(i)
+        self.cluster.wait_healthy()
+        fault.ended = time.monotonic()
+
+    def _cut(self) -> None:
+        self.cuts += 1
+        long_cut = self.config.loss_cut_every > 0 and self.cuts % self.config.loss_cut_every == 0
+        seconds = self.config.long_cut_seconds if long_cut else self.config.cut_seconds
+        with_kill = self.rng.random() < 0.5
+        detail = f"{CUT_NODE} for {seconds:g}s{' + kill-leader' if with_kill else ''}"
+        fault = self._log("long-cut" if long_cut else "cut", detail)
+        for proxy in self.proxies:
+            proxy.block()
+        try:
+            if with_kill:
+                leader = self.cluster.wait_for_leader()
+                self._log("kill-leader", f"m{leader} (leader, during the cut)")
+                self.cluster.kill(leader)
+                _pace(self.rng.uniform(1.0, 2.0))  # fault-loop pacing
+                self.cluster.restart(leader)
+                self.faults[-1].ended = time.monotonic()
+            _pace(fault.began + seconds - time.monotonic())  # fault-loop pacing: the cut
+        finally:
+            for proxy in self.proxies:
+                proxy.unblock()
+        fault.ended = time.monotonic()
+
+    def counts(self) -> Counter[str]:
+        return Counter(f.kind for f in self.faults)
+
+    def long_cuts(self) -> list[Fault]:
+        return [f for f in self.faults if f.kind == "long-cut"]
+
+    def cuts_of(self) -> list[Fault]:
+        return [f for f in self.faults if f.kind in ("cut", "long-cut")]
+
+
+# ---- checking ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ChaosReport:
+    config: ChaosConfig
+    violations: list[str] = field(default_factory=list)
+    faults: Counter[str] = field(default_factory=Counter)
+    fault_log: list[str] = field(default_factory=list)
+    statuses: Counter[str] = field(default_factory=Counter)
+    runs: int = 0
+    added: int = 0
+    ambiguous_adds: int = 0
+    refused_adds: int = 0
+    refused_why: str = ""
+    replaced_ids: int = 0  # runs that replaced an earlier run of their id
+    client_cancels: int = 0
+    final_cancels: int = 0
+    starts: dict[str, int] = field(default_factory=dict)
+    max_concurrent: int = 0
+    terminations: int = 0
+    cut_lapses: int = 0
+    loss_failures: int = 0
+    elapsed: float = 0.0
+    checked: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def summary(self) -> str:
+        c = self.config
+        faults = " ".join(f"{k}x{v}" for k, v in sorted(self.faults.items()))
+        statuses = " ".join(f"{k} {v}" for k, v in sorted(self.statuses.items()))
+        starts = "/".join(str(self.starts.get(n, 0)) for n in NODES)
+        verdict = "OK" if self.ok else f"{len(self.violations)} VIOLATIONS"
+        return (
+            f"chaos seed={c.seed} faults {c.duration:g}s total {self.elapsed:.0f}s: "
+            f"injected [{faults}] (cut {c.cut_seconds:g}s > member_ttl {c.member_ttl:g}s, "
+            f"grace {c.node_loss_grace:g}s, node-c lapses {self.cut_lapses}); "
+            f"client: {c.tasks} adds: {self.added} new runs ({self.replaced_ids} replacing an "
+            f"earlier run of their id), {self.ambiguous_adds} ambiguous (EtcdError), "
+            f"{self.refused_adds} refused ({self.refused_why or 'none'}); "
+            f"{self.client_cancels} cancelled at random, "
+            f"{self.final_cancels} hung runs cancelled at the end; "
+            f"runs {self.runs}: {statuses}, node-loss failures {self.loss_failures}; "
+            f"starts a/b/c {starts}, terminations {self.terminations}, max concurrent "
+            f"{self.max_concurrent}; checked [{', '.join(self.checked)}] -> {verdict}"
+        )
+
+
+def _overlaps(fault: Fault, begin: float, end: float) -> bool:
+    return fault.began <= end and (fault.ended or time.monotonic()) >= begin
+
+
+def check_runs(
+    config: ChaosConfig,
+    history: dict[Run, RunHistory],
+    ledgers: dict[str, NodeLedger],
+    client: ClientLedger,
+    long_cuts: list[Fault],
+    report: ChaosReport,
+) -> None:
+    v = report.violations
+    report.runs = len(history)
+    for run, h in sorted(history.items()):
+        if h.final is None:
+            v.append(f"{run}: never terminal")
+            continue
+        task = h.final
+        status = task.status
+        report.statuses[status.value] += 1
+        completed = {n for n in NODES if run in ledgers[n].completions}
+        failed = {n: ledgers[n].failures[run] for n in NODES if run in ledgers[n].failures}
+        # the Manager stores a node's failure as "<node>: <error>"
+        failed_errors = {f"{n}: {error}" for n, error in failed.items()}
+        cancel = client.cancels.get(run)
+        cancel_ok = cancel == "ok"
+        cancel_maybe = cancel in ("ok", "ambiguous")
+        strays = (completed | set(failed)) - set(task.nodes)
+        if strays:
+            v.append(f"{run}: recorded by unassigned nodes {sorted(strays)}")
+        loss_node = None
+        if status is dt.TaskStatus.FAILED and task.error:
+            match = _LOSS.search(task.error)
+            loss_node = match.group(1) if match and task.error not in failed_errors else None
+        loss_ok = loss_node == CUT_NODE and any(
+            _overlaps(f, h.first_seen, h.ended_at or time.monotonic()) for f in long_cuts
+        )
+        if loss_node is not None:
+            report.loss_failures += 1
+            if not loss_ok:
+                v.append(f"{run}: failed for the loss of {loss_node} without a long cut of it")
+        if cancel_ok and status is not dt.TaskStatus.CANCELLED:
+            v.append(f"{run}: cancel_task returned but it ended {status.value} (lost cancel)")
+        if status is dt.TaskStatus.CANCELLED and not cancel_maybe:
+            v.append(f"{run}: CANCELLED though the client never cancelled it ({cancel})")
+        if status is dt.TaskStatus.FINISHED:
+            if completed != set(task.nodes):
+                v.append(f"{run}: FINISHED but only {sorted(completed)} of {sorted(task.nodes)}")
+            if task.finished_nodes != task.nodes:
+                v.append(f"{run}: FINISHED with finished_nodes {sorted(task.finished_nodes)}")
+        if status is dt.TaskStatus.FAILED and loss_node is None and task.error not in failed_errors:
+            v.append(f"{run}: FAILED with {task.error!r}, which no provider recorded")
+        if not cancel_maybe and not loss_ok:
+            if failed and status is not dt.TaskStatus.FAILED:
+                v.append(f"{run}: {sorted(failed)} recorded failure; ended {status.value}")
+            if completed >= set(task.nodes) and status is not dt.TaskStatus.FINISHED:
+                v.append(f"{run}: every node completed; ended {status.value} (lost completion)")
+    report.checked.append(f"{len(history)} runs terminal with the status of their history")
+
+    for run in client.added:
+        if run not in history:
+            v.append(f"{run}: added but never seen by the observer")
+    for run in set(history) - set(client.added):
+        if run[0] not in client.ambiguous_adds:
+            v.append(f"{run}: a run nobody added")
+    report.replaced_ids = sum(n - 1 for n in Counter(run[0] for run in history).values())
+    report.checked.append("adds == runs seen")
+
+
+def _settled(
+    manager: dt.Manager, ledgers: dict[str, NodeLedger], pending: list[str]
+) -> tuple[list[dt.Task]] | None:
+    """``(STARTED tasks,)`` when each waits only on hanging functions, else None."""
+    pending.clear()
+    started = [t for t in manager.list_tasks().get(NS, []) if t.status is dt.TaskStatus.STARTED]
+    for task in started:
+        run = _run_of(task)
+        for node in sorted(task.nodes - task.finished_nodes):
+            ledger = ledgers[node]
+            with ledger.lock:
+                hanging = run in ledger.hanging
+                recorded = run in ledger.completions or run in ledger.failures
+            if not hanging or recorded:
+                what = "recorded, not yet delivered" if recorded else "not hanging there"
+                pending.append(f"{run} on {node}: {what}")
+    return None if pending else (started,)
+
+
+def _cluster_tasks_empty(client: dt.EtcdClient, manager: dt.Manager) -> bool:
+    keys = manager.keys
+    for root in (keys.all_tasks(), keys.all_outcomes(), keys.all_runs(), keys.task_progress_root()):
+        if client.range(root, prefix_range_end(root), count_only=True).count:
+            return False
+    return True
+
+
+def our_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith(OUR_THREAD_PREFIXES)}
+
+
+def _soft_wait(report: ChaosReport, what: str, predicate: Callable[[], Any], timeout: float) -> Any:
+    try:
+        return wait_until(predicate, timeout, 0.1, what, ignore=(dt.EtcdError,))
+    except AssertionError as exc:
+        report.violations.append(str(exc))
+        return None
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+
+def run_chaos(cluster: EtcdCluster, config: ChaosConfig) -> ChaosReport:
+    """Run the whole chaos scenario on ``cluster`` (started, three members); see the module doc.
+
+    Returns the report; every invariant that failed is one line in ``report.violations``.
+    Raises only for harness trouble (a member that does not come back, ...). Everything it
+    started is stopped and joined before it returns.
+    """
+    began = time.monotonic()
+    report = ChaosReport(config)
+    log.warning("chaos seed %d prefix %s", config.seed, config.prefix)
+    threads_before = our_threads()
+    endpoints = cluster.endpoints
+    ttl = timedelta(seconds=config.completed_ttl)
+    proxies: list[TcpProxy] = []
+    clients: list[dt.EtcdClient] = []
+    schedulers: list[dt.Scheduler] = []
+    providers = {node: ChaosProvider(node, config) for node in NODES}
+    observer: Observer | None = None
+    faults = FaultLoop(config, cluster, proxies)
+    client_errors: list[str] = []
+    ledger = ClientLedger()
+
+    def new_client(urls: list[str]) -> dt.EtcdClient:
+        client = dt.EtcdClient(
+            urls, timeout=config.client_timeout, watch_timeout=config.watch_timeout
+        )
+        clients.append(client)
+        return client
+
+    try:
+        for member in cluster.members:
+            proxies.append(TcpProxy("127.0.0.1", member.client_port))
+        driver = dt.Manager(new_client(endpoints), prefix=config.prefix, completed_task_ttl=ttl)
+        observer = Observer(
+            new_client(endpoints[2:] + endpoints[:2]),
+            dt.Manager(clients[-1], prefix=config.prefix, completed_task_ttl=ttl),
+        )
+        observer.start()
+        routes = {
+            "node-a": endpoints,
+            "node-b": endpoints[1:] + endpoints[:1],
+            "node-c": [p.endpoint for p in proxies[2:] + proxies[:2]],
+        }
+        for node in NODES:
+            manager = dt.Manager(new_client(routes[node]), prefix=config.prefix)
+            scheduler = dt.Scheduler(
+                manager,
+                node_id=node,
+                providers={NS: providers[node]},
+                completed_task_ttl=ttl,
+                member_ttl=timedelta(seconds=config.member_ttl),
+                node_loss_grace=timedelta(seconds=config.node_loss_grace),
+                resync_interval=timedelta(hours=1),  # recovery must come from the watch
+                registry=CollectorRegistry(),
+            )
+            schedulers.append(scheduler)
+            scheduler.start()
+        wait_until(lambda: len(driver.live_members()) == 3, 10, 0.05, "three members")
+
+        # ---- the fault phase
+        client_thread = threading.Thread(
+            target=client_loop,
+            args=(config, driver, ledger, client_errors),
+            name="chaos-client",
+            daemon=True,
+        )
+        client_thread.start()
+        try:
+            faults.run(time.monotonic() + config.duration)
+        finally:
+            faults.heal()
+        client_thread.join(config.duration + 60)
+        if client_thread.is_alive():
+            report.violations.append("the client did not finish its adds and cancels")
+        report.violations.extend(client_errors)
+        report.checked.append("faults healed, client done")
+
+        # ---- the end phase: hanging runs get cancelled, everything ends and is cleaned up
+        pending: list[str] = []
+        settled = _soft_wait(
+            report,
+            "every STARTED run waits only on hanging functions",
+            lambda: _settled(driver, providers_ledgers(providers), pending),
+            config.settle_timeout,
+        )
+        if settled is not None:
+            started = settled[0]
+        else:
+            report.violations.extend(f"  unsettled: {p}" for p in pending[:30])
+            started = [
+                t for t in driver.list_tasks().get(NS, []) if t.status is dt.TaskStatus.STARTED
+            ]
+        for task in started:
+            outcome = ledger.cancel(driver, _run_of(task), final=True)
+            if outcome != "ok":
+                report.violations.append(f"final cancel of {_run_of(task)}: {outcome}")
+        _soft_wait(
+            report,
+            "every run seen is terminal",
+            lambda: all(h.final is not None for h in observer.snapshot().values()),
+            30,
+        )
+        _soft_wait(
+            report,
+            "no task left in the cluster after the TTL",
+            lambda: _cluster_tasks_empty(clients[0], driver),
+            config.completed_ttl + 60,
+        )
+        report.checked.append("cluster empty after the TTL")
+        _soft_wait(
+            report,
+            "every provider's local state is cleaned up and nothing runs",
+            lambda: all(
+                not p.get_local_tasks() and not s.running().get(NS)
+                for p, s in zip(providers.values(), schedulers, strict=True)
+            ),
+            30,
+        )
+        for provider in providers.values():
+            with provider.ledger.lock:
+                still = sorted(k for k, n in provider.ledger.active.items() if n)
+            if still:
+                report.violations.append(f"{provider.node}: runs still active: {still[:10]}")
+        report.checked.append("local state empty, running() empty, no run active")
+        _soft_wait(
+            report,
+            "all three nodes are members again",
+            lambda: len(driver.live_members()) == 3,
+            30,
+        )
+
+        # ---- invariants
+        history = observer.snapshot()
+        report.violations.extend(observer.violations)
+        check_runs(
+            config, history, providers_ledgers(providers), ledger, faults.long_cuts(), report
+        )
+        for provider in providers.values():
+            report.violations.extend(provider.ledger.violations)
+            report.starts[provider.node] = len(provider.ledger.starts)
+            report.max_concurrent = max(report.max_concurrent, provider.ledger.max_active)
+            report.terminations += provider.ledger.terminations
+        report.checked.append("no run started twice per process, never 2 runs of a task at once")
+        lapses = observer.lapses(CUT_NODE)
+        report.cut_lapses = sum(
+            1 for when in lapses if any(f.began <= when <= f.ended + 1 for f in faults.cuts_of())
+        )
+        if faults.cuts_of() and report.cut_lapses == 0:
+            report.violations.append(f"{CUT_NODE}'s membership never lapsed during a cut")
+        report.checked.append("the cut outlasted the member TTL")
+    finally:
+        for scheduler in schedulers:
+            scheduler.stop()
+        for provider in providers.values():
+            if not provider.join(10):
+                report.violations.append(f"{provider.node}: a run thread did not end")
+        if observer is not None:
+            observer.stop()
+        if schedulers and clients:
+            _soft_wait(  # stop() revokes the leases: the memberships go at once
+                report,
+                "no key left under the prefix after stop()",
+                lambda: not keys_under(clients[0], config.prefix),
+                5,
+            )
+        for client in clients:
+            client.close()
+        for proxy in proxies:
+            proxy.close()
+        _soft_wait(report, "no thread of ours left", lambda: our_threads() <= threads_before, 10)
+        report.checked.append("no key and no thread left after stop()")
+    report.faults = faults.counts()
+    report.fault_log = [
+        f"{f.kind} {f.detail} at +{f.began - began:.1f}s for {f.ended - f.began:.1f}s"
+        for f in faults.faults
+    ]
+    report.added = len(ledger.added)
+    report.ambiguous_adds = len(ledger.ambiguous_adds)
+    report.refused_adds = sum(ledger.refused_adds.values())
+    report.refused_why = ", ".join(f"{n} {why}" for why, n in sorted(ledger.refused_adds.items()))
+    report.final_cancels = ledger.final_cancels
+    report.client_cancels = len(ledger.cancels) - ledger.final_cancels
+    report.elapsed = time.monotonic() - began
+    return report
+
+
+def providers_ledgers(providers: dict[str, ChaosProvider]) -> dict[str, NodeLedger]:
+    return {node: provider.ledger for node, provider in providers.items()}
+
+
+# ---- by hand ----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.faults.chaos",
+        description="Three Schedulers on a three-member etcd under random faults; invariants.",
+    )
+    parser.add_argument("--duration", type=float, default=600.0, help="seconds of faults")
+    parser.add_argument("--seed", type=int, default=None, help="default: random (printed)")
+    parser.add_argument("--tasks", type=int, default=200)
+    parser.add_argument(
+        "--loss-cut-every",
+        type=int,
+        default=3,
+        help="every N-th cut outlasts member TTL + grace (node-loss failures); 0: never",
+    )
+    parser.add_argument("--backend", default=None, help="process|docker|auto (default: env)")
+    parser.add_argument("--log-level", default="warning")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(threadName)s %(levelname)s %(message)s"
+    )
+    seed = args.seed if args.seed is not None else random.randrange(2**32)
+    print(f"chaos seed {seed}", flush=True)
+    config = ChaosConfig(
+        seed=seed, duration=args.duration, tasks=args.tasks, loss_cut_every=args.loss_cut_every
+    )
+    with EtcdCluster(3, backend=args.backend) as cluster:
+        report = run_chaos(cluster, config)
+    for line in report.fault_log:
+        print("fault:", line)
+    for line in report.violations:
+        print("VIOLATION:", line)
+    print(report.summary(), flush=True)
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+    sys.exit(main())

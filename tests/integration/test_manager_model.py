@@ -1,0 +1,643 @@
+"""The Manager against a reference model of API.md, on a real etcd (hypothesis, stateful).
+
+Two Managers (each with its own EtcdClient) share one prefix and one injected clock; every rule
+picks one of them, so the model sees their interleavings. After each rule the exception type
+(or the returned Task) must be what the model predicts, and ``list_tasks()`` / ``get_task`` /
+``get_progress`` must show exactly the model's view: status, nodes, finished nodes, payload,
+times, error and version. A version never repeats or goes down for an id. The ``race`` rule runs
+two transitions at once, one per Manager, and accepts any outcome some serial order of the two
+would give (plus the one known non-serial window, see
+``test_a_completion_that_loses_to_a_cancel_leaves_no_trace``).
+
+Each state-machine example runs under a fresh prefix (the test's ``dtask_prefix`` plus a
+counter) and deletes its keys when done.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, Phase, note, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+from tests.support import FakeClock, keys_under
+
+import distributedtask as dt
+from distributedtask.etcd import txn as t
+from distributedtask.keys import Keys
+
+pytestmark = pytest.mark.manager
+
+NAMESPACES = ["ns", "n/s"]
+IDS = ["a", "ab", "a/b"]
+NODES = ["n1", "n2", "n3"]
+STRANGER = "n9"  # never assigned: recording for it is an InvalidTaskError
+TTL = timedelta(seconds=10)
+NOT_FOUND_VERSIONS = [1, 2**62]  # positive, but never the version of one of our runs
+INVALID_VERSIONS = [0, -3]
+
+# API.md: finished_nodes are "the nodes that recorded completion of this version", and Weaviate
+# keeps FinishedNodes when a node fails: a node that completed and then failed stays finished.
+FAILURE_KEEPS_COMPLETION = True
+
+Key = tuple[str, str]
+Op = tuple[Any, ...]  # ("add", ns, id, payload, nodes) | ("complete", ns, id, v, node) | ...
+
+# ---- the reference model ------------------------------------------------------------------------
+
+NEW = 0  # the version of a run the model adds: only etcd knows it, filled in from the result
+
+
+@dataclass(frozen=True)
+class Run:
+    """The model of the current run of one id."""
+
+    version: int
+    payload: bytes
+    nodes: frozenset[str]
+    started_at: datetime
+    status: dt.TaskStatus = dt.TaskStatus.STARTED
+    finished: frozenset[str] = frozenset()
+    finished_at: datetime | None = None
+    error: str | None = None
+    progress: tuple[tuple[str, float, str, datetime], ...] = ()  # (node, fraction, msg, at)
+
+    def task(self, key: Key) -> dt.Task:
+        return dt.Task(
+            namespace=key[0],
+            id=key[1],
+            version=self.version,
+            payload=self.payload,
+            status=self.status,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            error=self.error,
+            nodes=self.nodes,
+            finished_nodes=self.finished,
+        )
+
+    def progress_map(self) -> dict[str, dt.Progress]:
+        return {node: dt.Progress(f, msg, at) for node, f, msg, at in self.progress}
+
+
+REMOVED = object()  # "the run is gone" as a predicted next state
+
+
+@dataclass
+class Prediction:
+    error: type[Exception] | None
+    after: object  # the run after the call (REMOVED after a clean-up)
+    returns_task: bool = True  # whether a successful call returns the run after it
+
+
+def predict(run: Run | None, op: Op, now: datetime) -> Prediction:
+    """What API.md says ``op`` does to the current run ``run`` of its id at ``now``."""
+    kind = op[0]
+    if kind == "add":
+        _, _, _, payload, nodes = op
+        if not nodes:
+            return Prediction(dt.InvalidTaskError, run)
+        if run is not None and run.status is dt.TaskStatus.STARTED:
+            return Prediction(dt.TaskAlreadyRunningError, run)
+        return Prediction(None, Run(NEW, payload, frozenset(nodes), now))
+    version = op[3]
+    node = op[4] if kind in ("complete", "fail", "progress") else None
+    if type(version) is not int or version <= 0:
+        return Prediction(dt.InvalidTaskError, run)
+    if run is None or run.version != version:
+        return Prediction(dt.TaskNotFoundError, run)
+    if kind == "cleanup":
+        if run.status is dt.TaskStatus.STARTED:
+            return Prediction(dt.TaskStillRunningError, run)
+        assert run.finished_at is not None
+        if now - run.finished_at <= TTL:
+            return Prediction(dt.TaskTooFreshError, run)
+        return Prediction(None, REMOVED, returns_task=False)
+    # complete / fail / cancel / progress of a version that exists
+    if run.status is not dt.TaskStatus.STARTED:
+        return Prediction(dt.TaskNotRunningError, run)
+    if node is not None and node not in run.nodes:
+        return Prediction(dt.InvalidTaskError, run)
+    if kind == "cancel":
+        return Prediction(None, replace(run, status=dt.TaskStatus.CANCELLED, finished_at=now))
+    if kind == "fail":
+        message = op[5] or "failed"
+        finished = run.finished if FAILURE_KEEPS_COMPLETION else run.finished - {node}
+        after = replace(
+            run,
+            status=dt.TaskStatus.FAILED,
+            finished_at=now,
+            error=f"{node}: {message}",
+            finished=finished,
+        )
+        return Prediction(None, after)
+    if kind == "progress":
+        fraction = min(1.0, max(0.0, float(op[5])))
+        kept = tuple(p for p in run.progress if p[0] != node)
+        after = replace(run, progress=(*kept, (node, fraction, op[6], now)))
+        return Prediction(None, after, returns_task=False)
+    assert kind == "complete"
+    finished = run.finished | {node}
+    if finished == run.nodes:
+        return Prediction(
+            None, replace(run, finished=finished, status=dt.TaskStatus.FINISHED, finished_at=now)
+        )
+    return Prediction(None, replace(run, finished=finished))
+
+
+def execute(manager: dt.Manager, op: Op) -> Any:
+    kind, ns, tid = op[:3]
+    if kind == "add":
+        return manager.add_task(ns, tid, op[3], nodes=op[4])
+    if kind == "complete":
+        return manager.record_node_completion(ns, tid, op[3], op[4])
+    if kind == "fail":
+        return manager.record_node_failure(ns, tid, op[3], op[4], op[5])
+    if kind == "cancel":
+        return manager.cancel_task(ns, tid, op[3])
+    if kind == "cleanup":
+        return manager.clean_up_task(ns, tid, op[3])
+    assert kind == "progress"
+    return manager.record_progress(ns, tid, op[3], op[4], op[5], op[6])
+
+
+def call(manager: dt.Manager, op: Op) -> tuple[Any, Exception | None]:
+    try:
+        return execute(manager, op), None
+    except dt.DistributedTaskError as exc:
+        return None, exc
+
+
+def check_error_fields(exc: Exception, op: Op, run: Run | None) -> None:
+    """Errors carry the fields they are about (API.md)."""
+    if isinstance(exc, dt.InvalidTaskError):
+        return
+    assert (exc.namespace, exc.task_id) == (op[1], op[2])  # type: ignore[attr-defined]
+    if isinstance(exc, dt.TaskAlreadyRunningError):
+        assert run is not None and exc.version == run.version
+    else:
+        assert exc.version == op[3]  # type: ignore[attr-defined]
+    if isinstance(exc, dt.TaskNotRunningError):
+        assert run is not None and exc.status == run.status.value
+
+
+# ---- strategies ---------------------------------------------------------------------------------
+
+keys_st = st.tuples(st.sampled_from(NAMESPACES), st.sampled_from(IDS))
+payloads = st.binary(max_size=12)
+node_sets = st.one_of(
+    st.frozensets(st.sampled_from(NODES), min_size=1, max_size=3),
+    st.frozensets(st.sampled_from(NODES), min_size=1, max_size=3),
+    st.just(frozenset()),  # an InvalidTaskError
+)
+record_nodes = st.sampled_from([*NODES, STRANGER])
+errors = st.sampled_from(["", "boom", "disk full: /var/ü", "x" * 50])
+fractions = st.sampled_from([0.0, 0.25, 1.0, -0.5, 1.5, 7])
+messages = st.sampled_from(["", "half", "ünï"])
+which = st.sampled_from([0, 1])
+
+
+def pick(data: Any, items: list[Any]) -> Any:
+    """One of ``items``, drawn so that the shape of the draw never depends on ``items``: the
+    state (and so ``items``) may differ between replays of an example, since races and etcd's
+    revisions are not ours to repeat, and hypothesis insists on identical draws."""
+    return items[data.draw(st.integers(0, 63)) % len(items)]
+
+
+# ---- the state machine ---------------------------------------------------------------------------
+
+
+class Cluster:
+    """What the test shares between examples: two clients, a clock, fresh prefixes."""
+
+    def __init__(self, endpoint: str, prefix: str) -> None:
+        self.clients = [dt.EtcdClient(endpoint, timeout=5.0) for _ in range(2)]
+        self.base = prefix
+        self.counter = itertools.count()
+        self.clock = FakeClock()
+        self.deviations: list[str] = []
+        self.outcomes: collections.Counter[str] = collections.Counter()  # "kind: result"
+
+    def managers(self) -> tuple[str, list[dt.Manager]]:
+        prefix = f"{self.base}/run-{next(self.counter)}"
+        return prefix, [
+            dt.Manager(client, prefix=prefix, completed_task_ttl=TTL, clock=self.clock)
+            for client in self.clients
+        ]
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
+def make_machine(cluster: Cluster) -> type[RuleBasedStateMachine]:
+    class ManagerModel(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.prefix, self.managers = cluster.managers()
+            self.clock = cluster.clock
+            self.model: dict[Key, Run] = {}
+            self.history: dict[Key, list[int]] = {}  # every version each id ever had
+            self.last_seen: dict[Key, int] = {}  # last version seen, even if removed since
+            self.steps = 0
+
+        # ---- helpers ------------------------------------------------------------------------
+
+        def key_for(self, data: Any) -> Key:
+            """Mostly an id that has a run (so transitions have something to act on)."""
+            key: Key = data.draw(keys_st)
+            known = data.draw(st.integers(0, 3)) > 0
+            index = data.draw(st.integers(0, 63))
+            if self.model and known:
+                return sorted(self.model)[index % len(self.model)]
+            return key
+
+        def version_for(self, data: Any, key: Key) -> int:
+            """Mostly the version of the id's current run; else any version seen so far (of
+            any id, replaced or removed runs included), or a bogus one."""
+            run = self.model.get(key)
+            seen = sorted({v for vs in self.history.values() for v in vs})
+            choice = data.draw(st.integers(0, 9))
+            seen_version = pick(data, seen or [1])
+            bogus = data.draw(st.sampled_from(NOT_FOUND_VERSIONS))
+            invalid = data.draw(st.sampled_from(INVALID_VERSIONS))
+            if run is not None and choice < 6:
+                return run.version
+            if seen and choice < 8:
+                return seen_version
+            return bogus if choice < 9 else invalid
+
+        def node_for(self, data: Any, key: Key) -> str:
+            """Mostly a node of the run that has not finished yet."""
+            run = self.model.get(key)
+            pending = sorted(run.nodes - run.finished) if run is not None else []
+            any_node = data.draw(record_nodes)
+            prefer_pending = data.draw(st.integers(0, 2)) > 0
+            pending_node = pick(data, pending or NODES)
+            return pending_node if pending and prefer_pending else any_node
+
+        def apply(self, manager_index: int, op: Op) -> None:
+            key: Key = (op[1], op[2])
+            run = self.model.get(key)
+            expected = predict(run, op, self.clock())
+            note(f"m{manager_index} {op!r} -> expect {expected.error or 'success'}")
+            result, exc = call(self.managers[manager_index], op)
+            cluster.outcomes[f"{op[0]}: {type(exc).__name__ if exc else 'ok'}"] += 1
+            if expected.error is not None:
+                assert type(exc) is expected.error, (
+                    f"{op!r}: expected {expected.error}, got {exc!r}"
+                )
+                check_error_fields(exc, op, run)
+                return
+            assert exc is None, f"{op!r}: expected success, got {exc!r}"
+            self.settle(key, expected.after, result if op[0] == "add" else None)
+            if expected.returns_task:
+                assert isinstance(result, dt.Task)
+                assert result == self.model[key].task(key)
+            else:
+                assert result is None
+
+        def settle(self, key: Key, after: object, added: dt.Task | None) -> None:
+            """Make ``after`` the model's state of ``key``; an added run takes etcd's version."""
+            if added is not None:
+                previous = self.history.get(key, [])
+                assert all(added.version > v for v in previous), (added.version, previous)
+                self.history.setdefault(key, []).append(added.version)
+                self.last_seen[key] = added.version
+                if isinstance(after, Run) and after.version == NEW:
+                    after = replace(after, version=added.version)
+            if after is REMOVED:
+                self.model.pop(key, None)
+                return
+            assert isinstance(after, Run) and after.version != NEW
+            self.model[key] = after
+
+        # ---- rules -----------------------------------------------------------------------
+
+        @initialize(
+            adds=st.lists(st.tuples(which, keys_st, payloads, node_sets), min_size=1, max_size=3)
+        )
+        def add_some_tasks(self, adds: list[tuple[int, Key, bytes, frozenset[str]]]) -> None:
+            for m, key, payload, nodes in adds:
+                self.apply(m, ("add", *key, payload, sorted(nodes)))
+
+        @rule(m=which, key=keys_st, payload=payloads, nodes=node_sets)
+        def add_task(self, m: int, key: Key, payload: bytes, nodes: frozenset[str]) -> None:
+            self.apply(m, ("add", *key, payload, sorted(nodes)))
+
+        @rule(m=which, data=st.data())
+        def record_node_completion(self, m: int, data: Any) -> None:
+            key = self.key_for(data)
+            version, node = self.version_for(data, key), self.node_for(data, key)
+            self.apply(m, ("complete", *key, version, node))
+
+        @rule(m=which, error=errors, data=st.data())
+        def record_node_failure(self, m: int, error: str, data: Any) -> None:
+            key = self.key_for(data)
+            version, node = self.version_for(data, key), self.node_for(data, key)
+            self.apply(m, ("fail", *key, version, node, error))
+
+        @rule(m=which, data=st.data())
+        def cancel_task(self, m: int, data: Any) -> None:
+            key = self.key_for(data)
+            self.apply(m, ("cancel", *key, self.version_for(data, key)))
+
+        @rule(m=which, data=st.data())
+        def clean_up_task(self, m: int, data: Any) -> None:
+            key = self.key_for(data)
+            self.apply(m, ("cleanup", *key, self.version_for(data, key)))
+
+        @rule(m=which, f=fractions, msg=messages, data=st.data())
+        def record_progress(self, m: int, f: float, msg: str, data: Any) -> None:
+            key = self.key_for(data)
+            version, node = self.version_for(data, key), self.node_for(data, key)
+            self.apply(m, ("progress", *key, version, node, f, msg))
+
+        @rule(seconds=st.sampled_from([0.001, 1, 5, 10, 11]))
+        def advance_clock(self, seconds: float) -> None:
+            self.clock.advance(timedelta(seconds=seconds))
+
+        @rule(data=st.data())
+        def race(self, data: Any) -> None:
+            """Two transitions of one id at once, one per Manager: some serial order's result."""
+            key = self.key_for(data)
+            run = self.model.get(key)
+            version = NOT_FOUND_VERSIONS[0] if run is None else run.version
+            pending = NODES if run is None else sorted(run.nodes - run.finished) or NODES
+            now = self.clock()
+
+            def draw_op() -> Op:
+                kind = data.draw(st.sampled_from(["add", "complete", "fail", "cancel", "cleanup"]))
+                payload, error = data.draw(payloads), data.draw(errors)
+                node = pick(data, pending)
+                return {
+                    "add": ("add", *key, payload, ["n1"]),
+                    "complete": ("complete", *key, version, node),
+                    "fail": ("fail", *key, version, node, error),
+                    "cancel": ("cancel", *key, version),
+                    "cleanup": ("cleanup", *key, version),
+                }[kind]
+
+            ops = (draw_op(), draw_op())
+            note(f"race on {key}: m0 {ops[0]!r} || m1 {ops[1]!r}")
+            outcomes: list[tuple[Any, Exception | None]] = [(None, None), (None, None)]
+            barrier = threading.Barrier(2)
+
+            def go(i: int) -> None:
+                barrier.wait()
+                outcomes[i] = call(self.managers[i], ops[i])
+
+            threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            actual = self.managers[0].get_task(*key)
+            note(f"race outcomes {outcomes!r}; now {actual!r}")
+            for op, (_, exc) in zip(ops, outcomes, strict=True):
+                cluster.outcomes[f"race {op[0]}: {type(exc).__name__ if exc else 'ok'}"] += 1
+            added = {
+                i: res
+                for i, (res, exc) in enumerate(outcomes)
+                if ops[i][0] == "add" and exc is None
+            }
+            for order in ((0, 1), (1, 0)):
+                final = self.serial(run, ops, order, outcomes, actual, added, now)
+                if final is not None:
+                    break
+            else:
+                final = self.known_window(run, ops, outcomes, actual, now)
+                assert final is not None, "no serial order explains the race"
+            assert len(added) <= 1
+            self.settle(key, final, next(iter(added.values()), None))
+
+        def serial(
+            self,
+            run: Run | None,
+            ops: tuple[Op, Op],
+            order: tuple[int, int],
+            outcomes: list[tuple[Any, Exception | None]],
+            actual: dt.Task | None,
+            added: dict[int, dt.Task],
+            now: datetime,
+        ) -> object:
+            """The final run if executing ``ops`` in ``order`` explains what happened.
+
+            One liberty: when both ops complete the same node and the first finishes the run,
+            the second may succeed too (returning the FINISHED run) instead of raising
+            TaskNotRunningError. Both callers asked for the same thing and got it; the Manager
+            recognises its own run key's token after losing the second transaction.
+            """
+            state: object = run
+            for position, i in enumerate(order):
+                current = state if isinstance(state, Run) else None
+                expected = predict(current, ops[i], now)
+                result, exc = outcomes[i]
+                first = ops[order[0]]
+                same_completion = (
+                    position == 1
+                    and ops[i][0] == first[0] == "complete"
+                    and ops[i][3:5] == first[3:5]
+                    and outcomes[order[0]][1] is None
+                    and exc is None
+                    and expected.error is dt.TaskNotRunningError
+                    and current is not None
+                    and current.status is dt.TaskStatus.FINISHED
+                )
+                if same_completion:
+                    if result != current.task(ops[i][1:3]):  # type: ignore[union-attr]
+                        return None
+                    continue
+                if expected.error is not None:
+                    if type(exc) is not expected.error:
+                        return None
+                    continue
+                if exc is not None:
+                    return None
+                state = expected.after
+                if isinstance(state, Run) and i in added:
+                    state = replace(state, version=added[i].version)
+                if expected.returns_task and result != state.task(ops[i][1:3]):  # type: ignore[union-attr]
+                    return None
+            if not isinstance(state, Run):
+                return REMOVED if actual is None else None
+            return state if actual == state.task(ops[0][1:3]) else None
+
+        def known_window(
+            self,
+            run: Run | None,
+            ops: tuple[Op, Op],
+            outcomes: list[tuple[Any, Exception | None]],
+            actual: dt.Task | None,
+            now: datetime,
+        ) -> Run | None:
+            """Completion of the last pending node racing a cancel or a failure: the completion
+            wrote its run key, lost the second transaction and raised TaskNotRunningError, and
+            the run ends CANCELLED/FAILED with that node among the finished ones. Not a serial
+            outcome (the failed call left a trace); reported, and pinned by an xfail test."""
+            for i, j in ((0, 1), (1, 0)):
+                if (
+                    ops[i][0] == "complete"
+                    and ops[j][0] in ("cancel", "fail")
+                    and isinstance(outcomes[i][1], dt.TaskNotRunningError)
+                    and outcomes[j][1] is None
+                    and actual is not None
+                    and run is not None
+                    and run.nodes - run.finished == {ops[i][4]}
+                ):
+                    ended = predict(run, ops[j], now).after
+                    assert isinstance(ended, Run)
+                    ended = replace(ended, finished=run.finished | {ops[i][4]})
+                    if actual == ended.task(ops[i][1:3]) and outcomes[j][0] == actual:
+                        cluster.deviations.append(f"{ops[i]!r} || {ops[j]!r}")
+                        return ended
+            return None
+
+        # ---- invariants -----------------------------------------------------------------
+
+        @invariant()
+        def listing_matches_the_model(self) -> None:
+            self.steps += 1
+            reader = self.managers[self.steps % 2]
+            expected: dict[str, list[dt.Task]] = {}
+            for key in sorted(self.model, key=lambda k: k[1]):
+                expected.setdefault(key[0], []).append(self.model[key].task(key))
+            assert reader.list_tasks() == expected
+
+        @invariant()
+        def get_task_and_progress_match_the_model(self) -> None:
+            reader = self.managers[(self.steps + 1) % 2]
+            for ns in NAMESPACES:
+                for tid in IDS:
+                    run = self.model.get((ns, tid))
+                    got = reader.get_task(ns, tid)
+                    assert got == (None if run is None else run.task((ns, tid)))
+                    if run is not None and run.progress:
+                        assert reader.get_progress(ns, tid, run.version) == run.progress_map()
+            for key, version in self.last_seen.items():
+                run = self.model.get(key)
+                if run is None or run.version != version:
+                    # progress of a removed or replaced run went with it
+                    assert reader.get_progress(*key, version) == {}
+
+        @invariant()
+        def nothing_was_skipped(self) -> None:
+            assert [m.skipped_records for m in self.managers] == [0, 0]
+
+        def teardown(self) -> None:
+            root = Keys(self.prefix).root
+            cluster.clients[0].txn(success=[t.delete_prefix(root)])
+
+    return ManagerModel
+
+
+@pytest.fixture
+def cluster(etcd_endpoint: str, dtask_prefix: str) -> Iterator[Cluster]:
+    shared = Cluster(etcd_endpoint, dtask_prefix)
+    try:
+        yield shared
+    finally:
+        shared.close()
+
+
+# No shrinking: an example is not exactly repeatable (races, and versions are etcd revisions),
+# so shrinking ends in Flaky errors and can outlast the test's timeout. The notes of a failing
+# example (every call, its expected outcome, each race's results) are printed in full instead.
+MODEL_SETTINGS = settings(
+    phases=(Phase.explicit, Phase.generate),
+    max_examples=16,
+    stateful_step_count=25,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+def test_manager_matches_the_model(cluster: Cluster) -> None:
+    run_state_machine_as_test(make_machine(cluster), settings=MODEL_SETTINGS)
+    print(f"outcomes: {sorted(cluster.outcomes.items())}")
+    if cluster.deviations:
+        print(f"known completion window seen {len(cluster.deviations)}x: {cluster.deviations}")
+
+
+def test_each_example_uses_a_fresh_prefix_and_cleans_it(
+    cluster: Cluster, etcd_client: dt.EtcdClient, dtask_prefix: str
+) -> None:
+    machine = make_machine(cluster)()
+    first = machine.prefix
+    machine.managers[0].add_task("ns", "a", b"x", nodes=["n1"])
+    assert keys_under(etcd_client, first)
+    machine.teardown()
+    assert keys_under(etcd_client, first) == []
+    second = make_machine(cluster)()
+    assert second.prefix != first and second.prefix.startswith(dtask_prefix)
+
+
+# ---- deviations from the model, made deterministic ---------------------------------------------
+
+
+class _CancelBetween:
+    """Wraps a client's ``txn``: after the first transaction of the wrapped call, run ``then``."""
+
+    def __init__(self, client: dt.EtcdClient, then: Callable[[], object]) -> None:
+        self._txn = client.txn
+        self._then = then
+        self.calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        result = self._txn(*args, **kwargs)
+        self.calls += 1
+        if self.calls == 1:
+            self._then()
+        return result
+
+
+def test_the_last_completion_leaves_no_window_for_a_cancel(
+    etcd_endpoint: str, dtask_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The completion that finishes a run is one transaction: a cancel sent right after its
+    first (and only) transaction finds the run FINISHED, never a state in which every node
+    completed but the run is still STARTED."""
+    with dt.EtcdClient(etcd_endpoint) as a, dt.EtcdClient(etcd_endpoint) as b:
+        completer = dt.Manager(a, prefix=dtask_prefix)
+        canceller = dt.Manager(b, prefix=dtask_prefix)
+        task = completer.add_task("ns", "t", nodes=["n1"])
+        refused: list[BaseException] = []
+
+        def cancel() -> None:
+            try:
+                canceller.cancel_task("ns", "t", task.version)
+            except dt.TaskNotRunningError as exc:
+                refused.append(exc)
+
+        hook = _CancelBetween(a, cancel)
+        monkeypatch.setattr(a, "txn", hook)
+        done = completer.record_node_completion("ns", "t", task.version, "n1")
+        assert hook.calls == 1
+        assert done.status is dt.TaskStatus.FINISHED
+        assert len(refused) == 1 and "FINISHED" in str(refused[0])
+        final = canceller.get_task("ns", "t")
+        assert final is not None and final.status is dt.TaskStatus.FINISHED
+        assert final.finished_nodes == {"n1"}
+
+
+def test_a_node_that_completed_then_failed_stays_finished(manager: dt.Manager) -> None:
+    task = manager.add_task("ns", "t", nodes=["n1", "n2"])
+    assert manager.record_node_completion("ns", "t", task.version, "n1").finished_nodes == {"n1"}
+    failed = manager.record_node_failure("ns", "t", task.version, "n1", "late failure")
+    assert failed.status is dt.TaskStatus.FAILED
+    assert failed.finished_nodes == {"n1"}
+    assert manager.get_task("ns", "t") == failed
