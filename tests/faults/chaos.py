@@ -46,7 +46,7 @@ Node-loss semantics checked: by default every cut is shorter than ``node_loss_gr
 (including hanging ones) go on and end normally: its completions and failures recorded while
 cut off are delivered afterwards, and it never starts a run a second time. With
 ``loss_cut_every=N`` (the by-hand mode's default), every N-th cut lasts longer than member TTL +
-grace: then a FAILED run whose error says ``node node-c lost`` is legitimate exactly when such a
+grace: then a FAILED run whose error says ``node-c: node lost`` is legitimate exactly when such a
 long cut overlapped its life; a node-loss failure naming any other node, or outside a long cut,
 is a violation.
 
@@ -90,7 +90,7 @@ NS = "chaos"
 NODES = ("node-a", "node-b", "node-c")
 CUT_NODE = "node-c"
 OUR_THREAD_PREFIXES = ("dtask-", "distributedtask-", "chaos-")
-_LOSS = re.compile(r"node (\S+) lost")
+_LOSS = re.compile(r"^(\S+): node lost")
 
 Run = tuple[str, int]  # (task id, version)
 
