@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import IO, Any
 
 from prometheus_client import CollectorRegistry
 
@@ -232,3 +235,63 @@ def metric(registry: CollectorRegistry, name: str, **labels: str) -> float:
     """A sample's value on ``registry``; 0.0 when the labelled child does not exist yet."""
     value = registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without any DTASK_* variable, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DTASK_")}
+    env.update(extra or {})
+    return env
+
+
+class DtaskProcess:
+    """A ``dtask`` subprocess (``python -m distributedtask ARGS``, environment without any
+    DTASK_* variable plus ``env``) whose stdout and stderr lines are collected as they come."""
+
+    def __init__(self, args: Sequence[str], *, env: Mapping[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "distributedtask", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean_env(env),
+        )
+        self._lock = threading.Lock()
+        self._out: list[str] = []
+        self._err: list[str] = []
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self._out), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self._err), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, stream: IO[str], into: list[str]) -> None:
+        for line in stream:
+            with self._lock:
+                into.append(line.rstrip("\n"))
+
+    @property
+    def out(self) -> list[str]:
+        with self._lock:
+            return list(self._out)
+
+    @property
+    def err(self) -> list[str]:
+        with self._lock:
+            return list(self._err)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        status = self.proc.wait(timeout)
+        for reader in self._readers:
+            reader.join(5)
+        return status
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        for reader in self._readers:
+            reader.join(5)

@@ -4,7 +4,6 @@ etcd of the fixtures, every subcommand, its output, its exit status and its erro
 from __future__ import annotations
 
 import base64
-import os
 import re
 import signal
 import subprocess
@@ -13,12 +12,13 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 import pytest
 from prometheus_client import CollectorRegistry
-from tests.support import RecordingProvider
+from tests.support import DtaskProcess as Background
+from tests.support import RecordingProvider, clean_env
 
 import distributedtask as dt
 from distributedtask.providers import CommandProvider
@@ -33,13 +33,6 @@ Dtask = Callable[..., subprocess.CompletedProcess[str]]
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment without any DTASK_* variable, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DTASK_")}
-    env.update(extra or {})
-    return env
 
 
 def run_dtask(
@@ -113,58 +106,6 @@ def added_version(stdout: str) -> int:
     match = re.fullmatch(r"added (.+)/(.+) version (\d+) on (.+)\n", stdout)
     assert match, stdout
     return int(match.group(3))
-
-
-class Background:
-    """A ``dtask`` subprocess whose output lines are collected while it runs."""
-
-    def __init__(self, args: Sequence[str], *, env: Mapping[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "distributedtask", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=clean_env(env),
-        )
-        self._lock = threading.Lock()
-        self._out: list[str] = []
-        self._err: list[str] = []
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self._readers = [
-            threading.Thread(target=self._read, args=(self.proc.stdout, self._out), daemon=True),
-            threading.Thread(target=self._read, args=(self.proc.stderr, self._err), daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    def _read(self, stream: IO[str], into: list[str]) -> None:
-        for line in stream:
-            with self._lock:
-                into.append(line.rstrip("\n"))
-
-    @property
-    def out(self) -> list[str]:
-        with self._lock:
-            return list(self._out)
-
-    @property
-    def err(self) -> list[str]:
-        with self._lock:
-            return list(self._err)
-
-    def wait(self, timeout: float = RUN_TIMEOUT) -> int:
-        status = self.proc.wait(timeout)
-        for reader in self._readers:
-            reader.join(5)
-        return status
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        for reader in self._readers:
-            reader.join(5)
 
 
 @pytest.fixture

@@ -7,18 +7,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import textwrap
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
+from tests.support import DtaskProcess
 
 import distributedtask as dt
 from distributedtask.providers import CommandProvider
@@ -39,49 +37,8 @@ METRIC_FAMILIES = (
 )
 
 
-def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DTASK_")}
-    env.update(extra or {})
-    return env
-
-
-class Node:
+class Node(DtaskProcess):
     """A ``dtask node`` subprocess; its stdout and stderr lines are collected as they come."""
-
-    def __init__(self, args: Sequence[str], env: Mapping[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "distributedtask", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=clean_env(env),
-        )
-        self._lock = threading.Lock()
-        self._out: list[str] = []
-        self._err: list[str] = []
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self._readers = [
-            threading.Thread(target=self._read, args=(self.proc.stdout, self._out), daemon=True),
-            threading.Thread(target=self._read, args=(self.proc.stderr, self._err), daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    def _read(self, stream: IO[str], into: list[str]) -> None:
-        for line in stream:
-            with self._lock:
-                into.append(line.rstrip("\n"))
-
-    @property
-    def out(self) -> list[str]:
-        with self._lock:
-            return list(self._out)
-
-    @property
-    def err(self) -> list[str]:
-        with self._lock:
-            return list(self._err)
 
     def logs(self) -> list[dict[str, Any]]:
         """stderr, each line parsed as the JSON object it must be."""
@@ -89,19 +46,6 @@ class Node:
 
     def messages(self) -> list[str]:
         return [str(entry.get("msg")) for entry in self.logs()]
-
-    def wait(self, timeout: float) -> int:
-        status = self.proc.wait(timeout)
-        for reader in self._readers:
-            reader.join(5)
-        return status
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        for reader in self._readers:
-            reader.join(5)
 
 
 @pytest.fixture
