@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint typecheck pytest install clean
+.PHONY: test demo bench chaos lint typecheck pytest install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ demo: install
 bench: install
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[bench]'
 	$(BIN)/python -m benchmarks
+
+# The long chaos run, by hand: a three-member etcd, three nodes, faults for 10 minutes.
+chaos: install
+	$(BIN)/python -m tests.faults.chaos --duration $${DURATION:-600} $${SEED:+--seed $$SEED}
 
 clean:
 	rm -rf $(VENV) build dist
