@@ -88,6 +88,7 @@ from .records import (
     TaskRecord,
     decode_progress,
     encode_progress,
+    run_completed,
 )
 
 __all__ = ["Manager"]
@@ -206,7 +207,7 @@ class Manager:
         done = set()
         for node, kv in runs.items():
             try:
-                if RunRecord.decode(kv.value).outcome == COMPLETED:
+                if run_completed(kv.value):
                     done.add(node)
             except CorruptRecordError as exc:
                 on_skip(kv.key, exc)

@@ -130,6 +130,8 @@ def validate_name(value: object, field: str) -> str:
         raise InvalidTaskError(f"{field} must be a str, not {type(value).__name__}", field)
     if not value:
         raise InvalidTaskError(f"{field} must not be empty", field)
+    if value.isascii() and value.isprintable() and len(value) <= MAX_NAME_BYTES:
+        return value  # the common case: printable ASCII has no control character
     try:
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError:
