@@ -93,6 +93,16 @@ def _embedded_etcd() -> Iterator[str]:
         yield server.endpoint
 
 
+def _die_with_parent() -> None:
+    """In a node's child process: get SIGTERM if the demo dies (Linux), so a demo killed
+    outright leaves no node behind either."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class _Nodes:
     """Three ``dtask node`` subprocesses, their logs in a temporary directory."""
 
@@ -131,6 +141,7 @@ class _Nodes:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
+                    preexec_fn=_die_with_parent,  # noqa: PLW1509 - single-threaded here
                 )
 
     def events(self, node: str) -> list[str]:
@@ -140,6 +151,19 @@ class _Nodes:
             with contextlib.suppress(ValueError):
                 messages.append(str(json.loads(line).get("msg", "")))
         return messages
+
+    def wait_for_event(self, node: str, about: str, endings: tuple[str, ...]) -> str:
+        """The provider's log line about ``about`` that ends the run (``... terminated`` or
+        ``... failed: why``): the node logs
+        a termination a moment after the cluster saw the run end, so look for a few seconds.
+        (A log file is all there is to read here: terminations are not recorded in etcd.)"""
+        deadline = time.monotonic() + 10
+        while True:
+            lines = [m for m in self.events(node) if about in m]
+            ended = [m for m in lines if any(m.endswith(w) or f" {w}: " in m for w in endings)]
+            if ended or time.monotonic() > deadline:
+                return (ended or lines or ["(nothing logged)"])[-1]
+            threading.Event().wait(0.05)
 
     def stop(self) -> dict[str, int | None]:
         for proc in self.procs.values():
@@ -228,8 +252,7 @@ def run(endpoint: str, workdir: Path) -> None:
             task = manager.add_task(NAMESPACE, "migrate", CommandProvider.payload(shell=failing))
             _expect(dtask([*base, "wait", NAMESPACE, "migrate"]) == 1, "migrate did not fail")
             for node in NODES:
-                ended = [m for m in nodes.events(node) if "migrate" in m]
-                _say(f"  {node}: {ended[-1] if ended else '(nothing logged)'}")
+                _say(f"  {node}: {nodes.wait_for_event(node, 'migrate', ('terminated', 'failed'))}")
 
             _step(4, "A long task, cancelled while it runs")
             payload = CommandProvider.payload(shell=_progress_loop(200, 0.25, "reindexing"))
@@ -255,9 +278,10 @@ def run(endpoint: str, workdir: Path) -> None:
                 f"unexpected final statuses {statuses}",
             )
         finally:
-            _step(6, "Stopping the nodes (SIGTERM: each terminates its runs and leaves)")
-            codes = nodes.stop()
-            _say("  " + ", ".join(f"{n} exited {c}" for n, c in codes.items()))
+            codes = nodes.stop()  # first, whatever happened: printing may be what failed
+            with contextlib.suppress(OSError):
+                _step(6, "Stopped the nodes (SIGTERM: each terminated its runs and left)")
+                _say("  " + ", ".join(f"{n} exited {c}" for n, c in codes.items()))
         _expect(all(code == 0 for code in codes.values()), "a node did not stop cleanly")
         _expect(manager.live_members() == [], "a node is still registered")
 
@@ -270,6 +294,9 @@ def main() -> int:
         with _embedded_etcd() as endpoint:
             _say(f"etcd {endpoint} (embedded, temporary data dir)")
             run(endpoint, workdir)
+    except KeyboardInterrupt:
+        _say("\ndemo interrupted; everything it started is stopped")
+        return 130
     except (DemoError, DistributedTaskError) as exc:
         _say(f"\ndemo failed: {exc}")
         for log in sorted(workdir.glob("*.log")):

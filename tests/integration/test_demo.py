@@ -38,8 +38,38 @@ def test_demo_runs_to_the_end_and_leaves_no_process_or_file() -> None:
         "terminated",
         "CANCELLED",
         "node-a exited 0, node-b exited 0, node-c exited 0",
+        "Stopped the nodes",
         "Everything stopped and removed",
     ):
         assert expected in out, expected
     assert _ours() == []
+    assert set(Path(tempfile.gettempdir()).glob("dtask-demo-*")) == before
+
+
+def test_an_interrupted_demo_leaves_nothing_behind() -> None:
+    import signal
+
+    from distributedtask.testing import wait_until
+
+    before = set(Path(tempfile.gettempdir()).glob("dtask-demo-*"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distributedtask", "demo"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # interrupt once the nodes run a task
+            if line.startswith("added demo/checksum"):
+                break
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, out
+    assert "Stopped the nodes" in out
+    wait_until(lambda: _ours() == [], timeout=10, message="a demo process is left")
     assert set(Path(tempfile.gettempdir()).glob("dtask-demo-*")) == before
