@@ -220,6 +220,14 @@ def _wait_for_progress(manager: Manager, task_id: str, version: int, timeout: fl
         watch.stop()
 
 
+def _dtask(args: list[str]) -> int:
+    """Run a ``dtask`` command in this process; an interrupt inside it interrupts the demo."""
+    code = dtask(args)
+    if code == 130:
+        raise KeyboardInterrupt
+    return code
+
+
 def _expect(ok: bool, what: str) -> None:
     if not ok:
         raise DemoError(what)
@@ -234,13 +242,13 @@ def run(endpoint: str, workdir: Path) -> None:
             _step(1, "Three nodes start and join the cluster (leases in etcd)")
             nodes.start()
             _wait_for_members(manager, len(NODES), timeout=30)
-            dtask([*base, "members"])
+            _dtask([*base, "members"])
 
             _step(2, "A task every node must run (a Python function): each shows its progress")
             task = manager.add_task(DEMO_NAMESPACE, "checksum", b'{"chunks": 8}')
             on = ", ".join(sorted(task.nodes))
             _say(f"added {DEMO_NAMESPACE}/checksum version {task.version} on {on}")
-            finished = dtask([*base, "wait", DEMO_NAMESPACE, "checksum"]) == 0
+            finished = _dtask([*base, "wait", DEMO_NAMESPACE, "checksum"]) == 0
             _expect(finished, "checksum did not finish")
 
             _step(3, "A shell command that fails on node-b: the other nodes' runs are terminated")
@@ -250,7 +258,7 @@ def run(endpoint: str, workdir: Path) -> None:
                 + _progress_loop(60, 0.25, "migrating table")
             )
             task = manager.add_task(NAMESPACE, "migrate", CommandProvider.payload(shell=failing))
-            _expect(dtask([*base, "wait", NAMESPACE, "migrate"]) == 1, "migrate did not fail")
+            _expect(_dtask([*base, "wait", NAMESPACE, "migrate"]) == 1, "migrate did not fail")
             for node in NODES:
                 _say(f"  {node}: {nodes.wait_for_event(node, 'migrate', ('terminated', 'failed'))}")
 
@@ -258,11 +266,11 @@ def run(endpoint: str, workdir: Path) -> None:
             payload = CommandProvider.payload(shell=_progress_loop(200, 0.25, "reindexing"))
             task = manager.add_task(NAMESPACE, "reindex", payload)
             _wait_for_progress(manager, "reindex", task.version, timeout=20)
-            dtask([*base, "cancel", NAMESPACE, "reindex"])
-            _expect(dtask([*base, "wait", NAMESPACE, "reindex"]) == 2, "reindex not cancelled")
+            _dtask([*base, "cancel", NAMESPACE, "reindex"])
+            _expect(_dtask([*base, "wait", NAMESPACE, "reindex"]) == 2, "reindex not cancelled")
 
             _step(5, "The final state of the cluster")
-            dtask([*base, "list"])
+            _dtask([*base, "list"])
             statuses = {
                 f"{task.namespace}/{task.id}": task.status
                 for tasks in manager.list_tasks().values()

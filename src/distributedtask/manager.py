@@ -52,6 +52,7 @@ import logging
 import math
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 
@@ -735,8 +736,14 @@ class Manager:
             name="distributedtask-wait",
         )
         watch.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            if not done.wait(timeout):
+            # In slices, so a Ctrl-C in the caller's main thread is handled promptly (a signal
+            # delivered to another thread only runs its handler when this one runs code).
+            while not done.wait(0.5 if deadline is None else min(0.5, deadline - time.monotonic())):
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+            if not done.is_set():
                 raise TimeoutError(
                     f"task {namespace}/{task_id} version {version} did not end within {timeout:g}s"
                 )

@@ -176,7 +176,11 @@ class NodeDaemon:
             )
             if ready is not None:
                 ready.set()
-            self._stop.wait()
+            # In slices: a signal the kernel delivers to another thread only sets a flag, and
+            # the handler (request_stop) runs when the main thread next executes Python code;
+            # an unbounded wait could block it forever.
+            while not self._stop.wait(0.2):
+                pass
             log.info("node %s stopping", self.scheduler.node_id)
         finally:
             self.scheduler.stop()

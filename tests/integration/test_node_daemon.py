@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import textwrap
 import time
 import urllib.error
@@ -327,3 +329,55 @@ def test_node_with_a_taken_metrics_port_is_an_error(start_node: Any, tmp_path: P
     err = node.err
     assert not any("Traceback" in line for line in err), err
     assert status in {EXIT_ERROR, EXIT_USAGE}, (status, err)
+
+
+_SIGNAL_TO_ANOTHER_THREAD = """
+import signal, sys, threading
+from datetime import timedelta
+import distributedtask as dt
+from distributedtask.node import NodeDaemon
+from distributedtask.providers import CommandProvider
+
+endpoint, prefix, state = sys.argv[1:4]
+with dt.EtcdClient(endpoint) as client:
+    manager = dt.Manager(client, prefix=prefix)
+    daemon = NodeDaemon(
+        manager, node_id="n1", providers={"x": CommandProvider(state)},
+        member_ttl=timedelta(seconds=2),
+    )
+    signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
+    ready = threading.Event()
+
+    def kick() -> None:  # SIGTERM delivered to this thread, not to the main one
+        ready.wait(30)
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+    kicker = threading.Thread(target=kick)
+    kicker.start()
+    daemon.run(ready)
+    kicker.join()
+    print("stopped")
+"""
+
+
+def test_a_sigterm_delivered_to_another_thread_still_stops_the_node(
+    etcd_endpoint: str, dtask_prefix: str, tmp_path: Path
+) -> None:
+    # The kernel may deliver a process signal to any thread; Python runs the handler in the
+    # main thread only when that thread runs code, so the daemon must not block unboundedly.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _SIGNAL_TO_ANOTHER_THREAD,
+            etcd_endpoint,
+            dtask_prefix,
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "stopped"
