@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -491,17 +492,13 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def _wait_interruptibly(event: threading.Event, timeout: float | None = None) -> bool:
     # Event.wait in short slices so Ctrl-C (KeyboardInterrupt) is delivered promptly.
-    deadline = None if timeout is None else _monotonic() + timeout
-    while not event.wait(0.2 if deadline is None else max(0.0, min(0.2, deadline - _monotonic()))):
-        if deadline is not None and _monotonic() >= deadline:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not event.wait(
+        0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
+    ):
+        if deadline is not None and time.monotonic() >= deadline:
             return False
     return True
-
-
-def _monotonic() -> float:
-    import time
-
-    return time.monotonic()
 
 
 @dataclass
@@ -622,9 +619,9 @@ def cmd_wait(args: argparse.Namespace) -> int:
     view = _WaitView(manager, task, lambda: None)
     try:
         renderer.start()
-        deadline = None if args.timeout_after is None else _monotonic() + args.timeout_after
+        deadline = None if args.timeout_after is None else time.monotonic() + args.timeout_after
         while not view.done.is_set():
-            remaining = None if deadline is None else deadline - _monotonic()
+            remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 renderer.stop()
                 print(

@@ -179,8 +179,8 @@ class _Nodes:
         return codes
 
 
-def _wait_for_members(manager: Manager, count: int, timeout: float) -> None:
-    members = manager.keys.all_members()
+def _wait_for_keys(manager: Manager, prefix: bytes, count: int, timeout: float, what: str) -> None:
+    """Follow ``prefix`` with a watch until at least ``count`` keys exist under it."""
     live: set[bytes] = set()
     enough = threading.Event()
 
@@ -194,28 +194,11 @@ def _wait_for_members(manager: Manager, count: int, timeout: float) -> None:
         if len(live) >= count:
             enough.set()
 
-    watch = ResumableWatch(manager.client, members, prefix_range_end(members), handle)
-    watch.start()
-    try:
-        if not enough.wait(timeout):
-            raise DemoError(f"only {len(live)} of {count} nodes joined within {timeout:g}s")
-    finally:
-        watch.stop()
-
-
-def _wait_for_progress(manager: Manager, task_id: str, version: int, timeout: float) -> None:
-    prefix = manager.keys.version_progress(NAMESPACE, task_id, version)
-    seen = threading.Event()
-
-    def handle(batch: Snapshot | Changes) -> None:
-        if batch.kvs if isinstance(batch, Snapshot) else batch.events:
-            seen.set()
-
     watch = ResumableWatch(manager.client, prefix, prefix_range_end(prefix), handle)
     watch.start()
     try:
-        if not seen.wait(timeout):
-            raise DemoError(f"{task_id} reported no progress within {timeout:g}s")
+        if not enough.wait(timeout):
+            raise DemoError(f"{what} within {timeout:g}s ({len(live)} of {count})")
     finally:
         watch.stop()
 
@@ -241,7 +224,8 @@ def run(endpoint: str, workdir: Path) -> None:
         try:
             _step(1, "Three nodes start and join the cluster (leases in etcd)")
             nodes.start()
-            _wait_for_members(manager, len(NODES), timeout=30)
+            members = manager.keys.all_members()
+            _wait_for_keys(manager, members, len(NODES), 30, "not every node joined")
             _dtask([*base, "members"])
 
             _step(2, "A task every node must run (a Python function): each shows its progress")
@@ -265,7 +249,8 @@ def run(endpoint: str, workdir: Path) -> None:
             _step(4, "A long task, cancelled while it runs")
             payload = CommandProvider.payload(shell=_progress_loop(200, 0.25, "reindexing"))
             task = manager.add_task(NAMESPACE, "reindex", payload)
-            _wait_for_progress(manager, "reindex", task.version, timeout=20)
+            progress = manager.keys.version_progress(NAMESPACE, "reindex", task.version)
+            _wait_for_keys(manager, progress, 1, 20, "reindex reported no progress")
             _dtask([*base, "cancel", NAMESPACE, "reindex"])
             _expect(_dtask([*base, "wait", NAMESPACE, "reindex"]) == 2, "reindex not cancelled")
 

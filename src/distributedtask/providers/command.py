@@ -613,16 +613,18 @@ class CommandHandle:
             proc.wait()
             self.returncode = proc.returncode
 
-    def _read(self, fd: int, lines: _Lines) -> bool:
-        """One read of the output pipe; True at end of file."""
+    def _read(self, fd: int, lines: _Lines, *, flush: bool = True) -> bool | None:
+        """One read of the output pipe: True at end of file, False after some output, None
+        when there is nothing to read now."""
         try:
             chunk = os.read(fd, _READ_SIZE)
         except BlockingIOError:
-            return False
+            return None
         if not chunk:
             return True
         self._log().write(chunk)
-        self._log().flush()
+        if flush:
+            self._log().flush()
         self._emit(lines.feed(chunk))
         return False
 
@@ -630,14 +632,9 @@ class CommandHandle:
         """Read what is in the pipe now (at most ``limit`` reads); True at end of file."""
         try:
             for _ in range(limit):
-                try:
-                    chunk = os.read(fd, _READ_SIZE)
-                except BlockingIOError:
-                    return False
-                if not chunk:
-                    return True
-                self._log().write(chunk)
-                self._emit(lines.feed(chunk))
+                got = self._read(fd, lines, flush=False)
+                if got is not False:
+                    return bool(got)
             return False
         finally:
             self._log().flush()

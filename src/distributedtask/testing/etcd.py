@@ -54,6 +54,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import requests
 
+from ..keys import prefix_range_end as _keys_range_end
+
 # testcontainers reads this lazily, the first time a container starts. Its Ryuk reaper image
 # cannot be pulled here; containers are removed by close() and the atexit hook instead.
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
@@ -987,14 +989,9 @@ def _b64(data: str | bytes) -> str:
 
 
 def prefix_range_end(prefix: str | bytes) -> bytes:
-    """The ``range_end`` that makes a range cover every key starting with ``prefix``."""
-    raw = bytearray(prefix.encode() if isinstance(prefix, str) else prefix)
-    while raw:
-        if raw[-1] < 0xFF:
-            raw[-1] += 1
-            return bytes(raw)
-        raw.pop()
-    return b"\x00"  # every key
+    """The ``range_end`` that makes a range cover every key starting with ``prefix``
+    (:func:`distributedtask.keys.prefix_range_end`, taking text too)."""
+    return _keys_range_end(prefix.encode() if isinstance(prefix, str) else prefix)
 
 
 def gateway_call(
