@@ -33,6 +33,8 @@ from collections.abc import Iterable
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from .etcd.watch import RestartReason
+
 __all__ = ["METRIC_NAMES", "Metrics", "metrics_for"]
 
 METRIC_NAMES = (
@@ -153,7 +155,7 @@ class Metrics:
 
 
 PROVIDER_OPERATIONS = ("start", "terminate", "cleanup", "get_local_tasks")
-WATCH_RESTART_REASONS = ("compacted", "connect", "eof", "canceled", "error", "resync")
+WATCH_RESTART_REASONS = tuple(reason.value for reason in RestartReason)
 
 _lock = threading.Lock()
 _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, Metrics] = weakref.WeakKeyDictionary()

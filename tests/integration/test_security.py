@@ -243,7 +243,7 @@ def test_manager_scheduler_and_dtask_work_and_no_secret_is_ever_logged(
     errors: list[BaseException] = []
 
     def remember_token(client: dt.EtcdClient) -> None:
-        token = getattr(client, "_token", None)  # private: the one place the token lives
+        token = client._transport._token  # private: the one place the token lives
         if token:
             tokens.add(token)
 

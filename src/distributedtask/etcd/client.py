@@ -1,20 +1,16 @@
-"""``EtcdClient``: the only object that talks to etcd.
+"""``EtcdClient``: the only object that talks to etcd — the policy over one transport.
 
-Unary calls and transactions go through etcd3gw (its ``Etcd3Client.post``) over one
-``requests.Session`` shared by every endpoint: ``trust_env = False`` (requests otherwise reads
-proxy and netrc settings on every call), a pool large enough for the threads of a node, a finite
-``(connect, read)`` timeout, and the gateway path fixed to ``/v3/`` (no discovery round trip).
-The watch stream (:meth:`EtcdClient.stream`) uses the same session directly, since etcd3gw's
-watch is unusable (see DESIGN.md).
-
-Failure semantics, decided in one place (:meth:`EtcdClient._classify`):
+Every request is one :class:`~distributedtask.etcd.transport.Transport` attempt at a time (the
+HTTP session, endpoints, TLS and the auth token live there), and every failure arrives already
+classified by :mod:`~distributedtask.etcd.errors`. This module decides what to do about it:
 
 * transient — connection refused or reset, a timeout, etcd's UNAVAILABLE / DEADLINE_EXCEEDED /
   RESOURCE_EXHAUSTED (leader change, no leader, request timed out, too many requests): retried
-  with jittered exponential backoff (tenacity), failing over to the next endpoint, until
-  ``timeout`` seconds have passed since the call began; then :class:`EtcdError` with
-  ``transient=True``. A call therefore raises at most about ``2 * timeout`` after it began.
-* an expired or invalid auth token — renewed once, then the request is repeated.
+  with jittered exponential backoff (:class:`~distributedtask.etcd.backoff.Backoff`), failing
+  over to the next endpoint, until ``timeout`` seconds have passed since the call began; then
+  :class:`EtcdError` with ``transient=True``. A call therefore raises at most about
+  ``2 * timeout`` after it began.
+* an expired or invalid auth token — renewed once by the transport, then the request repeated.
 * anything else (TLS failure, wrong password, permission denied, bad request) — raised at once
   as :class:`EtcdError`, no retry.
 
@@ -30,147 +26,28 @@ appear in ``repr``, logs or exception messages.
 
 from __future__ import annotations
 
-import logging
 import math
-import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
-
-import etcd3gw
-import orjson
-import requests
-import requests.adapters
-import tenacity
-from etcd3gw import exceptions as gw_exceptions
 
 from ..exceptions import EtcdError
+from . import errors
 from . import txn as t
+from .backoff import Backoff
+from .transport import Stream, Transport
 
 __all__ = ["EtcdClient", "Stream"]
 
-log = logging.getLogger("distributedtask.etcd")
-
 _T = TypeVar("_T")
 
-# gRPC status codes etcd returns through the gateway.
-_INVALID_ARGUMENT = 3
-_DEADLINE_EXCEEDED = 4
-_PERMISSION_DENIED = 7
-_RESOURCE_EXHAUSTED = 8
-_FAILED_PRECONDITION = 9
-_UNAVAILABLE = 14
-_UNAUTHENTICATED = 16
-_TRANSIENT_CODES = frozenset({_DEADLINE_EXCEEDED, _RESOURCE_EXHAUSTED, _UNAVAILABLE})
-_TOKEN_MESSAGES = ("invalid auth token", "auth token", "revision of auth store is old")
-
-_MAX_CONNECT_TIMEOUT = 2.0
-
-
-@dataclass(frozen=True)
-class _Endpoint:
-    url: str
-    gateway: Any  # etcd3gw.Etcd3Client (untyped library)
-
-
-class _RetryableError(Exception):
-    """Internal: one attempt failed transiently; ``error`` is what to raise if we give up."""
-
-    def __init__(self, error: EtcdError, *, maybe_sent: bool) -> None:
-        super().__init__(str(error))
-        self.error = error
-        self.maybe_sent = maybe_sent
-
-
-class _TokenRejectedError(Exception):
-    """Internal: etcd rejected our auth token."""
+_RETRY_BACKOFF = Backoff(initial=0.05, maximum=1.0)
 
 
 def _check_seconds(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ValueError(f"{name} must be a finite number of seconds > 0, not {value!r}")
-
-
-def _parse_endpoint(endpoint: str) -> tuple[str, str, int]:
-    text = endpoint.strip()
-    if "://" not in text:
-        text = "http://" + text
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not an etcd endpoint (http[s]://host:port): {endpoint!r}")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"an etcd endpoint has no path or query: {endpoint!r}")
-    try:
-        port = parts.port or 2379
-    except ValueError:
-        raise ValueError(f"bad port in etcd endpoint {endpoint!r}") from None
-    return parts.scheme, parts.hostname, port
-
-
-class Stream:
-    """A streaming gateway response (the watch), read line by line with a read timeout.
-
-    ``lines()`` yields each JSON frame, parsed. It raises :class:`EtcdError` (``transient=True``)
-    when the stream breaks or stays silent for longer than the read timeout, and ends when the
-    server ends the stream. ``close()`` may be called from another thread: it shuts the socket
-    down, which wakes a reader blocked in ``lines()``.
-    """
-
-    def __init__(self, response: requests.Response, endpoint: str) -> None:
-        self._response = response
-        self._endpoint = endpoint
-        self._closed = threading.Event()
-
-    def lines(self) -> Iterator[dict[str, Any]]:
-        try:
-            for line in self._response.iter_lines(chunk_size=None):
-                if not line:
-                    continue
-                try:
-                    frame = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    raise EtcdError(
-                        "malformed watch frame", endpoint=self._endpoint, transient=True
-                    ) from None
-                if isinstance(frame, dict):
-                    yield frame
-        except (requests.RequestException, OSError, ValueError, AttributeError) as exc:
-            if self._closed.is_set():
-                return
-            raise EtcdError(
-                f"watch stream broke: {type(exc).__name__}",
-                endpoint=self._endpoint,
-                transient=True,
-            ) from None
-
-    def close(self) -> None:
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        sock = _socket_of(self._response)
-        if sock is not None:
-            try:
-                import socket
-
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self._response.close()
-
-
-def _socket_of(response: requests.Response) -> Any:
-    raw = response.raw
-    for holder in (getattr(raw, "_connection", None), getattr(raw, "connection", None)):
-        sock = getattr(holder, "sock", None)
-        if sock is not None:
-            return sock
-    fp = getattr(raw, "_fp", None)
-    fp = getattr(fp, "fp", None)
-    raw_io = getattr(fp, "raw", None)
-    return getattr(raw_io, "_sock", None)
 
 
 class EtcdClient:
@@ -217,44 +94,22 @@ class EtcdClient:
         self.timeout = float(timeout)
         self.watch_timeout = float(watch_timeout)
         self.username = username
-        self._password = password
-        self._token: str | None = None
-        self._token_lock = threading.Lock()
         self._closed = threading.Event()
-
-        session = requests.Session()
-        session.trust_env = False
-        adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=64, max_retries=0)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        if ca_cert is not None:
-            session.verify = ca_cert
-        if cert is not None:
-            session.cert = (cert, key) if key is not None else cert
-        self._session = session
-        request_timeout = (min(self.timeout, _MAX_CONNECT_TIMEOUT), self.timeout)
-
-        self._endpoints: list[_Endpoint] = []
-        for endpoint in endpoints:
-            scheme, host, port = _parse_endpoint(endpoint)
-            gateway = etcd3gw.Etcd3Client(
-                host=host,
-                port=port,
-                protocol=scheme,
-                # requests takes a (connect, read) pair; etcd3gw passes it through untouched.
-                timeout=request_timeout,  # type: ignore[arg-type]
-                api_path="/v3/",
-                session=session,
-            )
-            self._endpoints.append(_Endpoint(f"{scheme}://{host}:{port}", gateway))
-        self._current = 0
-        self._current_lock = threading.Lock()
+        self._transport = Transport(
+            endpoints,
+            timeout=self.timeout,
+            ca_cert=ca_cert,
+            cert=cert,
+            key=key,
+            username=username,
+            password=password,
+        )
 
     # ---- lifecycle ------------------------------------------------------------------------
 
     @property
     def endpoints(self) -> list[str]:
-        return [e.url for e in self._endpoints]
+        return self._transport.urls
 
     @property
     def closed(self) -> bool:
@@ -264,7 +119,7 @@ class EtcdClient:
         """Close the connection pool. Later calls raise :class:`EtcdError`. Idempotent."""
         if not self._closed.is_set():
             self._closed.set()
-            self._session.close()
+            self._transport.close()
 
     def __enter__(self) -> EtcdClient:
         return self
@@ -289,199 +144,30 @@ class EtcdClient:
         def attempt() -> dict[str, Any]:
             nonlocal maybe_applied
             try:
-                return self._attempt(
-                    lambda ep, headers: ep.gateway.post(
-                        ep.gateway.get_url(path), json=body, headers=headers
-                    )
-                )
-            except _RetryableError as retry:
+                return self._transport.post(path, body)
+            except errors.RetryableError as retry:
                 maybe_applied = maybe_applied or retry.maybe_sent
                 raise
 
         return self._retrying(attempt), maybe_applied
 
-    def _retrying(self, fn: Callable[[], _T]) -> _T:
-        if self._closed.is_set():
-            raise EtcdError("the etcd client is closed")
+    def _retrying(self, attempt: Callable[[], _T]) -> _T:
+        """``attempt()`` until it does not fail transiently or ``timeout`` has passed."""
         began = time.monotonic()
-        try:
-            return fn()  # the common case, without building a retry loop
-        except _RetryableError as first:
-            remaining = self.timeout - (time.monotonic() - began)
-            if remaining <= 0:
-                raise first.error from None
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_delay(remaining),
-            wait=tenacity.wait_random_exponential(multiplier=0.05, max=1.0),
-            retry=tenacity.retry_if_exception_type(_RetryableError),
-            sleep=self._sleep,
-            reraise=True,
-        )
-        try:
-            return retrying(self._after_backoff(fn))
-        except _RetryableError as retry:
+        failures = 0
+        while True:
             if self._closed.is_set():
-                raise EtcdError("the etcd client is closed") from None
-            raise retry.error from None
-
-    def _after_backoff(self, fn: Callable[[], _T]) -> Callable[[], _T]:
-        """``fn``, but its first call is preceded by one backoff (the attempt already made)."""
-        waited = False
-
-        def call() -> _T:
-            nonlocal waited
-            if not waited:
-                waited = True
-                self._sleep(random.uniform(0, 0.05))
-            return fn()
-
-        return call
-
-    def _sleep(self, seconds: float) -> None:
-        if self._closed.wait(seconds):
-            raise EtcdError("the etcd client is closed")
-
-    def _attempt(self, send: Callable[[_Endpoint, dict[str, str]], _T]) -> _T:
-        """One request to the current endpoint (and a second after renewing the token)."""
-        if self._closed.is_set():
-            raise EtcdError("the etcd client is closed")
-        with self._current_lock:
-            index = self._current
-        endpoint = self._endpoints[index]
-        for renewal in (False, True):
+                raise _closed_error()
             try:
-                try:
-                    return send(endpoint, self._auth_headers(endpoint))
-                except gw_exceptions.Etcd3Exception as exc:
-                    raise self._classify(exc, endpoint) from None
-                except requests.RequestException as exc:  # raised outside etcd3gw's handling
-                    raise self._classify_transport(exc, endpoint) from None
-            except _TokenRejectedError:
-                if renewal:
-                    raise EtcdError(
-                        "etcd rejected a freshly obtained auth token", endpoint=endpoint.url
-                    ) from None
-                self._invalidate_token()
-            except _RetryableError:
-                self._fail_over(index)
-                raise
-        raise AssertionError("unreachable")
-
-    def _fail_over(self, failed_index: int) -> None:
-        if len(self._endpoints) > 1:
-            with self._current_lock:
-                if self._current == failed_index:
-                    self._current = (failed_index + 1) % len(self._endpoints)
-
-    # ---- error translation: the one place ---------------------------------------------------
-
-    def _classify(self, exc: gw_exceptions.Etcd3Exception, endpoint: _Endpoint) -> Exception:
-        """Turn an etcd3gw exception into a retry, a token renewal, or :class:`EtcdError`."""
-        cause = exc.__context__
-        if isinstance(cause, requests.RequestException):
-            return self._classify_transport(cause, endpoint)
-        detail = exc.detail_text or ""
-        code: int | None = None
-        message = detail.strip() or type(exc).__name__
-        try:
-            data = orjson.loads(detail) if detail else None
-        except orjson.JSONDecodeError:
-            data = None
-        if isinstance(data, dict):
-            raw_code = data.get("code")
-            code = raw_code if isinstance(raw_code, int) else None
-            message = str(data.get("message") or data.get("error") or message)
-        return self._classify_status(code, message, endpoint, http_error=type(exc).__name__)
-
-    def _classify_status(
-        self, code: int | None, message: str, endpoint: _Endpoint, http_error: str = ""
-    ) -> Exception:
-        if (
-            code == _UNAUTHENTICATED
-            or (code == _FAILED_PRECONDITION and "auth store" in message)
-            or "user name is empty" in message  # auth is on and we sent no token
-        ):
-            if self._password is not None and any(m in message for m in _TOKEN_MESSAGES):
-                return _TokenRejectedError()
-            return EtcdError(
-                f"etcd requires authentication: {message}",
-                endpoint=endpoint.url,
-                code=code,
-                etcd_message=message,
-            )
-        if code == _PERMISSION_DENIED:
-            return EtcdError(
-                f"etcd denied permission: {message}",
-                endpoint=endpoint.url,
-                code=code,
-                etcd_message=message,
-            )
-        if code == _RESOURCE_EXHAUSTED and "larger than max" in message:
-            code_transient = False  # a request over gRPC's message size: resending cannot help
-        else:
-            code_transient = code in _TRANSIENT_CODES
-        transient = code_transient or (
-            code is None and http_error in ("ConnectionFailedError", "ConnectionTimeoutError")
-        )
-        error = EtcdError(
-            f"etcd refused the request: {message}" if not transient else f"etcd: {message}",
-            endpoint=endpoint.url,
-            code=code,
-            etcd_message=message,
-            transient=transient,
-        )
-        if transient:
-            return _RetryableError(error, maybe_sent=True)
-        return error
-
-    def _classify_transport(self, exc: requests.RequestException, endpoint: _Endpoint) -> Exception:
-        if isinstance(exc, requests.exceptions.SSLError):
-            return EtcdError(
-                f"TLS handshake with etcd failed: {_reason(exc)}", endpoint=endpoint.url
-            )
-        not_sent = isinstance(exc, requests.exceptions.ConnectTimeout) or (
-            isinstance(exc, requests.exceptions.ConnectionError) and _is_connect_failure(exc)
-        )
-        kind = "timed out" if isinstance(exc, requests.exceptions.Timeout) else "unreachable"
-        error = EtcdError(f"etcd {kind}: {_reason(exc)}", endpoint=endpoint.url, transient=True)
-        return _RetryableError(error, maybe_sent=not not_sent)
-
-    # ---- authentication -------------------------------------------------------------------
-
-    def _auth_headers(self, endpoint: _Endpoint) -> dict[str, str]:
-        if self._password is None:
-            return {}
-        with self._token_lock:
-            if self._token is None:
-                self._token = self._authenticate(endpoint)
-            return {"Authorization": self._token}
-
-    def _invalidate_token(self) -> None:
-        with self._token_lock:
-            self._token = None
-
-    def _authenticate(self, endpoint: _Endpoint) -> str:
-        gateway = endpoint.gateway
-        try:
-            data = gateway.post(
-                gateway.get_url("/auth/authenticate"),
-                json={"name": self.username, "password": self._password},
-            )
-        except gw_exceptions.Etcd3Exception as exc:
-            error = self._classify(exc, endpoint)
-            refused = (_INVALID_ARGUMENT, _FAILED_PRECONDITION)
-            if isinstance(error, EtcdError) and error.code in refused:
-                raise EtcdError(
-                    f"etcd authentication failed for user {self.username!r}: {error.etcd_message}",
-                    endpoint=endpoint.url,
-                    code=error.code,
-                    etcd_message=error.etcd_message,
-                ) from None
-            raise error from None
-        token = data.get("token") if isinstance(data, dict) else None
-        if not isinstance(token, str) or not token:
-            raise EtcdError("etcd returned no auth token", endpoint=endpoint.url)
-        return token
+                return attempt()
+            except errors.RetryableError as retry:
+                if self._closed.is_set():
+                    raise _closed_error() from None
+                if time.monotonic() - began >= self.timeout:
+                    raise retry.error from None
+            failures += 1
+            if self._closed.wait(_RETRY_BACKOFF.delay(failures)):
+                raise _closed_error()
 
     # ---- typed requests -------------------------------------------------------------------
 
@@ -561,73 +247,21 @@ class EtcdClient:
 
         Opening is retried like any request. Raises :class:`EtcdError`.
         """
-
-        def send(endpoint: _Endpoint, headers: dict[str, str]) -> Stream:
-            try:
-                response = self._session.post(
-                    endpoint.url + "/v3/" + path,
-                    data=orjson.dumps(dict(body)),
-                    headers={"Content-Type": "application/json", **headers},
-                    stream=True,
-                    timeout=(min(self.timeout, _MAX_CONNECT_TIMEOUT), read_timeout),
-                )
-            except requests.exceptions.Timeout as exc:
-                raise gw_exceptions.ConnectionTimeoutError(str(exc)) from exc
-            except requests.exceptions.ConnectionError as exc:
-                raise gw_exceptions.ConnectionFailedError(str(exc)) from exc
-            if response.status_code != 200:
-                text = response.text
-                response.close()
-                name = "ConnectionFailedError" if response.status_code == 503 else "Etcd3Exception"
-                raise getattr(gw_exceptions, name)(text, response.reason)
-            return Stream(response, endpoint.url)
-
-        return self._retrying(lambda: self._attempt(send))
+        return self._retrying(lambda: self._transport.open_stream(path, body, read_timeout))
 
     def classify_frame_error(self, code: int | None, message: str) -> EtcdError:
-        """Translate an error carried inside a stream frame into :class:`EtcdError`."""
-        endpoint = self._endpoints[self._current]
-        error = self._classify_status(code, message, endpoint)
-        if isinstance(error, _TokenRejectedError):
-            self._invalidate_token()
-            return EtcdError(f"etcd: {message}", endpoint=endpoint.url, code=code, transient=True)
-        if isinstance(error, _RetryableError):
-            return error.error
-        assert isinstance(error, EtcdError)
-        return error
+        """Translate an error carried inside a stream frame into :class:`EtcdError`.
+
+        A rejected auth token is dropped (the next stream obtains a new one) and reported as
+        transient.
+        """
+        outcome = errors.classify_status(
+            code, message, self._transport.current_url, auth=self._transport.authenticates
+        )
+        if isinstance(outcome, errors.TokenRejectedError):
+            self._transport.invalidate_token()
+        return errors.final(outcome)
 
 
-def _is_connect_failure(exc: requests.RequestException) -> bool:
-    text = repr(exc)
-    return any(
-        marker in text
-        for marker in ("NewConnectionError", "Connection refused", "Failed to establish")
-    )
-
-
-_REASONS = (
-    ("alert bad certificate", "etcd rejected the client certificate (or none was given)"),
-    ("alert certificate required", "etcd requires a client certificate"),
-    ("certificate required", "etcd requires a client certificate"),
-    ("alert unknown ca", "etcd does not trust the CA of the client certificate"),
-    ("CERTIFICATE_VERIFY_FAILED", "the server certificate is not signed by the given CA"),
-    ("alert handshake failure", "the TLS handshake failed"),
-    ("Connection refused", "Connection refused"),
-    ("Read timed out", "Read timed out"),
-    ("timed out", "timed out"),
-    ("Connection reset", "Connection reset"),
-    ("Connection aborted", "Connection aborted"),
-    ("RemoteDisconnected", "the connection was closed"),
-    ("Name or service not known", "Name or service not known"),
-)
-
-
-def _reason(exc: BaseException) -> str:
-    """A short human reason for a transport error (urllib3's own text is long and says
-    "Max retries exceeded" although nothing was retried)."""
-    text = str(exc)
-    for marker, reason in _REASONS:
-        if marker in text:
-            return reason
-    inner = text.rpartition("Caused by ")[2] or text
-    return inner.rstrip(")")[:200]
+def _closed_error() -> EtcdError:
+    return EtcdError("the etcd client is closed")

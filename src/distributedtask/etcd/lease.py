@@ -11,9 +11,10 @@ grants a new lease and calls ``on_grant`` again, which re-registers every key bo
 one, retrying with jittered backoff until it succeeds or the keeper stops. ``on_lost`` is told
 first, so the owner can count it.
 
-``stop()`` wakes the thread (it waits on an Event, never sleeps), joins it, and revokes the
-lease, which deletes its keys at once instead of after the TTL; a revoke that fails is logged,
-and the lease then simply expires. Thread-safe; ``stop`` is idempotent.
+``stop()`` wakes the thread (it waits on an Event, never sleeps), joins it (a thread that does
+not end in time is logged with its stack), and revokes the lease, which deletes its keys at once
+instead of after the TTL; a revoke that fails is logged, and the lease then simply expires.
+Thread-safe; ``stop`` is idempotent.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import threading
 import time
 from collections.abc import Callable
 
-import tenacity
-
+from .._threads import stop_and_join
 from ..exceptions import EtcdError
+from .backoff import Backoff
 from .client import EtcdClient
 
 __all__ = ["LeaseKeeper"]
@@ -56,8 +57,8 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._lease_id = 0
         self._thread: threading.Thread | None = None
-        self._wait = tenacity.wait_random_exponential(multiplier=0.1, max=max(1.0, ttl / 3))
-        self._retrying = tenacity.Retrying(wait=self._wait)
+        # Never wait longer between attempts than between refreshes.
+        self._backoff = Backoff(initial=0.1, maximum=self.ttl / 3)
         self.refreshes = 0
         self.grants = 0
 
@@ -99,7 +100,7 @@ class LeaseKeeper:
     def _run(self) -> None:
         last_ok = time.monotonic()
         failures = 0
-        while not self._stop.wait(self.ttl / 3 if failures == 0 else self._backoff(failures)):
+        while not self._stop.wait(self.ttl / 3 if failures == 0 else self._backoff.delay(failures)):
             lease_id = self.lease_id
             try:
                 remaining = self._client.lease_keepalive(lease_id)
@@ -129,22 +130,16 @@ class LeaseKeeper:
             except EtcdError as exc:
                 failures += 1
                 log.info("granting a new lease failed (%s); retrying", exc)
-                if self._stop.wait(self._backoff(failures)):
+                if self._stop.wait(self._backoff.delay(failures)):
                     break
         return failures
-
-    def _backoff(self, failures: int) -> float:
-        state = tenacity.RetryCallState(self._retrying, None, (), {})
-        state.attempt_number = failures
-        return min(float(self._wait(state)), self.ttl / 3)
 
     def stop(self, timeout: float | None = 10.0) -> None:
         """Stop refreshing, join the thread, revoke the lease. Idempotent."""
         if self._stop.is_set():
             return
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        stop_and_join(self._thread, timeout=timeout, logger=log, what="the lease keeper")
         lease_id = self.lease_id
         if lease_id and not self._client.closed:
             self._revoke(lease_id)

@@ -21,29 +21,71 @@ whole view (after compaction, or when :meth:`ResumableWatch.resync` asks for one
 treat a :class:`Snapshot` as "forget everything, this is the state". A handler that raises is
 logged and answered with a fresh snapshot.
 
+Each re-established stream is reported as a :class:`RestartReason`, each snapshot carries its
+:class:`SnapshotReason`; both are ``str`` enums, so they serve as metric labels as they are.
+
 Threading: the loop runs on one named daemon thread and calls the handler on it. ``stop()``
 closes the live stream (which wakes a blocked read), interrupts any backoff, and joins the
-thread. A stream that stays silent longer than the client's ``watch_timeout`` is considered dead,
-so etcd must send progress notifications more often than that.
+thread (a thread that does not end in time is logged with its stack). A stream that stays
+silent longer than the client's ``watch_timeout`` is considered dead, so etcd must send progress
+notifications more often than that.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import tenacity
-
+from .._threads import stop_and_join
 from ..exceptions import EtcdError
 from . import txn as t
+from .backoff import Backoff
 from .client import EtcdClient, Stream
 
-__all__ = ["Changes", "ResumableWatch", "Snapshot", "WatchEvent"]
+__all__ = [
+    "Changes",
+    "RestartReason",
+    "ResumableWatch",
+    "Snapshot",
+    "SnapshotReason",
+    "WatchEvent",
+]
 
 log = logging.getLogger("distributedtask.watch")
+
+
+class RestartReason(str, enum.Enum):
+    """Why the stream was re-established (``on_restart``'s argument, a metric label)."""
+
+    COMPACTED = "compacted"  # the resume revision was compacted away: relisted
+    CONNECT = "connect"  # the stream broke, timed out, or could not be opened
+    EOF = "eof"  # etcd ended the stream
+    CANCELED = "canceled"  # etcd canceled the watch
+    ERROR = "error"  # the handler raised: relisted
+    RESYNC = "resync"  # resync() asked for a fresh snapshot
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class SnapshotReason(str, enum.Enum):
+    """Why a :class:`Snapshot` was taken."""
+
+    INITIAL = "initial"
+    COMPACTED = "compacted"
+    RESYNC = "resync"
+    HANDLER_ERROR = "handler-error"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Restarts that are no failure: relist at once, without backoff.
+_EXPECTED = frozenset({RestartReason.COMPACTED, RestartReason.RESYNC})
 
 
 @dataclass(frozen=True)
@@ -60,7 +102,7 @@ class Snapshot:
 
     revision: int
     kvs: list[t.KeyValue]
-    reason: str  # "initial", "compacted", "resync", "handler-error"
+    reason: SnapshotReason
 
 
 @dataclass(frozen=True)
@@ -75,8 +117,8 @@ Handler = Callable[[Snapshot | Changes], None]
 
 
 class _RestartError(Exception):
-    def __init__(self, reason: str, relist: bool = False) -> None:
-        super().__init__(reason)
+    def __init__(self, reason: RestartReason, relist: SnapshotReason | None = None) -> None:
+        super().__init__(reason.value)
         self.reason = reason
         self.relist = relist
 
@@ -84,10 +126,11 @@ class _RestartError(Exception):
 class ResumableWatch:
     """Follow ``[key, range_end)`` from a snapshot of ``list_ranges`` (default: the same range).
 
-    ``on_restart(reason)`` is called on the watch thread each time the stream is re-established
-    (reasons: ``compacted``, ``broken``, ``eof``, ``canceled``, ``error``, ``connect``,
-    ``resync``). ``start()`` returns once the first snapshot was delivered, or raises
-    :class:`EtcdError` if it could not be listed within the client's timeout.
+    ``on_restart(reason)`` is called on the watch thread each time the stream is re-established,
+    with a :class:`RestartReason`. Between failed streams the loop backs off (jittered,
+    exponential, at most ``max_backoff`` seconds). ``start()`` returns once the first snapshot
+    was delivered, or raises :class:`EtcdError` if it could not be listed within the client's
+    timeout.
     """
 
     def __init__(
@@ -99,7 +142,7 @@ class ResumableWatch:
         *,
         list_ranges: Sequence[tuple[bytes, bytes]] | None = None,
         name: str = "distributedtask-watch",
-        on_restart: Callable[[str], None] | None = None,
+        on_restart: Callable[[RestartReason], None] | None = None,
         max_backoff: float = 2.0,
     ) -> None:
         self._client = client
@@ -109,8 +152,7 @@ class ResumableWatch:
         self._list_ranges = list(list_ranges) if list_ranges else [(key, range_end)]
         self._name = name
         self._on_restart = on_restart
-        self._wait = tenacity.wait_random_exponential(multiplier=0.05, max=max_backoff)
-        self._retrying = tenacity.Retrying(wait=self._wait)
+        self._backoff = Backoff(initial=0.05, maximum=max_backoff)
         self._stop = threading.Event()
         self._stream_lock = threading.Lock()
         self._stream: Stream | None = None
@@ -127,7 +169,7 @@ class ResumableWatch:
         """
         if self._thread is not None:
             raise RuntimeError("this watch was already started")
-        self._deliver_snapshot("initial")
+        self._deliver_snapshot(SnapshotReason.INITIAL)
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
 
@@ -136,9 +178,7 @@ class ResumableWatch:
         handler's own (a handler calling ``stop`` only signals; the loop exits after it)."""
         self._stop.set()
         self._close_stream()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+        stop_and_join(self._thread, timeout=timeout, logger=log, what=f"the watch of {self._key!r}")
 
     @property
     def running(self) -> bool:
@@ -153,32 +193,34 @@ class ResumableWatch:
 
     def _run(self) -> None:
         failures = 0
-        relist: str | None = None  # the reason for the next snapshot, if one is due
+        relist: SnapshotReason | None = None  # the reason for the next snapshot, if one is due
         while not self._stop.is_set():
+            reason: RestartReason
             try:
                 if self._resync_requested.is_set():
                     self._resync_requested.clear()
-                    relist = relist or "resync"
+                    if relist is None:
+                        relist = SnapshotReason.RESYNC
                 if relist is not None:
                     self._deliver_snapshot(relist)
                     relist = None
                 delivered = self._follow()
-                reason = "eof"
+                reason = RestartReason.EOF
                 if delivered:
                     failures = 0
             except _RestartError as restart:
                 reason = restart.reason
-                if restart.relist:
-                    relist = reason
-                if reason in ("compacted", "resync"):
+                if restart.relist is not None:
+                    relist = restart.relist
+                if reason in _EXPECTED:
                     failures = 0
             except EtcdError as exc:
-                reason = "connect"
+                reason = RestartReason.CONNECT
                 if not exc.transient:
                     log.warning("watch of %r: %s", self._key, exc)
             except Exception:  # a handler bug must not end the watch
                 log.exception("watch handler of %r failed; relisting", self._key)
-                reason, relist = "error", "handler-error"
+                reason, relist = RestartReason.ERROR, SnapshotReason.HANDLER_ERROR
             if self._stop.is_set():
                 return
             if self._on_restart is not None:
@@ -186,14 +228,12 @@ class ResumableWatch:
                     self._on_restart(reason)
                 except Exception:
                     log.exception("on_restart callback failed")
-            if reason not in ("compacted", "resync"):
+            if reason not in _EXPECTED:
                 failures += 1
-                state = tenacity.RetryCallState(self._retrying, None, (), {})
-                state.attempt_number = failures
-                if self._stop.wait(self._wait(state)):
+                if self._stop.wait(self._backoff.delay(failures)):
                     return
 
-    def _deliver_snapshot(self, reason: str) -> None:
+    def _deliver_snapshot(self, reason: SnapshotReason) -> None:
         ranges = [t.get(start, end) for start, end in self._list_ranges]
         result = self._client.txn(success=ranges)
         kvs: list[t.KeyValue] = []
@@ -216,7 +256,7 @@ class ResumableWatch:
         with self._stream_lock:
             if self._stop.is_set() or self._resync_requested.is_set():
                 stream.close()
-                raise _RestartError("resync", relist=True)
+                raise _RestartError(RestartReason.RESYNC, SnapshotReason.RESYNC)
             self._stream = stream
         delivered = False
         try:
@@ -228,10 +268,10 @@ class ResumableWatch:
         finally:
             self._close_stream()
         if self._resync_requested.is_set():
-            raise _RestartError("resync", relist=True)
+            raise _RestartError(RestartReason.RESYNC, SnapshotReason.RESYNC)
         if self._stop.is_set():
             return delivered
-        raise _RestartError("eof")
+        raise _RestartError(RestartReason.EOF)
 
     def _on_frame(self, frame: dict[str, Any]) -> None:
         error = frame.get("error")
@@ -244,10 +284,10 @@ class ResumableWatch:
         if not isinstance(result, dict):
             return
         if t.as_int(result.get("compact_revision")) > 0:
-            raise _RestartError("compacted", relist=True)
+            raise _RestartError(RestartReason.COMPACTED, SnapshotReason.COMPACTED)
         if result.get("canceled"):
             log.info("watch of %r canceled by etcd: %s", self._key, result.get("cancel_reason", ""))
-            raise _RestartError("canceled")
+            raise _RestartError(RestartReason.CANCELED)
         events = result.get("events") or []
         if events:
             parsed = [
