@@ -38,9 +38,21 @@ def keys_under(client: dt.EtcdClient, prefix: str) -> list[bytes]:
     return [kv.key for kv in client.range(root, prefix_range_end(root), keys_only=True).kvs]
 
 
+def run_keys_under(client: dt.EtcdClient, prefix: str) -> list[bytes]:
+    """The keys under ``prefix`` but the layout marker: what runs and members left behind."""
+    marker = (prefix.rstrip("/") + "/format").encode()
+    return [key for key in keys_under(client, prefix) if key != marker]
+
+
 # ---- Scheduler test helpers ------------------------------------------------------------------
 
-SCHEDULER_THREAD_PREFIXES = ("dtask-worker-", "dtask-watch-", "dtask-lease-", "dtask-run-")
+SCHEDULER_THREAD_PREFIXES = (
+    "dtask-worker-",
+    "dtask-watch-",
+    "dtask-assign-",
+    "dtask-lease-",
+    "dtask-run-",
+)
 
 
 def scheduler_threads() -> list[str]:

@@ -25,7 +25,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
@@ -35,18 +34,11 @@ import orjson
 from .etcd.client import EtcdClient
 from .etcd.watch import Changes, ResumableWatch, Snapshot
 from .exceptions import DistributedTaskError, InvalidTaskError, TaskNotFoundError
-from .keys import MemberKey, OutcomeKey, ProgressKey, RunKey, TaskKey, prefix_range_end
+from .follower import FollowedRun, RunFollower
+from .keys import DoneKey, MemberKey, OutcomeKey, ProgressKey, TaskKey, prefix_range_end
 from .manager import Manager
-from .model import Progress, Task, TaskStatus, format_time, task_to_dict
-from .records import (
-    COMPLETED,
-    CorruptRecordError,
-    MemberRecord,
-    OutcomeRecord,
-    RunRecord,
-    TaskRecord,
-    decode_progress,
-)
+from .model import Task, TaskStatus, format_time, task_to_dict
+from .records import CorruptRecordError, MemberRecord, OutcomeRecord, decode_progress
 
 __all__ = ["main"]
 
@@ -439,11 +431,10 @@ def describe_event(manager: Manager, kind: str, kv: Any, progress: bool) -> str 
         if isinstance(parsed, OutcomeKey) and kind == "put":
             outcome = OutcomeRecord.decode(kv.value)
             error = f": {outcome.error}" if outcome.error else ""
-            return f"{parsed.namespace}/{parsed.task_id} {outcome.status.value}{error}"
-        if isinstance(parsed, RunKey) and kind == "put":
-            run = RunRecord.decode(kv.value)
-            name = f"{parsed.namespace}/{parsed.task_id}"
-            return f"{name} completed on {parsed.node_id}" if run.outcome == COMPLETED else None
+            on = f" on {outcome.node}" if outcome.node else ""
+            return f"{parsed.namespace}/{parsed.task_id} {outcome.status.value}{on}{error}"
+        if isinstance(parsed, DoneKey) and kind == "put":
+            return f"{parsed.namespace}/{parsed.task_id} completed on {parsed.node_id}"
         if isinstance(parsed, ProgressKey) and kind == "put" and progress:
             p = decode_progress(kv.value)
             return (
@@ -501,126 +492,20 @@ def _wait_interruptibly(event: threading.Event, timeout: float | None = None) ->
     return True
 
 
-@dataclass
-class _WaitState:
-    task: Task
-    progress: dict[str, Progress]
-    completed: set[str]
-    failed: dict[str, str]
-    outcome: OutcomeRecord | None = None
-    gone: bool = False
-
-
-class _WaitView:
-    """Follows one run: its nodes' run keys, progress keys and outcome (three small watches)."""
-
-    def __init__(self, manager: Manager, task: Task, on_change: Callable[[], None]) -> None:
-        self.manager = manager
-        self.state = _WaitState(task, {}, set(task.finished_nodes), {})
-        self.lock = threading.Lock()
-        self.changed = threading.Event()
-        self.done = threading.Event()
-        self._on_change = on_change
-        keys = manager.keys
-        ns, tid, version = task.namespace, task.id, task.version
-        runs = keys.task_runs(ns, tid)
-        progress = keys.version_progress(ns, tid, version)
-        outcome, record = keys.outcome(ns, tid), keys.task(ns, tid)
-        self.watches = [
-            _follow(manager, runs, prefix_range_end(runs), self._on_runs),
-            _follow(manager, progress, prefix_range_end(progress), self._on_progress),
-            _follow(
-                manager,
-                outcome,
-                outcome + b"\0",
-                self._on_outcome,
-                list_ranges=[(outcome, outcome + b"\0"), (record, record + b"\0")],
-            ),
-        ]
-
-    def stop(self) -> None:
-        for watch in self.watches:
-            watch.stop()
-
-    def _events(self, batch: Snapshot | Changes) -> list[tuple[str, Any]]:
-        if isinstance(batch, Snapshot):
-            return [("put", kv) for kv in batch.kvs]
-        return [(e.kind, e.kv) for e in batch.events]
-
-    def _on_runs(self, batch: Snapshot | Changes) -> None:
-        with self.lock:
-            for kind, kv in self._events(batch):
-                parsed = self.manager.keys.parse(kv.key)
-                if not isinstance(parsed, RunKey) or kind != "put":
-                    continue
-                try:
-                    run = RunRecord.decode(kv.value)
-                except CorruptRecordError:
-                    continue
-                if run.outcome == COMPLETED:
-                    self.state.completed.add(parsed.node_id)
-        self._changed()
-
-    def _on_progress(self, batch: Snapshot | Changes) -> None:
-        with self.lock:
-            for kind, kv in self._events(batch):
-                parsed = self.manager.keys.parse(kv.key)
-                if isinstance(parsed, ProgressKey) and kind == "put":
-                    try:
-                        self.state.progress[parsed.node_id] = decode_progress(kv.value)
-                    except CorruptRecordError:
-                        continue
-        self._changed()
-
-    def _on_outcome(self, batch: Snapshot | Changes) -> None:
-        keys, state = self.manager.keys, self.state
-        with self.lock:
-            if isinstance(batch, Snapshot):
-                by_kind = {type(keys.parse(kv.key)): kv for kv in batch.kvs}
-                record, outcome = by_kind.get(TaskKey), by_kind.get(OutcomeKey)
-                try:
-                    version = (
-                        None
-                        if record is None
-                        else TaskRecord.decode(record.value).version_at(record.mod_revision)
-                    )
-                    if version != state.task.version:
-                        state.gone = True  # removed, or replaced by a newer run
-                    elif outcome is not None:
-                        state.outcome = OutcomeRecord.decode(outcome.value)
-                except CorruptRecordError:
-                    state.gone = True
-            else:
-                for event in batch.events:
-                    if event.kind == "delete":
-                        state.gone = state.gone or state.outcome is None
-                        continue
-                    try:
-                        state.outcome = OutcomeRecord.decode(event.kv.value)
-                    except CorruptRecordError:
-                        state.gone = True
-            if state.outcome is not None and state.outcome.node is not None:
-                error = state.outcome.error or "failed"
-                state.failed[state.outcome.node] = error.removeprefix(f"{state.outcome.node}: ")
-            if state.outcome is not None or state.gone:
-                self.done.set()
-        self._changed()
-
-    def _changed(self) -> None:
-        self.changed.set()
-        self._on_change()
-
-
 def cmd_wait(args: argparse.Namespace) -> int:
     _, manager = connect(args)
     task = _current(manager, args.namespace, args.task_id, args.version)
     plain = args.plain or not sys.stdout.isatty()
-    renderer = _PlainRenderer(sys.stdout) if plain else _RichRenderer(task)
-    view = _WaitView(manager, task, lambda: None)
+    renderer = _PlainRenderer(task, sys.stdout) if plain else _RichRenderer(task)
+    follower = RunFollower(
+        manager, task.namespace, task.id, task.version, completions=True, progress=True
+    )
+    follower.state.completed.update(task.finished_nodes)
+    follower.start()
     try:
         renderer.start()
         deadline = None if args.timeout_after is None else time.monotonic() + args.timeout_after
-        while not view.done.is_set():
+        while not follower.over.is_set():
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 renderer.stop()
@@ -630,33 +515,35 @@ def cmd_wait(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 return EXIT_ERROR
-            view.changed.wait(0.2 if remaining is None else min(0.2, remaining))
-            view.changed.clear()
-            with view.lock:
-                renderer.update(view.state)
-        with view.lock:
-            renderer.update(view.state)
-            state = view.state
+            follower.changed.wait(0.2 if remaining is None else min(0.2, remaining))
+            follower.changed.clear()
+            with follower.lock:
+                renderer.update(follower.state)
+        with follower.lock:
+            renderer.update(follower.state)
+            outcome = follower.state.outcome
         renderer.stop()
     finally:
-        view.stop()
-    if state.outcome is None:
+        follower.close()
+    if outcome is None:
         raise TaskNotFoundError(task.namespace, task.id, task.version)
-    error = f": {state.outcome.error}" if state.outcome.error else ""
-    print(f"{task.namespace}/{task.id} v{task.version} {state.outcome.status.value}{error}")
-    return WAIT_EXIT[state.outcome.status]
+    error = f": {outcome.error}" if outcome.error else ""
+    on = f" on {outcome.node}" if outcome.node else ""
+    print(f"{task.namespace}/{task.id} v{task.version} {outcome.status.value}{on}{error}")
+    return WAIT_EXIT[outcome.status]
 
 
 class _PlainRenderer:
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, task: Task, out: TextIO) -> None:
+        self.task = task
         self.out = out
         self.seen: dict[str, tuple[float, str, str]] = {}
 
     def start(self) -> None:
         pass
 
-    def update(self, state: _WaitState) -> None:
-        for node in sorted(state.task.nodes):
+    def update(self, state: FollowedRun) -> None:
+        for node in sorted(self.task.nodes):
             line = _node_line(state, node)
             if self.seen.get(node) != line:
                 self.seen[node] = line
@@ -669,15 +556,15 @@ class _PlainRenderer:
         pass
 
 
-def _node_line(state: _WaitState, node: str) -> tuple[float, str, str]:
+def _node_line(state: FollowedRun, node: str) -> tuple[float, str, str]:
     progress = state.progress.get(node)
     fraction = progress.fraction if progress else 0.0
     message = progress.message if progress else ""
     finished = state.outcome is not None and state.outcome.status is TaskStatus.FINISHED
     if node in state.completed or finished:  # FINISHED: every node completed
         return 1.0, "done", message
-    if node in state.failed:
-        return fraction, "failed", state.failed[node]
+    if state.outcome is not None and state.outcome.node == node:
+        return fraction, "failed", state.outcome.error or "failed"
     if state.outcome is not None:  # ended elsewhere: this node's run was stopped
         label = "cancelled" if state.outcome.status is TaskStatus.CANCELLED else "stopped"
         return fraction, label, message
@@ -705,7 +592,7 @@ class _RichRenderer:
     def start(self) -> None:
         self.bars.start()
 
-    def update(self, state: _WaitState) -> None:
+    def update(self, state: FollowedRun) -> None:
         for node, bar in self.ids.items():
             fraction, label, message = _node_line(state, node)
             self.bars.update(

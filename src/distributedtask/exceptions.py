@@ -10,6 +10,8 @@ Every error the library raises on purpose derives from :class:`DistributedTaskEr
      ├─ TaskTooFreshError        clean_up_task before the TTL has passed
      ├─ InvalidTaskError         (also ValueError) bad namespace/id/node id/payload
      ├─ NoEligibleNodesError     add_task without nodes= and no live node serves the namespace
+     ├─ CorruptRecordError       a value under the prefix that cannot be read (corrupt, foreign)
+     ├─ StorageFormatError       the prefix holds another storage layout (0.1's, or a newer one)
      └─ EtcdError                etcd unreachable, timed out or refused the request
 
 Errors keep the fields they are about as attributes, so callers never parse messages.
@@ -20,10 +22,12 @@ between threads. ``EtcdError`` never carries a password or an auth token.
 from __future__ import annotations
 
 __all__ = [
+    "CorruptRecordError",
     "DistributedTaskError",
     "EtcdError",
     "InvalidTaskError",
     "NoEligibleNodesError",
+    "StorageFormatError",
     "TaskAlreadyRunningError",
     "TaskNotFoundError",
     "TaskNotRunningError",
@@ -127,6 +131,41 @@ class NoEligibleNodesError(DistributedTaskError):
     def __init__(self, namespace: str) -> None:
         super().__init__(f"no live node serves namespace {namespace!r}")
         self.namespace = namespace
+
+
+class CorruptRecordError(DistributedTaskError):
+    """A value under our prefix that we cannot read: corrupt, foreign, or of another format.
+
+    Listing and scheduling skip such values (logged and counted); reading one task raises.
+    ``key`` is the etcd key of the value, when known.
+    """
+
+    def __init__(self, message: str, key: bytes | None = None) -> None:
+        super().__init__(message if key is None else f"{message} (key {key!r})")
+        self.key = key
+
+
+class StorageFormatError(DistributedTaskError):
+    """The keys under ``prefix`` are in a storage layout this version does not read.
+
+    ``found`` is the layout met (``1`` for the unmarked layout of distributedtask 0.1, or the
+    number in the marker), ``expected`` ours. Nothing was written. Layouts are not migrated:
+    use another prefix, or empty this one with the version that wrote it.
+    """
+
+    def __init__(self, prefix: str, found: int | str, expected: int) -> None:
+        if found == 1:
+            what = "the unmarked layout of distributedtask 0.1"
+        else:
+            what = f"storage layout {found}"
+        super().__init__(
+            f"the keys under {prefix!r} are in {what}; this version reads and writes layout "
+            f"{expected} only and does not migrate: use another prefix, or empty this one with "
+            f"the version that wrote it"
+        )
+        self.prefix = prefix
+        self.found = found
+        self.expected = expected
 
 
 class EtcdError(DistributedTaskError):

@@ -1,23 +1,30 @@
-"""The key schema: the only module that builds or parses etcd keys.
+"""The key schema (layout 2): the only module that builds or parses etcd keys.
 
 Under a prefix ``P`` (``"/distributedtask"`` by default)::
 
-    P/tasks/<ns>/<id>                       the task record: the current run of (ns, id);
-                                            never rewritten while the run exists
-    P/outcomes/<ns>/<id>                    how the run ended: FINISHED, FAILED or CANCELLED;
-                                            absent while it is STARTED
-    P/runs/<ns>/<id>/<node>                 one node's part in the current run: pending
-                                            (written with the task record) or completed
-    P/progress/<ns>/<id>/<version>/<node>   one node's latest progress report for a run
-    P/members/<node>                        a live Scheduler's membership (lease-bound)
+    P/format                                the layout marker (records.FormatRecord)
+    P/cluster/tasks/<ns>/<id>               the task record of the current run: payload, start
+                                            time, node count; never rewritten while it exists
+    P/cluster/outcomes/<ns>/<id>            how the run ended; absent while it runs
+    P/cluster/members/<node>                a live Scheduler's membership (lease-bound)
+    P/assign/<bucket>/<ns>/<id>             the run's nodes whose bucket is <bucket>
+    P/nodes/<ns>/<id>                       every node of the run (one key)
+    P/done/<ns>/<id>/<node>                 a node's completion of the current run
+    P/progress/<ns>/<id>/<version>/<node>   a node's latest progress report on a run
 
-The run keys of the DESIGN carried the version in the key; they do not here, and that is
-deliberate: the run's node keys are written *in the same transaction as the task record*, when
-the version (that transaction's revision) is not yet known. Having one key per assigned node
-lets etcd itself enforce "only an assigned node may record" with a compare
-(``create_revision > 0``), and tell "no node is pending" with another (a pending key's
-``mod_revision`` is the version), in the one round trip of a completion; replacing or removing
-a run deletes them atomically, so they always belong to the current run.
+The layout follows one rule: *each watcher receives what concerns it*. Every Scheduler watches
+``P/cluster/`` — task records, outcomes and members, whose size does not grow with the number
+of nodes of a task — and ``P/assign/<its bucket>/``, where a task names only the nodes of that
+bucket. A node's bucket is a stable hash of its id into :data:`BUCKETS` buckets, so one add
+delivers to each Scheduler a record and at most one short assignment, and the bytes etcd sends
+grow with the number of Schedulers, not with its square. Completions (``done``) and progress
+are watched by no Scheduler: a completer counts the ``done`` keys of its task, and ``wait``,
+the CLI and whoever asks read or watch them per task.
+
+The add transaction writes the record, the node list and one assignment per bucket that has a
+node (at most :data:`BUCKETS`): a bounded number of operations whatever the number of nodes, so
+no cap from etcd's ``--max-txn-ops``. Per-node keys (``done``, ``progress``) are written lazily
+by the node that reports.
 
 Every name segment is percent-encoded (``urllib.parse.quote`` with no safe characters), so a
 ``/`` inside a namespace, id or node id can never forge another key, and every prefix we range
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import re
+import zlib
 from dataclasses import dataclass
 from urllib.parse import quote, unquote_to_bytes
 
@@ -38,14 +46,21 @@ from .exceptions import InvalidTaskError
 from .model import validate_name
 
 __all__ = [
+    "BUCKETS",
+    "AssignKey",
+    "DoneKey",
     "Keys",
     "MemberKey",
+    "NodesKey",
     "OutcomeKey",
     "ProgressKey",
-    "RunKey",
     "TaskKey",
+    "bucket_of",
     "prefix_range_end",
 ]
+
+BUCKETS = 64
+"""How many assignment buckets a task's nodes are spread over; part of the layout."""
 
 
 def _esc(segment: str) -> str:
@@ -77,6 +92,17 @@ def _unesc_general(segment: str) -> str | None:
         return None
 
 
+def _version_segment(segment: str) -> int | None:
+    canonical = (
+        segment.isascii()
+        and segment.isdigit()
+        and len(segment) <= 19
+        and segment == str(int(segment))
+        and 0 < int(segment) < 2**63
+    )
+    return int(segment) if canonical else None
+
+
 def prefix_range_end(prefix: bytes) -> bytes:
     """The etcd ``range_end`` that makes ``[prefix, range_end)`` exactly the keys under prefix."""
     end = bytearray(prefix)
@@ -88,9 +114,15 @@ def prefix_range_end(prefix: bytes) -> bytes:
     return b"\x00"  # every key
 
 
+@functools.lru_cache(maxsize=65536)
+def bucket_of(node_id: str) -> int:
+    """The assignment bucket of a node: a stable hash (CRC-32 of its UTF-8 id) mod BUCKETS."""
+    return zlib.crc32(node_id.encode("utf-8")) % BUCKETS
+
+
 @dataclass(frozen=True)
 class TaskKey:
-    """``P/tasks/<namespace>/<task_id>``."""
+    """``P/cluster/tasks/<namespace>/<task_id>``."""
 
     namespace: str
     task_id: str
@@ -98,15 +130,32 @@ class TaskKey:
 
 @dataclass(frozen=True)
 class OutcomeKey:
-    """``P/outcomes/<namespace>/<task_id>``."""
+    """``P/cluster/outcomes/<namespace>/<task_id>``."""
 
     namespace: str
     task_id: str
 
 
 @dataclass(frozen=True)
-class RunKey:
-    """``P/runs/<namespace>/<task_id>/<node_id>``."""
+class NodesKey:
+    """``P/nodes/<namespace>/<task_id>``."""
+
+    namespace: str
+    task_id: str
+
+
+@dataclass(frozen=True)
+class AssignKey:
+    """``P/assign/<bucket>/<namespace>/<task_id>``."""
+
+    bucket: int
+    namespace: str
+    task_id: str
+
+
+@dataclass(frozen=True)
+class DoneKey:
+    """``P/done/<namespace>/<task_id>/<node_id>``."""
 
     namespace: str
     task_id: str
@@ -125,15 +174,17 @@ class ProgressKey:
 
 @dataclass(frozen=True)
 class MemberKey:
-    """``P/members/<node_id>``."""
+    """``P/cluster/members/<node_id>``."""
 
     node_id: str
 
 
-ParsedKey = TaskKey | OutcomeKey | RunKey | ProgressKey | MemberKey
+ParsedKey = TaskKey | OutcomeKey | NodesKey | AssignKey | DoneKey | ProgressKey | MemberKey
 
-
-RESERVED_SEGMENTS = frozenset({"tasks", "outcomes", "runs", "progress", "members"})
+LAYOUT_SEGMENTS = frozenset({"format", "cluster", "assign", "nodes", "done", "progress", "units"})
+LEGACY_SEGMENTS = frozenset({"tasks", "outcomes", "runs", "members"})
+"""The top-level names of the 0.1 layout: still reserved, so a prefix never lies inside one."""
+RESERVED_SEGMENTS = LAYOUT_SEGMENTS | LEGACY_SEGMENTS
 
 
 class Keys:
@@ -141,9 +192,9 @@ class Keys:
 
     ``prefix`` must be a non-empty string; a trailing ``/`` is ignored, so ``"/a"`` and
     ``"/a/"`` name the same tree. None of its ``/``-separated segments may be one of the names
-    the schema uses below a prefix (``tasks``, ``outcomes``, ``runs``, ``progress``,
-    ``members``): otherwise the tree of prefix ``/a/runs`` would lie inside the run keys of
-    prefix ``/a``, and two prefixes must never meet. Raises :class:`ValueError`.
+    the schema uses below a prefix (:data:`RESERVED_SEGMENTS`): otherwise the tree of prefix
+    ``/a/done`` would lie inside the keys of prefix ``/a``, and two prefixes must never meet.
+    Raises :class:`ValueError`.
     """
 
     def __init__(self, prefix: str) -> None:
@@ -156,46 +207,72 @@ class Keys:
             raise ValueError(f"prefix {prefix!r} uses the reserved segment {sorted(reserved)[0]!r}")
         self.prefix = prefix.rstrip("/")
         self.root = (self.prefix + "/").encode("utf-8")
-        self._tasks = self.root + b"tasks/"
-        self._outcomes = self.root + b"outcomes/"
-        self._runs = self.root + b"runs/"
+        self.format = self.root + b"format"
+        self.cluster = self.root + b"cluster/"
+        self._tasks = self.cluster + b"tasks/"
+        self._outcomes = self.cluster + b"outcomes/"
+        self._members = self.cluster + b"members/"
+        self._assign = self.root + b"assign/"
+        self._nodes = self.root + b"nodes/"
+        self._done = self.root + b"done/"
         self._progress = self.root + b"progress/"
-        self._members = self.root + b"members/"
+        self.legacy = tuple(self.root + name.encode() + b"/" for name in sorted(LEGACY_SEGMENTS))
+        """The ranges the 0.1 layout wrote (its records, outcomes, runs and members)."""
 
     def __repr__(self) -> str:
         return f"Keys({self.prefix!r})"
 
     # ---- builders -------------------------------------------------------------------------
 
+    @staticmethod
+    def _id(namespace: str, task_id: str) -> bytes:
+        return f"{_esc(namespace)}/{_esc(task_id)}".encode()
+
     def task(self, namespace: str, task_id: str) -> bytes:
-        return self._tasks + f"{_esc(namespace)}/{_esc(task_id)}".encode()
+        return self._tasks + self._id(namespace, task_id)
 
     def all_tasks(self) -> bytes:
         """Prefix of every task record."""
         return self._tasks
 
     def outcome(self, namespace: str, task_id: str) -> bytes:
-        return self._outcomes + f"{_esc(namespace)}/{_esc(task_id)}".encode()
+        return self._outcomes + self._id(namespace, task_id)
 
     def all_outcomes(self) -> bytes:
         return self._outcomes
 
-    def task_runs(self, namespace: str, task_id: str) -> bytes:
-        """Prefix of the node keys of the current run of (ns, id)."""
-        return self._runs + f"{_esc(namespace)}/{_esc(task_id)}/".encode()
+    def nodes(self, namespace: str, task_id: str) -> bytes:
+        return self._nodes + self._id(namespace, task_id)
 
-    def run(self, namespace: str, task_id: str, node_id: str) -> bytes:
-        return self.task_runs(namespace, task_id) + _esc(node_id).encode()
+    def all_nodes(self) -> bytes:
+        return self._nodes
 
-    def all_runs(self) -> bytes:
-        return self._runs
+    def bucket(self, bucket: int) -> bytes:
+        """Prefix of the assignments of one bucket: what a Scheduler of that bucket watches."""
+        return self._assign + b"%02x/" % bucket
 
-    def task_progress_root(self) -> bytes:
+    def assign(self, bucket: int, namespace: str, task_id: str) -> bytes:
+        return self.bucket(bucket) + self._id(namespace, task_id)
+
+    def all_assignments(self) -> bytes:
+        return self._assign
+
+    def task_done(self, namespace: str, task_id: str) -> bytes:
+        """Prefix of the completions of the current run of (ns, id)."""
+        return self._done + self._id(namespace, task_id) + b"/"
+
+    def done(self, namespace: str, task_id: str, node_id: str) -> bytes:
+        return self.task_done(namespace, task_id) + _esc(node_id).encode()
+
+    def all_done(self) -> bytes:
+        return self._done
+
+    def all_progress(self) -> bytes:
         """Prefix of every progress key."""
         return self._progress
 
     def task_progress(self, namespace: str, task_id: str) -> bytes:
-        return self._progress + f"{_esc(namespace)}/{_esc(task_id)}/".encode()
+        return self._progress + self._id(namespace, task_id) + b"/"
 
     def version_progress(self, namespace: str, task_id: str, version: int) -> bytes:
         return self.task_progress(namespace, task_id) + f"{version}/".encode()
@@ -219,31 +296,33 @@ class Keys:
             rest = key[len(self.root) :].decode("ascii")
         except UnicodeDecodeError:
             return None
-        kind, _, tail = rest.partition("/")
-        parts = tail.split("/")
-        if kind in ("tasks", "outcomes") and len(parts) == 2:
-            ns, tid = (_unesc(p) for p in parts)
+        parts = rest.split("/")
+        kind = parts[0]
+        if kind == "cluster" and len(parts) >= 2:
+            kind, parts = f"cluster/{parts[1]}", parts[1:]
+            if kind == "cluster/members":
+                node = _unesc(parts[1]) if len(parts) == 2 else None
+                return MemberKey(node) if node else None
+        names = [_unesc(p) for p in parts[1:]]
+        if kind in ("cluster/tasks", "cluster/outcomes", "nodes") and len(names) == 2:
+            ns, tid = names
             if not (ns and tid):
                 return None
-            return TaskKey(ns, tid) if kind == "tasks" else OutcomeKey(ns, tid)
-        if kind == "runs" and len(parts) == 3:
-            ns, tid, node = (_unesc(p) for p in parts)
-            return RunKey(ns, tid, node) if ns and tid and node else None
-        if kind == "progress" and len(parts) == 4:
-            ns, tid, node = _unesc(parts[0]), _unesc(parts[1]), _unesc(parts[3])
-            version = parts[2]
-            canonical = (
-                version.isascii()
-                and version.isdigit()
-                and len(version) <= 19
-                and version == str(int(version))
-                and int(version) < 2**63
-                and int(version) > 0
-            )
-            if not (ns and tid and node and canonical):
-                return None
-            return ProgressKey(ns, tid, int(version), node)
-        if kind == "members" and len(parts) == 1:
-            node = _unesc(parts[0])
-            return MemberKey(node) if node else None
+            if kind == "nodes":
+                return NodesKey(ns, tid)
+            return TaskKey(ns, tid) if kind == "cluster/tasks" else OutcomeKey(ns, tid)
+        if kind == "done" and len(names) == 3 and all(names):
+            ns, tid, node = names
+            return DoneKey(ns, tid, node)  # type: ignore[arg-type]
+        if kind == "assign" and len(parts) == 4 and names[1] and names[2]:
+            bucket = parts[1]
+            hexadecimal = len(bucket) == 2 and all(c in "0123456789abcdef" for c in bucket)
+            if hexadecimal and int(bucket, 16) < BUCKETS:
+                return AssignKey(int(bucket, 16), names[1], names[2])
+            return None
+        if kind == "progress" and len(parts) == 5:
+            ns, tid, node = names[0], names[1], names[3]
+            version = _version_segment(parts[3])
+            if ns and tid and node and version is not None:
+                return ProgressKey(ns, tid, version, node)
         return None

@@ -1,38 +1,44 @@
 """``Manager``: every state transition of a task, each an etcd compare-and-swap transaction.
 
-A run is stored as (keys.py has the schema): the task record (written once when the run is
-added, never rewritten while it exists, so its ``mod_revision`` *is* the version), one run key
-per assigned node (pending / completed), and the outcome key, which exists once the run has
-ended. "Version V is STARTED" is therefore two compares, ``mod(task) == V`` and
-``create(outcome) == 0``, and every transition is one transaction guarded by them::
+A run is stored in the keys of layout 2 (keys.py has the schema, readmodel.py the rules that
+turn them into a :class:`~distributedtask.model.Task`): the task record, written once when the
+run is added and never rewritten while it exists, so its ``mod_revision`` *is* the version; the
+node list and its per-bucket assignments; one completion key per node that completed; and the
+outcome key, which exists once the run has ended. "Version V is STARTED" is therefore two
+compares, ``mod(task) == V`` and ``create(outcome) == 0``, and every transition is guarded by
+them::
 
-    add (new id)      IF create(task) == 0 THEN put record + a pending key per node      1 trip
-                      ELSE range record
-    add (over a       the above; then IF mod(task) == observed THEN delete the old run;  3 trips
-     terminal run)    then the create again (watchers see the old run go, the new come)
-    complete          IF started(V) AND exists(runs/node) THEN put runs/node,            1 trip
-                        and, nested: IF no other run key has mod == V (none pending)
-                                     THEN put outcome FINISHED
-                      ELSE range record, outcome, runs/
-    fail              IF started(V) AND exists(runs/node) THEN put outcome FAILED (node) 1 trip
-    cancel            IF started(V) THEN put outcome CANCELLED                           1 trip
-    clean up          range record + outcome; IF mod(task) == observed AND               2 trips
-                      exists(outcome) THEN delete the run's keys
+    add            IF create(task) == 0 AND format is ours                          1 trip
+                   THEN put record, node list, an assignment per bucket (<= 64)
+                   ELSE range record, outcome, format
+    add over a     the above; then IF mod(task) == observed AND mod(outcome) ==      3 trips
+     terminal run  observed THEN delete the old run; then the create again
+    complete       IF started(V) THEN put done/node, range done/ (keys only)        1 trip
+                   ... and when that range holds every node:
+                   IF started(V) THEN put outcome FINISHED                          +1 trip
+    fail           IF started(V) THEN put outcome FAILED (error verbatim, node)     1 trip
+    cancel         IF started(V) THEN put outcome CANCELLED                         1 trip
+    clean up       range the run; IF mod(task) == observed AND exists(outcome)      2 trips
+                   THEN delete the run's keys
 
-A pending run key is written in the transaction that adds the run, so its ``mod_revision`` is
-the version; a completion rewrites it. The completion that leaves no key pending writes FINISHED
-in the same transaction (a nested one, etcd >= 3.3, whose compares see the state before the
-outer writes): the last completion and a racing cancel are decided by etcd, one of them wins.
-A failure does not touch the run keys, so nodes that completed stay in ``finished_nodes``.
+Nothing in a transaction grows with the number of nodes: the add writes at most 64 assignments
+whatever the node count (no cap from etcd's 128 operations per transaction), completions are
+written lazily by each node, and deciding FINISHED needs no contended key. Each completer writes
+its own key and reads the completion keys of the run in the same transaction; etcd orders the
+transactions, so exactly one completer sees every node (the last), and it writes FINISHED
+guarded by "still STARTED" — one winner among finish, cancel and failure. Fan-in is N + 1 round
+trips for N nodes. A completer that dies between the two leaves every node completed and the run
+STARTED: :meth:`Manager.finish_if_complete` repairs that, and Schedulers call it when they see
+such a run (at start, at resync, and when they look at a lost node's work).
 
-This deviates from DESIGN.md, which rewrote the task record with the terminal state (that needs
-the record's fields, a payload of up to 1 MiB, in hand: a cancel or a failure would have cost a
-read first, or written the payload again) and finished a task in a second transaction (which
-leaves a window where every node has completed but the run is still STARTED, and a cancel in
-it wins against a completion already recorded). Here every transition is one round trip that
-writes a few hundred bytes, and etcd itself refuses a node that was not assigned (its run key
-does not exist). On a failed compare the failure branch reads what is
-needed to say why (``does not exist``, ``no longer running``, not an assigned node).
+Whether a node is one of a run's nodes is checked against the node list before anything is
+written (etcd cannot compare a value with a list): the list of a version never changes, so the
+Manager keeps the runs it added or read in a small cache, and a completion costs a read only
+the first time a Manager meets a run.
+
+The layout marker ``P/format`` must be ours: the add compares it (so etcd refuses to add to a
+prefix of another layout), reads check it, and :class:`StorageFormatError` is raised, with
+nothing written, when the prefix holds another layout, 0.1's included.
 
 Retries: :class:`~distributedtask.etcd.client.EtcdClient` retries transient failures, so a
 request may be applied although its response was lost. Every value a call writes carries that
@@ -40,10 +46,10 @@ call's random ``token``; a call that finds its own token recognises its earlier 
 succeeds. Deletes carry no token: a clean-up that finds the run gone after an ambiguous attempt
 succeeds.
 
-Threading: a Manager holds no state but its configuration; share it freely between threads.
-Every method raises :class:`~distributedtask.exceptions.EtcdError` when etcd cannot answer
-within the client's timeout, and :class:`~distributedtask.exceptions.InvalidTaskError`
-(nothing written) for bad arguments.
+Threading: a Manager holds its configuration and a cache of immutable run records; share it
+freely between threads. Every method raises :class:`~distributedtask.exceptions.EtcdError` when
+etcd cannot answer within the client's timeout, and
+:class:`~distributedtask.exceptions.InvalidTaskError` (nothing written) for bad arguments.
 """
 
 from __future__ import annotations
@@ -52,14 +58,15 @@ import logging
 import math
 import secrets
 import threading
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from .etcd import txn as t
 from .etcd.client import EtcdClient
-from .etcd.watch import Changes, ResumableWatch, Snapshot
 from .exceptions import (
+    CorruptRecordError,
     EtcdError,
     InvalidTaskError,
     NoEligibleNodesError,
@@ -69,7 +76,8 @@ from .exceptions import (
     TaskStillRunningError,
     TaskTooFreshError,
 )
-from .keys import Keys, MemberKey, OutcomeKey, ProgressKey, RunKey, TaskKey, prefix_range_end
+from .follower import RunFollower
+from .keys import BUCKETS, Keys, MemberKey, ProgressKey, prefix_range_end
 from .model import (
     Progress,
     Task,
@@ -79,30 +87,28 @@ from .model import (
     truncate_ms,
     validate_name,
 )
+from .readmodel import ReadModel, Run, build_task
 from .records import (
-    COMPLETED,
-    PENDING,
-    CorruptRecordError,
+    FORMAT_MARKER,
+    DoneRecord,
     MemberRecord,
+    NodeList,
     OutcomeRecord,
-    RunRecord,
     TaskRecord,
     decode_progress,
     encode_progress,
-    run_completed,
 )
 
 __all__ = ["Manager"]
 
 log = logging.getLogger("distributedtask.manager")
 
-MAX_NODES = t.MAX_TXN_OPS - 1
-"""The most nodes a task may have: the add transaction writes the record and one key a node."""
-
 MAX_MESSAGE_CHARS = 4096
 """Error and progress messages are cut to this many characters."""
 
 _RACE_ATTEMPTS = 16
+_CACHE_RUNS = 1024
+_CACHE_PAYLOAD_BYTES = 16 * 1024 * 1024
 
 
 def _utcnow() -> datetime:
@@ -118,6 +124,57 @@ def _clip(text: str) -> str:
     cut to ``MAX_MESSAGE_CHARS``."""
     text = text.encode("utf-8", "replace").decode("utf-8")
     return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…"
+
+
+def _check_progress(fraction: object, message: object) -> None:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or math.isnan(fraction):
+        raise InvalidTaskError(f"fraction must be a number, not {fraction!r}", "fraction")
+    if not isinstance(message, str):
+        raise InvalidTaskError("message must be a str", "message")
+
+
+def _batches(ops: Sequence[t.Op]) -> Iterable[Sequence[t.Op]]:
+    for start in range(0, len(ops), t.MAX_TXN_OPS):
+        yield ops[start : start + t.MAX_TXN_OPS]
+
+
+@dataclass(frozen=True)
+class KnownRun:
+    """What never changes about one version of a run: its record and nodes."""
+
+    record: TaskRecord
+    nodes: frozenset[str]
+
+
+class _RunCache:
+    """Least-recently-used :class:`KnownRun` by ``(namespace, id, version)``, bounded in entries
+    and payload bytes. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: OrderedDict[tuple[str, str, int], KnownRun] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: tuple[str, str, int]) -> KnownRun | None:
+        with self._lock:
+            run = self._runs.get(key)
+            if run is not None:
+                self._runs.move_to_end(key)
+            return run
+
+    def put(self, key: tuple[str, str, int], run: KnownRun) -> None:
+        size = len(run.record.payload)
+        if size > _CACHE_PAYLOAD_BYTES // 8:
+            return
+        with self._lock:
+            old = self._runs.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old.record.payload)
+            self._runs[key] = run
+            self._bytes += size
+            while len(self._runs) > _CACHE_RUNS or self._bytes > _CACHE_PAYLOAD_BYTES:
+                _, evicted = self._runs.popitem(last=False)
+                self._bytes -= len(evicted.record.payload)
 
 
 class Manager:
@@ -145,12 +202,14 @@ class Manager:
             raise ValueError(f"max_payload_bytes must be an int >= 0: {max_payload_bytes!r}")
         self.client = client
         self.keys = Keys(prefix)
+        self.read = ReadModel(self.keys)
         self.prefix = self.keys.prefix
         self.completed_task_ttl = completed_task_ttl
         self.max_payload_bytes = max_payload_bytes
         self._clock = clock or _utcnow
         self.skipped_records = 0  # corrupt or foreign values met while reading (logged)
         self._skip_lock = threading.Lock()
+        self._known = _RunCache()
 
     def __repr__(self) -> str:
         return f"Manager({self.client!r}, prefix={self.prefix!r})"
@@ -183,10 +242,6 @@ class Manager:
         result = frozenset(validate_name(node, "node_id") for node in nodes)
         if not result:
             raise InvalidTaskError("nodes must not be empty", "nodes")
-        if len(result) > MAX_NODES:
-            raise InvalidTaskError(
-                f"a task may have at most {MAX_NODES} nodes, not {len(result)}", "nodes"
-            )
         return result
 
     @staticmethod
@@ -195,135 +250,79 @@ class Manager:
             raise InvalidTaskError(f"version must be a positive int, not {version!r}", "version")
         return version
 
+    def _check_run_args(
+        self, namespace: str, task_id: str, version: object, node_id: str | None = None
+    ) -> int:
+        validate_name(namespace, "namespace")
+        validate_name(task_id, "task_id")
+        if node_id is not None:
+            validate_name(node_id, "node_id")
+        return self._version(version)
+
     def _skip(self, key: bytes, exc: Exception) -> None:
         with self._skip_lock:
             self.skipped_records += 1
         log.warning("skipping unreadable value under %s: %s (key %r)", self.prefix, exc, key)
 
+    # ---- the layout marker ----------------------------------------------------------------
+
+    def ensure_format(self) -> None:
+        """Write the layout marker on a prefix that has none and holds no 0.1 keys; check it
+        otherwise. Called by the first add on a fresh prefix and by a starting Scheduler.
+
+        Raises :class:`StorageFormatError` (another layout; nothing written), :class:`EtcdError`.
+        """
+        result = self.client.txn(
+            compare=[
+                t.create_equals(self.keys.format, 0),
+                *(
+                    t.create_equals(legacy, 0, range_end=prefix_range_end(legacy))
+                    for legacy in self.keys.legacy
+                ),
+            ],
+            success=[t.put(self.keys.format, FORMAT_MARKER)],
+            failure=self.read.format_ops(),
+        )
+        if not result.succeeded:
+            self.read.check_format(result, 0)
+
+    def _read(self, ops: Sequence[t.Op]) -> t.TxnResult:
+        """One read transaction of ``ops`` followed by the layout check (results of ``ops``
+        keep their indexes). Raises :class:`StorageFormatError`, :class:`EtcdError`."""
+        result = self.client.txn(success=[*ops, *self.read.format_ops()])
+        self.read.check_format(result, len(ops))
+        return result
+
     # ---- reading --------------------------------------------------------------------------
 
-    def _finished(
-        self, runs: Mapping[str, t.KeyValue], on_skip: Callable[[bytes, Exception], None]
-    ) -> set[str]:
-        done = set()
-        for node, kv in runs.items():
-            try:
-                if run_completed(kv.value):
-                    done.add(node)
-            except CorruptRecordError as exc:
-                on_skip(kv.key, exc)
-        return done
+    def _read_run(self, namespace: str, task_id: str, extra: Sequence[t.Op] = ()) -> Run | None:
+        result = self._read([*self.read.run_ops(namespace, task_id), *extra])
+        run = self.read.run_from(namespace, task_id, result)
+        if run is not None:
+            self._remember(run.task, run.record)
+        return run
 
-    def runs_by_node(self, kvs: Iterable[t.KeyValue]) -> dict[str, t.KeyValue]:
-        """The run keys of one task, by node id (keys that are not run keys are ignored)."""
-        out = {}
-        for kv in kvs:
-            parsed = self.keys.parse(kv.key)
-            if isinstance(parsed, RunKey):
-                out[parsed.node_id] = kv
-        return out
-
-    def assemble(
-        self,
-        namespace: str,
-        task_id: str,
-        kv: t.KeyValue,
-        outcome_kv: t.KeyValue | None,
-        runs: Mapping[str, t.KeyValue],
-        *,
-        on_skip: Callable[[bytes, Exception], None] | None = None,
-    ) -> tuple[TaskRecord, OutcomeRecord | None, Task]:
-        """Decode a run from its keys: the record, the outcome (if any) and the run keys by
-        node (for views built from a watch). An unreadable run key is reported to ``on_skip``
-        (default: logged and counted in ``skipped_records``) and read as pending. Raises
-        ``CorruptRecordError`` for an unreadable record or outcome."""
-        record = TaskRecord.decode(kv.value)
-        outcome = None if outcome_kv is None else OutcomeRecord.decode(outcome_kv.value)
-        finished = self._finished(runs, on_skip or self._skip)
-        task = record.to_task(namespace, task_id, kv.mod_revision, finished, outcome)
-        return record, outcome, task
-
-    def _reads(self, namespace: str, task_id: str) -> list[t.Op]:
-        """``[range record, range outcome, range runs/]`` of one id."""
-        return [
-            t.get(self.keys.task(namespace, task_id)),
-            t.get(self.keys.outcome(namespace, task_id)),
-            t.get_prefix(self.keys.task_runs(namespace, task_id)),
-        ]
-
-    def _from_reads(
-        self, namespace: str, task_id: str, result: t.TxnResult, at: int = 0
-    ) -> tuple[t.KeyValue, OutcomeRecord | None, Task] | None:
-        """The run read by :meth:`_reads` placed at ``at`` in a transaction's responses."""
-        kv = result.range(at).first()
-        if kv is None:
-            return None
-        runs = self.runs_by_node(result.range(at + 2).kvs)
-        _, outcome, task = self.assemble(namespace, task_id, kv, result.range(at + 1).first(), runs)
-        return kv, outcome, task
+    def _remember(self, task: Task, record: TaskRecord) -> None:
+        self._known.put((task.namespace, task.id, task.version), KnownRun(record, task.nodes))
 
     def get_task(self, namespace: str, task_id: str) -> Task | None:
         """The current run of ``(namespace, task_id)``, or ``None``. One round trip.
 
-        Raises :class:`InvalidTaskError`, :class:`EtcdError`, and ``CorruptRecordError`` (a
-        :class:`DistributedTaskError`) if the stored record cannot be read.
+        Raises :class:`InvalidTaskError`, :class:`EtcdError`, :class:`StorageFormatError`, and
+        :class:`CorruptRecordError` if the stored run cannot be read.
         """
         validate_name(namespace, "namespace")
         validate_name(task_id, "task_id")
-        found = self._from_reads(
-            namespace, task_id, self.client.txn(success=self._reads(namespace, task_id))
-        )
-        return None if found is None else found[2]
-
-    def list_ranges(self) -> list[tuple[bytes, bytes]]:
-        """The key ranges that hold every task: records, outcomes and run keys."""
-        return [
-            (prefix, prefix_range_end(prefix))
-            for prefix in (self.keys.all_tasks(), self.keys.all_outcomes(), self.keys.all_runs())
-        ]
+        run = self._read_run(namespace, task_id)
+        return None if run is None else run.task
 
     def list_tasks(self) -> dict[str, list[Task]]:
         """Every task, by namespace, each list sorted by id; read at one etcd revision.
 
-        Values that cannot be read (corrupt, foreign, newer format) are skipped with a log
-        line and counted in ``skipped_records``. Raises :class:`EtcdError`.
+        Values that cannot be read (corrupt, foreign) are skipped with a log line and counted
+        in ``skipped_records``. Raises :class:`EtcdError`, :class:`StorageFormatError`.
         """
-        result = self.client.txn(success=[t.get(a, b) for a, b in self.list_ranges()])
-        return self.tasks_from_kvs(
-            [*result.range(0).kvs, *result.range(1).kvs, *result.range(2).kvs]
-        )
-
-    def tasks_from_kvs(self, kvs: Iterable[t.KeyValue]) -> dict[str, list[Task]]:
-        """Assemble tasks from the keys of :meth:`list_ranges` (e.g. a watch snapshot).
-
-        Unreadable values are skipped (logged, counted). Returns tasks by namespace, sorted.
-        """
-        records: dict[tuple[str, str], t.KeyValue] = {}
-        outcomes: dict[tuple[str, str], t.KeyValue] = {}
-        runs: dict[tuple[str, str], dict[str, t.KeyValue]] = {}
-        for kv in kvs:
-            parsed = self.keys.parse(kv.key)
-            if isinstance(parsed, TaskKey):
-                records[(parsed.namespace, parsed.task_id)] = kv
-            elif isinstance(parsed, OutcomeKey):
-                outcomes[(parsed.namespace, parsed.task_id)] = kv
-            elif isinstance(parsed, RunKey):
-                runs.setdefault((parsed.namespace, parsed.task_id), {})[parsed.node_id] = kv
-            elif parsed is None:
-                self._skip(kv.key, CorruptRecordError("not a key of ours"))
-        out: dict[str, list[Task]] = {}
-        for (ns, tid), kv in records.items():
-            try:
-                _, _, task = self.assemble(
-                    ns, tid, kv, outcomes.get((ns, tid)), runs.get((ns, tid), {})
-                )
-            except CorruptRecordError as exc:
-                self._skip(kv.key, exc)
-                continue
-            out.setdefault(ns, []).append(task)
-        for tasks in out.values():
-            tasks.sort(key=lambda task: task.id)
-        return out
+        return self.read.tasks_from(self._read(self.read.list_ops()), 0, self._skip)
 
     def list_tasks_payload(self) -> bytes:
         """``{"tasks": {namespace: [task JSON, ...]}}`` (see API.md). Raises :class:`EtcdError`."""
@@ -332,22 +331,29 @@ class Manager:
     def live_members(self) -> list[MemberRecord]:
         """The membership records of the live Schedulers, sorted by node id.
 
-        Raises :class:`EtcdError`.
+        Raises :class:`EtcdError`, :class:`StorageFormatError`.
         """
-        members_prefix = self.keys.all_members()
-        result = self.client.range(members_prefix, prefix_range_end(members_prefix))
+        result = self._read([t.get_prefix(self.keys.all_members())])
         members = []
-        for kv in result.kvs:
-            parsed = self.keys.parse(kv.key)
-            try:
-                member = MemberRecord.decode(kv.value)
-                if not isinstance(parsed, MemberKey) or parsed.node_id != member.node_id:
-                    raise CorruptRecordError("a member record under another node's key")
-            except CorruptRecordError as exc:
-                self._skip(kv.key, exc)
-                continue
-            members.append(member)
+        for kv in result.range(0).kvs:
+            member = self.member_from(kv, self._skip)
+            if member is not None:
+                members.append(member)
         return sorted(members, key=lambda m: m.node_id)
+
+    def member_from(
+        self, kv: t.KeyValue, on_skip: Callable[[bytes, Exception], None]
+    ) -> MemberRecord | None:
+        """Decode a membership key-value; an unreadable one goes to ``on_skip``."""
+        parsed = self.keys.parse(kv.key)
+        try:
+            member = MemberRecord.decode(kv.value)
+            if not isinstance(parsed, MemberKey) or parsed.node_id != member.node_id:
+                raise CorruptRecordError("a member record under another node's key")
+        except CorruptRecordError as exc:
+            on_skip(kv.key, exc)
+            return None
+        return member
 
     # ---- adding ---------------------------------------------------------------------------
 
@@ -362,10 +368,12 @@ class Manager:
         """Add a new STARTED run of ``(namespace, task_id)`` and return it.
 
         ``nodes=None`` assigns the run to the nodes whose live Scheduler serves ``namespace``
-        now. A terminal run of the same id is replaced, with a higher version.
+        now. A terminal run of the same id is replaced, with a higher version. There is no
+        fixed bound on the number of nodes; the add must fit in one etcd request (by default
+        1.5 MiB: the payload plus twice the node ids).
 
         Raises :class:`InvalidTaskError` (nothing written), :class:`NoEligibleNodesError`,
-        :class:`TaskAlreadyRunningError`, :class:`EtcdError`.
+        :class:`TaskAlreadyRunningError`, :class:`StorageFormatError`, :class:`EtcdError`.
         """
         validate_name(namespace, "namespace")
         validate_name(task_id, "task_id")
@@ -377,48 +385,65 @@ class Manager:
             assigned = self._nodes(eligible)
         else:
             assigned = self._nodes(nodes)
-        record = TaskRecord(payload=data, started_at=self.now(), nodes=assigned, token=_new_token())
-        return self._create(namespace, task_id, record)
+        record = TaskRecord(
+            payload=data, started_at=self.now(), node_count=len(assigned), token=_new_token()
+        )
+        return self._create(namespace, task_id, record, assigned)
 
     def _create(
         self,
         namespace: str,
         task_id: str,
         record: TaskRecord,
+        nodes: frozenset[str],
         outcome: OutcomeRecord | None = None,
     ) -> Task:
-        """Write a run — the record, a pending key per node, and ``outcome`` if given —
-        replacing a terminal (or unreadable) one, and return it. See :meth:`add_task`."""
-        key = self.keys.task(namespace, task_id)
-        outcome_key = self.keys.outcome(namespace, task_id)
-        pending = RunRecord(PENDING, record.started_at, record.token).encode()
-        writes = [t.put(key, record.encode())]
-        writes += [
-            t.put(self.keys.run(namespace, task_id, n), pending) for n in sorted(record.nodes)
+        """Write a run — record, node list, assignments, and ``outcome`` if given — replacing a
+        terminal (or unreadable) one, and return it. See :meth:`add_task`."""
+        keys = self.keys
+        key = keys.task(namespace, task_id)
+        outcome_key = keys.outcome(namespace, task_id)
+        writes = [
+            t.put(key, record.encode()),
+            t.put(keys.nodes(namespace, task_id), NodeList(nodes).encode()),
+            *(
+                t.put(keys.assign(bucket, namespace, task_id), part.encode())
+                for bucket, part in sorted(NodeList.by_bucket(nodes).items())
+            ),
         ]
         if outcome is not None:
             writes.append(t.put(outcome_key, outcome.encode()))
         for _ in range(_RACE_ATTEMPTS):
             result = self.client.txn(
-                compare=[t.create_equals(key, 0)],
+                compare=[t.create_equals(key, 0), t.value_equals(keys.format, FORMAT_MARKER)],
                 success=writes,
-                failure=[t.get(key), t.get(outcome_key)],
+                failure=[t.get(key), t.get(outcome_key), t.get(keys.format)],
             )
             if result.succeeded:
-                return record.to_task(namespace, task_id, result.revision, (), outcome)
+                task = build_task(namespace, task_id, record, result.revision, nodes, (), outcome)
+                self._remember(task, record)
+                return task
+            marker = result.range(2).first()
+            if marker is None or marker.value != FORMAT_MARKER:
+                self.ensure_format()  # writes the marker on a fresh prefix, or raises
+                continue
             kv = result.range(0).first()
             if kv is None:
                 continue  # removed meanwhile: create again
             outcome_kv = result.range(1).first()
             guard = [t.mod_equals(key, kv.mod_revision)]
             try:
-                existing = TaskRecord.decode(kv.value)
+                existing = TaskRecord.decode(kv.value, payload=False)
             except CorruptRecordError as exc:  # unreadable: it must not block the id forever
                 self._skip(kv.key, exc)
                 log.warning("replacing the unreadable record of %s/%s", namespace, task_id)
             else:
                 if existing.token == record.token:  # our own write, whose response was lost
-                    return existing.to_task(namespace, task_id, kv.mod_revision, (), outcome)
+                    task = build_task(
+                        namespace, task_id, record, kv.mod_revision, nodes, (), outcome
+                    )
+                    self._remember(task, record)
+                    return task
                 if outcome_kv is None:
                     raise TaskAlreadyRunningError(
                         namespace, task_id, existing.version_at(kv.mod_revision)
@@ -430,11 +455,15 @@ class Manager:
         )
 
     def _delete_run_ops(self, namespace: str, task_id: str) -> list[t.Op]:
+        """Delete every key of a run: a bounded number of operations (69) whatever its size."""
+        keys = self.keys
         return [
-            t.delete(self.keys.task(namespace, task_id)),
-            t.delete(self.keys.outcome(namespace, task_id)),
-            t.delete_prefix(self.keys.task_runs(namespace, task_id)),
-            t.delete_prefix(self.keys.task_progress(namespace, task_id)),
+            t.delete(keys.task(namespace, task_id)),
+            t.delete(keys.outcome(namespace, task_id)),
+            t.delete(keys.nodes(namespace, task_id)),
+            t.delete_prefix(keys.task_done(namespace, task_id)),
+            t.delete_prefix(keys.task_progress(namespace, task_id)),
+            *(t.delete(keys.assign(bucket, namespace, task_id)) for bucket in range(BUCKETS)),
         ]
 
     # ---- transitions of a running version -------------------------------------------------
@@ -446,14 +475,41 @@ class Manager:
             t.create_equals(self.keys.outcome(namespace, task_id), 0),
         ]
 
-    def _check_run_args(
-        self, namespace: str, task_id: str, version: object, node_id: str | None = None
-    ) -> int:
-        validate_name(namespace, "namespace")
-        validate_name(task_id, "task_id")
-        if node_id is not None:
-            validate_name(node_id, "node_id")
-        return self._version(version)
+    def known_run(
+        self, namespace: str, task_id: str, version: int, node_id: str | None = None
+    ) -> KnownRun:
+        """The record and nodes of ``version``, from the cache or one read; with ``node_id``,
+        checked to be one of its nodes. Raises :class:`TaskNotFoundError`,
+        :class:`InvalidTaskError` (not one of its nodes), :class:`CorruptRecordError`,
+        :class:`EtcdError`."""
+        known = self._known.get((namespace, task_id, version))
+        if known is None:
+            run = self._read_run(namespace, task_id)
+            if run is None or run.task.version != version:
+                raise TaskNotFoundError(namespace, task_id, version)
+            known = KnownRun(run.record, run.task.nodes)
+        if node_id is not None and node_id not in known.nodes:
+            # A terminal or replaced run says so first, as a transition's compares would.
+            run = self._read_run(namespace, task_id)
+            if run is None or run.task.version != version:
+                raise TaskNotFoundError(namespace, task_id, version)
+            if run.outcome is not None:
+                raise TaskNotRunningError(namespace, task_id, version, run.outcome.status.value)
+            raise InvalidTaskError(
+                f"node {node_id!r} is not one of the nodes of task {namespace}/{task_id} "
+                f"version {version}",
+                "node_id",
+            )
+        return known
+
+    def _explain_reads(self, namespace: str, task_id: str, node_id: str | None) -> list[t.Op]:
+        """The failure branch :meth:`_explain` reads: the run, and the node's completion."""
+        done = (
+            self.keys.done(namespace, task_id, node_id)
+            if node_id is not None
+            else self.keys.task_done(namespace, task_id)  # a key that never exists
+        )
+        return [*self.read.run_ops(namespace, task_id), t.get(done)]
 
     def _explain(
         self,
@@ -466,29 +522,22 @@ class Manager:
     ) -> Task:
         """After a failed compare: return our own earlier write, or raise why not.
 
-        The failure branch must be :meth:`_reads`.
+        The failure branch must be :meth:`_explain_reads`.
         """
-        found = self._from_reads(namespace, task_id, result)
-        if found is None or found[2].version != version:
+        run = self.read.run_from(namespace, task_id, result)
+        if run is None or run.task.version != version:
             raise TaskNotFoundError(namespace, task_id, version)
-        _, outcome, task = found
-        if outcome is None:  # STARTED at that version: the node's run key is missing
-            raise InvalidTaskError(
-                f"node {node_id!r} is not one of the nodes of task {namespace}/{task_id} "
-                f"version {version}",
-                "node_id",
-            )
+        outcome = run.outcome
+        if outcome is None:  # pragma: no cover - the compares said it is not STARTED
+            raise TaskNotFoundError(namespace, task_id, version)
         if outcome.token == token:
-            return task
-        if node_id is not None and outcome.status is TaskStatus.FINISHED:
-            for kv in result.range(2).kvs:
-                parsed = self.keys.parse(kv.key)
-                if isinstance(parsed, RunKey) and parsed.node_id == node_id:
-                    try:
-                        if RunRecord.decode(kv.value).token == token:
-                            return task  # our completion counted; another node finished it
-                    except CorruptRecordError:
-                        pass
+            return run.task
+        done = result.range(self.read.RUN_OPS).first()
+        try:
+            if done is not None and token and DoneRecord.decode(done.value).token == token:
+                return run.task  # our completion counted; the run ended after it
+        except CorruptRecordError:
+            pass
         raise TaskNotRunningError(namespace, task_id, version, outcome.status.value)
 
     def record_node_completion(
@@ -496,47 +545,140 @@ class Manager:
     ) -> Task:
         """Record that ``node_id`` finished ``version``; FINISHED once every node has.
 
-        One transaction, also for the completion that finishes the run: a nested transaction
-        writes the FINISHED outcome when no other node's run key is still pending. Idempotent
-        for a node while the run is STARTED. Returns the run after the call.
-        Raises :class:`TaskNotFoundError` (no such id or another version),
+        One transaction, and a second one by the completion that leaves no node pending (it
+        writes FINISHED). Idempotent for a node while the run is STARTED. Returns the run
+        after the call. Raises :class:`TaskNotFoundError` (no such id or another version),
         :class:`TaskNotRunningError` (that version is terminal), :class:`InvalidTaskError`
         (``node_id`` is not one of the task's nodes; nothing written), :class:`EtcdError`.
         """
         version = self._check_run_args(namespace, task_id, version, node_id)
+        known = self.known_run(namespace, task_id, version, node_id)
+        return self.complete(namespace, task_id, version, node_id, known)
+
+    def complete(
+        self, namespace: str, task_id: str, version: int, node_id: str, known: KnownRun
+    ) -> Task:
+        """:meth:`record_node_completion` for a caller that knows the run (a Scheduler):
+        ``node_id`` is not checked against the node list again."""
         token = _new_token()
-        run_key = self.keys.run(namespace, task_id, node_id)
-        runs = self.keys.task_runs(namespace, task_id)
-        now = self.now()
-        finished = OutcomeRecord(TaskStatus.FINISHED, now, token)
-        # A pending run key was written with the record, so its mod_revision is the version;
-        # a completed one was rewritten later. "Every other node completed" is therefore
-        # "no other run key has mod_revision == version", which also holds for no keys at all.
-        last = t.nested_txn(
-            compare=[
-                t.mod_not_equal(runs, version, range_end=run_key),
-                t.mod_not_equal(run_key + b"\0", version, range_end=prefix_range_end(runs)),
-            ],
-            success=[t.put(self.keys.outcome(namespace, task_id), finished.encode())],
-        )
-        reads = self._reads(namespace, task_id)
+        done_key = self.keys.done(namespace, task_id, node_id)
         result = self.client.txn(
-            compare=[*self._started(namespace, task_id, version), t.exists(run_key)],
-            success=[t.put(run_key, RunRecord(COMPLETED, now, token).encode()), last, *reads],
-            failure=reads,
+            compare=self._started(namespace, task_id, version),
+            success=[
+                t.put(done_key, DoneRecord(version, self.now(), token).encode()),
+                t.get_prefix(self.keys.task_done(namespace, task_id), keys_only=True),
+            ],
+            failure=self._explain_reads(namespace, task_id, node_id),
         )
         if not result.succeeded:
             return self._explain(namespace, task_id, version, result, token, node_id)
-        found = self._from_reads(namespace, task_id, result, at=2)
-        assert found is not None
-        return found[2]
+        finished = self.read.done_nodes(result.range(1).kvs)
+        if len(finished) >= known.record.node_count:
+            return self._finish(namespace, task_id, version, known, finished, token, node_id)
+        return build_task(namespace, task_id, known.record, version, known.nodes, finished, None)
+
+    def _finish(
+        self,
+        namespace: str,
+        task_id: str,
+        version: int,
+        known: KnownRun,
+        finished: Iterable[str],
+        token: str,
+        node_id: str | None,
+    ) -> Task:
+        """IF still STARTED THEN put outcome FINISHED; exactly one caller wins."""
+        outcome = OutcomeRecord(TaskStatus.FINISHED, self.now(), token)
+        result = self.client.txn(
+            compare=self._started(namespace, task_id, version),
+            success=[t.put(self.keys.outcome(namespace, task_id), outcome.encode())],
+            failure=self._explain_reads(namespace, task_id, node_id),
+        )
+        if not result.succeeded:
+            return self._explain(namespace, task_id, version, result, token, node_id)
+        return build_task(namespace, task_id, known.record, version, known.nodes, finished, outcome)
+
+    def finish_if_complete(self, namespace: str, task_id: str, version: int) -> Task | None:
+        """Write FINISHED for a STARTED run whose nodes have all completed (a completer died
+        between its completion and the finishing write); returns the run when it did, else
+        None. Two round trips. Raises :class:`EtcdError`."""
+        try:
+            known = self.known_run(namespace, task_id, version)
+        except (TaskNotFoundError, CorruptRecordError):
+            return None
+        result = self.client.txn(
+            compare=self._started(namespace, task_id, version),
+            success=[t.get_prefix(self.keys.task_done(namespace, task_id), keys_only=True)],
+        )
+        if not result.succeeded:
+            return None
+        finished = self.read.done_nodes(result.range(0).kvs)
+        if len(finished) < known.record.node_count:
+            return None
+        try:
+            return self._finish(namespace, task_id, version, known, finished, _new_token(), None)
+        except (TaskNotFoundError, TaskNotRunningError):
+            return None
+
+    def completed_by(
+        self, node_id: str, runs: Iterable[tuple[str, str, int]]
+    ) -> set[tuple[str, str, int]]:
+        """Which of ``runs`` ``node_id`` has completed: a read of that node's completion keys,
+        128 to a transaction. Raises :class:`EtcdError`."""
+        wanted = list(runs)
+        ops = [t.get(self.keys.done(ns, tid, node_id)) for ns, tid, _ in wanted]
+        out: set[tuple[str, str, int]] = set()
+        for start in range(0, len(ops), t.MAX_TXN_OPS):
+            batch = ops[start : start + t.MAX_TXN_OPS]
+            result = self.client.txn(success=batch)
+            for index in range(len(batch)):
+                kv = result.range(index).first()
+                run = wanted[start + index]
+                if kv is None:
+                    continue
+                try:
+                    if DoneRecord.decode(kv.value).version == run[2]:
+                        out.add(run)
+                except CorruptRecordError as exc:
+                    self._skip(kv.key, exc)
+        return out
+
+    def node_lists(
+        self, runs: Iterable[tuple[str, str, int]]
+    ) -> dict[tuple[str, str, int], frozenset[str]]:
+        """The nodes of each of ``runs`` that still exists at that version, 128 reads to a
+        transaction (the version is checked with the record's). Raises :class:`EtcdError`."""
+        wanted = list(runs)
+        ops = [
+            op
+            for ns, tid, _ in wanted
+            for op in (
+                t.get(self.keys.task(ns, tid), keys_only=True),
+                t.get(self.keys.nodes(ns, tid)),
+            )
+        ]
+        out: dict[tuple[str, str, int], frozenset[str]] = {}
+        per_txn = t.MAX_TXN_OPS // 2 * 2
+        for start in range(0, len(ops), per_txn):
+            batch = ops[start : start + per_txn]
+            result = self.client.txn(success=batch)
+            for index in range(0, len(batch), 2):
+                run = wanted[(start + index) // 2]
+                record_kv, nodes_kv = result.range(index).first(), result.range(index + 1).first()
+                if record_kv is None or nodes_kv is None or record_kv.mod_revision != run[2]:
+                    continue  # gone, replaced, or a restored terminal run
+                try:
+                    out[run] = NodeList.decode(nodes_kv.value).nodes
+                except CorruptRecordError as exc:
+                    self._skip(nodes_kv.key, exc)
+        return out
 
     def record_node_failure(
         self, namespace: str, task_id: str, version: int, node_id: str, error: str
     ) -> Task:
-        """Record that ``node_id`` failed ``version``: the run becomes FAILED with ``error``,
-        prefixed with the node id (``"node-b: disk full"``). Nodes that completed before stay
-        in ``finished_nodes``.
+        """Record that ``node_id`` failed ``version``: the run becomes FAILED with ``error``
+        verbatim and ``failed_node`` set. Nodes that completed before stay in
+        ``finished_nodes``.
 
         Raises :class:`TaskNotFoundError`, :class:`TaskNotRunningError`,
         :class:`InvalidTaskError` (not one of the task's nodes, or ``error`` not a str),
@@ -545,19 +687,16 @@ class Manager:
         version = self._check_run_args(namespace, task_id, version, node_id)
         if not isinstance(error, str):
             raise InvalidTaskError(f"error must be a str, not {type(error).__name__}", "error")
-        message = _clip(error) or "failed"
+        self.known_run(namespace, task_id, version, node_id)
+        return self.fail(namespace, task_id, version, node_id, error)
+
+    def fail(self, namespace: str, task_id: str, version: int, node_id: str, error: str) -> Task:
+        """:meth:`record_node_failure` for a caller that knows ``node_id`` is one of the run's
+        nodes (a Scheduler)."""
         outcome = OutcomeRecord(
-            TaskStatus.FAILED, self.now(), _new_token(), f"{node_id}: {message}", node=node_id
+            TaskStatus.FAILED, self.now(), _new_token(), _clip(error) or "failed", node=node_id
         )
-        run_key = self.keys.run(namespace, task_id, node_id)
-        return self._end_run(
-            namespace,
-            task_id,
-            version,
-            outcome,
-            extra_compare=[t.exists(run_key)],
-            node_id=node_id,
-        )
+        return self._end_run(namespace, task_id, version, outcome, node_id=node_id)
 
     def cancel_task(self, namespace: str, task_id: str, version: int) -> Task:
         """Cancel ``version``: STARTED -> CANCELLED. Returns the run after the call.
@@ -575,21 +714,22 @@ class Manager:
         version: int,
         outcome: OutcomeRecord,
         *,
-        extra_compare: Iterable[t.Compare] = (),
         node_id: str | None = None,
     ) -> Task:
         """One transaction: IF ``version`` is STARTED THEN write its outcome."""
-        reads = self._reads(namespace, task_id)
         result = self.client.txn(
-            compare=[*self._started(namespace, task_id, version), *extra_compare],
-            success=[t.put(self.keys.outcome(namespace, task_id), outcome.encode()), *reads],
-            failure=reads,
+            compare=self._started(namespace, task_id, version),
+            success=[
+                t.put(self.keys.outcome(namespace, task_id), outcome.encode()),
+                *self.read.run_ops(namespace, task_id),
+            ],
+            failure=self._explain_reads(namespace, task_id, node_id),
         )
         if not result.succeeded:
             return self._explain(namespace, task_id, version, result, outcome.token, node_id)
-        found = self._from_reads(namespace, task_id, result, at=1)
-        assert found is not None
-        return found[2]
+        run = self.read.run_from(namespace, task_id, result, at=1)
+        assert run is not None
+        return run.task
 
     # ---- progress -------------------------------------------------------------------------
 
@@ -604,33 +744,38 @@ class Manager:
     ) -> None:
         """Store ``node_id``'s latest progress on a STARTED run (one round trip).
 
-        ``fraction`` is clamped to [0, 1]. Raises :class:`InvalidTaskError` (bad arguments, or
-        not one of the task's nodes), :class:`TaskNotFoundError`,
-        :class:`TaskNotRunningError`, :class:`EtcdError`.
+        ``fraction`` is clamped to [0, 1]. No Scheduler watches progress: it reaches only
+        :meth:`get_progress`, ``dtask wait`` and whoever watches the run's progress keys.
+        Raises :class:`InvalidTaskError` (bad arguments, or not one of the task's nodes),
+        :class:`TaskNotFoundError`, :class:`TaskNotRunningError`, :class:`EtcdError`.
         """
         version = self._check_run_args(namespace, task_id, version, node_id)
-        if (
-            isinstance(fraction, bool)
-            or not isinstance(fraction, (int, float))
-            or math.isnan(fraction)
-        ):
-            raise InvalidTaskError(f"fraction must be a number, not {fraction!r}", "fraction")
-        if not isinstance(message, str):
-            raise InvalidTaskError("message must be a str", "message")
+        _check_progress(fraction, message)
+        self.known_run(namespace, task_id, version, node_id)
+        self.progress(namespace, task_id, version, node_id, fraction, message)
+
+    def progress(
+        self,
+        namespace: str,
+        task_id: str,
+        version: int,
+        node_id: str,
+        fraction: float,
+        message: str,
+    ) -> None:
+        """:meth:`record_progress` for a caller that knows ``node_id`` is one of the run's
+        nodes (a Scheduler's recorder)."""
+        _check_progress(fraction, message)
         progress = Progress(min(1.0, max(0.0, float(fraction))), _clip(message), self.now())
-        reads = self._reads(namespace, task_id)
         result = self.client.txn(
-            compare=[
-                *self._started(namespace, task_id, version),
-                t.exists(self.keys.run(namespace, task_id, node_id)),
-            ],
+            compare=self._started(namespace, task_id, version),
             success=[
                 t.put(
                     self.keys.progress(namespace, task_id, version, node_id),
                     encode_progress(progress),
                 )
             ],
-            failure=reads,
+            failure=self._explain_reads(namespace, task_id, node_id),
         )
         if not result.succeeded:
             self._explain(namespace, task_id, version, result, "", node_id)
@@ -639,9 +784,13 @@ class Manager:
         """The latest progress each node reported for ``version`` (nodes that never reported
         are absent). Raises :class:`InvalidTaskError`, :class:`EtcdError`."""
         version = self._check_run_args(namespace, task_id, version)
-        prefix = self.keys.version_progress(namespace, task_id, version)
+        result = self._read([t.get_prefix(self.keys.version_progress(namespace, task_id, version))])
+        return self.progress_from(result.range(0).kvs)
+
+    def progress_from(self, kvs: Iterable[t.KeyValue]) -> dict[str, Progress]:
+        """Progress by node from progress key-values (others are ignored, unreadable skipped)."""
         out: dict[str, Progress] = {}
-        for kv in self.client.range(prefix, prefix_range_end(prefix)).kvs:
+        for kv in kvs:
             parsed = self.keys.parse(kv.key)
             if not isinstance(parsed, ProgressKey):
                 continue
@@ -666,21 +815,17 @@ class Manager:
         version = self._check_run_args(namespace, task_id, version)
         ttl = self.completed_task_ttl if ttl is None else ttl
         key = self.keys.task(namespace, task_id)
-        outcome_key = self.keys.outcome(namespace, task_id)
-        found = self._from_reads(
-            namespace, task_id, self.client.txn(success=self._reads(namespace, task_id))
-        )
-        if found is None or found[2].version != version:
+        run = self._read_run(namespace, task_id)
+        if run is None or run.task.version != version:
             raise TaskNotFoundError(namespace, task_id, version)
-        kv, outcome, _ = found
-        if outcome is None:
+        if run.outcome is None:
             raise TaskStillRunningError(namespace, task_id, version)
-        if self.now() - outcome.finished_at <= ttl:
+        if self.now() - run.outcome.finished_at <= ttl:
             raise TaskTooFreshError(namespace, task_id, version, ttl.total_seconds())
         result = self.client.txn(
             compare=[
-                t.mod_equals(key, kv.mod_revision),
-                t.exists(outcome_key),
+                t.mod_equals(key, run.record_kv.mod_revision),
+                t.exists(self.keys.outcome(namespace, task_id)),
             ],
             success=self._delete_run_ops(namespace, task_id),
             failure=[t.get(key)],
@@ -704,51 +849,8 @@ class Manager:
         :class:`EtcdError` if etcd cannot be reached to start watching.
         """
         version = self._check_run_args(namespace, task_id, version)
-        key = self.keys.task(namespace, task_id)
-        outcome_key = self.keys.outcome(namespace, task_id)
-        state: dict[bytes, t.KeyValue] = {}
-        done = threading.Event()
-
-        def handle(batch: Snapshot | Changes) -> None:
-            # A run can only be replaced or removed after it ended, and an end is the put of
-            # its outcome key: the snapshot (record + outcome) and that one key's events tell
-            # everything. After a compaction the watch delivers a fresh snapshot.
-            if isinstance(batch, Snapshot):
-                state.clear()
-                state.update({kv.key: kv for kv in batch.kvs})
-                record_kv = state.get(key)
-                if (
-                    record_kv is None
-                    or outcome_key in state
-                    or TaskRecord.decode(record_kv.value).version_at(record_kv.mod_revision)
-                    != version
-                ):
-                    done.set()
-            elif batch.events:
-                done.set()
-
-        watch = ResumableWatch(
-            self.client,
-            outcome_key,
-            outcome_key + b"\0",
-            handle,
-            list_ranges=[(key, key + b"\0"), (outcome_key, outcome_key + b"\0")],
-            name="distributedtask-wait",
-        )
-        watch.start()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            # In slices, so a Ctrl-C in the caller's main thread is handled promptly (a signal
-            # delivered to another thread only runs its handler when this one runs code).
-            while not done.wait(0.5 if deadline is None else min(0.5, deadline - time.monotonic())):
-                if deadline is not None and time.monotonic() >= deadline:
-                    break
-            if not done.is_set():
-                raise TimeoutError(
-                    f"task {namespace}/{task_id} version {version} did not end within {timeout:g}s"
-                )
-        finally:
-            watch.stop()
+        with RunFollower(self, namespace, task_id, version) as follower:
+            follower.wait(timeout)
         task = self.get_task(namespace, task_id)
         if task is None or task.version != version or not task.status.terminal:
             raise TaskNotFoundError(namespace, task_id, version)
@@ -766,54 +868,59 @@ class Manager:
         The document is checked whole before anything is written (:class:`InvalidTaskError`).
         Terminal runs keep their version; a STARTED run gets a new one (versions are revisions
         of the etcd the run lives in), keeping its nodes, finished nodes and start time. Not
-        atomic across tasks (etcd bounds a transaction to 128 operations): run it while no
-        Scheduler serves the prefix. Raises :class:`InvalidTaskError`, :class:`EtcdError`.
+        atomic across tasks (each run is its own transactions): run it while no Scheduler
+        serves the prefix. Raises :class:`InvalidTaskError`, :class:`StorageFormatError`,
+        :class:`EtcdError`.
         """
         tasks = tasks_from_payload(data)
         for task in tasks:
             validate_name(task.namespace, "namespace")
-            if len(task.nodes) > MAX_NODES or not task.nodes:
-                raise InvalidTaskError(
-                    f"task {task.namespace}/{task.id} has {len(task.nodes)} nodes", "data"
-                )
             if task.status.terminal and task.finished_at is None:
                 raise InvalidTaskError(
                     f"task {task.namespace}/{task.id} is {task.status.value} without finishedAt",
                     "data",
                 )
+        self.ensure_format()
+        keys = self.keys
         self.client.txn(
             success=[
                 t.delete_prefix(prefix)
                 for prefix in (
-                    self.keys.all_tasks(),
-                    self.keys.all_outcomes(),
-                    self.keys.all_runs(),
-                    self.keys.task_progress_root(),
+                    keys.all_tasks(),
+                    keys.all_outcomes(),
+                    keys.all_nodes(),
+                    keys.all_assignments(),
+                    keys.all_done(),
+                    keys.all_progress(),
                 )
             ]
         )
         for task in tasks:
-            token = _new_token()
-            status, finished_at = task.status, task.finished_at
-            if status is TaskStatus.STARTED and task.finished_nodes >= task.nodes:
-                status, finished_at = TaskStatus.FINISHED, self.now()  # it had just finished
-            outcome = None
-            if status.terminal:
-                assert finished_at is not None
-                outcome = OutcomeRecord(status, finished_at, token, task.error)
-            record = TaskRecord(
-                payload=task.payload,
-                started_at=task.started_at,
-                nodes=task.nodes,
-                token=token,
-                version=task.version if status.terminal else None,
+            self._restore_one(task)
+
+    def _restore_one(self, task: Task) -> None:
+        token = _new_token()
+        status, finished_at = task.status, task.finished_at
+        if status is TaskStatus.STARTED and task.finished_nodes >= task.nodes:
+            status, finished_at = TaskStatus.FINISHED, self.now()  # it had just finished
+        outcome = None
+        if status.terminal:
+            assert finished_at is not None
+            outcome = OutcomeRecord(status, finished_at, token, task.error, task.failed_node)
+        record = TaskRecord(
+            payload=task.payload,
+            started_at=task.started_at,
+            node_count=len(task.nodes),
+            token=token,
+            version=task.version if status.terminal else None,
+        )
+        created = self._create(task.namespace, task.id, record, task.nodes, outcome)
+        done = [
+            t.put(
+                self.keys.done(task.namespace, task.id, node),
+                DoneRecord(created.version, record.started_at, token).encode(),
             )
-            self._create(task.namespace, task.id, record, outcome)
-            if task.finished_nodes:  # after the create: a completed key's revision is later
-                done = RunRecord(COMPLETED, record.started_at, token).encode()
-                self.client.txn(
-                    success=[
-                        t.put(self.keys.run(task.namespace, task.id, node), done)
-                        for node in sorted(task.finished_nodes)
-                    ]
-                )
+            for node in sorted(task.finished_nodes)
+        ]
+        for batch in _batches(done):
+            self.client.txn(success=list(batch))

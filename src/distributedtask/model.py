@@ -78,7 +78,8 @@ class Task:
 
     ``version`` is the etcd revision of the transaction that added this run; ``nodes`` are the
     nodes that must run it, fixed when it was added; ``finished_nodes`` those that recorded
-    completion of this version.
+    completion of this version. ``error`` is the failing node's message verbatim (as in
+    Weaviate) and ``failed_node`` that node (``None`` unless a node's failure ended the run).
     """
 
     namespace: str
@@ -91,6 +92,7 @@ class Task:
     error: str | None
     nodes: frozenset[str]
     finished_nodes: frozenset[str]
+    failed_node: str | None = None
 
     @property
     def descriptor(self) -> TaskDescriptor:
@@ -232,6 +234,8 @@ def task_to_dict(task: Task) -> dict[str, Any]:
     }
     if task.error:
         out["error"] = task.error
+    if task.failed_node:
+        out["failedNode"] = task.failed_node
     out["finishedNodes"] = {node: True for node in sorted(task.finished_nodes)}
     out["nodes"] = sorted(task.nodes)
     return out
@@ -281,6 +285,12 @@ def task_from_dict(data: object) -> Task:
     error = data.get("error")
     if error is not None and not isinstance(error, str):
         raise InvalidTaskError("task JSON: 'error' must be a string", "data")
+    failed_node = data.get("failedNode") or None
+    if failed_node is not None:
+        try:
+            failed_node = validate_name(failed_node, "node_id")
+        except InvalidTaskError as exc:
+            raise InvalidTaskError(f"task JSON: 'failedNode': {exc}", "data") from None
     finished = data.get("finishedNodes")
     if finished is None:
         finished = {}
@@ -316,6 +326,7 @@ def task_from_dict(data: object) -> Task:
         error=error or None,
         nodes=nodes,
         finished_nodes=finished_nodes,
+        failed_node=failed_node,
     )
 
 

@@ -1,23 +1,21 @@
-"""What we store in etcd values: the task record, per-node run outcomes, progress, membership.
+"""What we store in etcd values (layout 2): the task record, its node list and assignments,
+outcomes, completions, progress, membership and the layout marker.
 
-Every value is a JSON object (orjson) with a format version ``"v": 1``. A reader meets values it
-did not write — corrupt JSON, another program's data, a record written by a future version of
-this library — and must not crash on them: every decoder here raises
-:class:`CorruptRecordError` (a :class:`~distributedtask.exceptions.DistributedTaskError`) and
-nothing else, and callers that scan decide whether to skip (listing, scheduling) or to raise.
+Every value but the task record is a JSON object (orjson) with a format version ``"v": 2``.
+The task record is a JSON header, a newline, then the payload's raw bytes: a payload of up to
+1 MiB is neither base64-encoded nor scanned by the JSON parser, and a reader that only needs the
+header (``TaskRecord.decode(raw, payload=False)``) never copies it.
 
-A run is stored as three kinds of value: the task record (what the run is; written once, never
-rewritten while the run exists, so its etcd ``mod_revision`` *is* the version), one run record
-per assigned node (pending, completed or failed), and, once the run has ended, its outcome
-record (status, finish time, error). Records written by a Manager call carry that call's
-``token`` so a retried request can recognise its own earlier write. Pure functions;
-thread-safe.
+A reader meets values it did not write — corrupt JSON, another program's data, a record of
+another layout — and must not crash on them: every decoder here raises
+:class:`~distributedtask.exceptions.CorruptRecordError` and nothing else, and callers that scan
+decide whether to skip (listing, scheduling) or to raise. Records written by a Manager call
+carry that call's ``token`` so a retried request can recognise its own earlier write. Pure
+functions; thread-safe.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,28 +23,39 @@ from typing import Any
 
 import orjson
 
-from .exceptions import DistributedTaskError, InvalidTaskError
-from .model import Progress, Task, TaskStatus, from_epoch_ms, to_epoch_ms, validate_name
+from .exceptions import CorruptRecordError, InvalidTaskError
+from .keys import BUCKETS, bucket_of
+from .model import Progress, TaskStatus, from_epoch_ms, to_epoch_ms, validate_name
 
 __all__ = [
+    "FORMAT_MARKER",
     "FORMAT_VERSION",
     "CorruptRecordError",
+    "DoneRecord",
     "MemberRecord",
+    "NodeList",
     "OutcomeRecord",
-    "RunRecord",
     "TaskRecord",
-    "run_completed",
+    "decode_format",
+    "decode_progress",
+    "encode_progress",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The layout this library reads and writes; stored in ``P/format`` and in every value."""
+
+FORMAT_MARKER = orjson.dumps({"layout": FORMAT_VERSION, "buckets": BUCKETS})
+"""The exact bytes of ``P/format``: writes compare against them in etcd."""
 
 
-class CorruptRecordError(DistributedTaskError):
-    """A value under our prefix that we cannot read: corrupt, foreign, or from a newer format."""
-
-    def __init__(self, message: str, key: bytes | None = None) -> None:
-        super().__init__(message if key is None else f"{message} (key {key!r})")
-        self.key = key
+def decode_format(raw: bytes) -> int | None:
+    """The layout number a ``P/format`` value names, or None when it is not a marker at all."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    layout = data.get("layout") if isinstance(data, dict) else None
+    return layout if type(layout) is int else None
 
 
 def _load(raw: bytes, what: str) -> dict[str, Any]:
@@ -58,8 +67,8 @@ def _load(raw: bytes, what: str) -> dict[str, Any]:
         raise CorruptRecordError(f"{what} is not a JSON object")
     version = data.get("v")
     if type(version) is not int or version != FORMAT_VERSION:
-        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
-            raise CorruptRecordError(f"{what} has format version {version}, newer than ours")
+        if type(version) is int:
+            raise CorruptRecordError(f"{what} has format version {version}, not {FORMAT_VERSION}")
         raise CorruptRecordError(f"{what} has no known format version")
     return data
 
@@ -78,61 +87,62 @@ def _ms(data: Mapping[str, Any], key: str, what: str) -> datetime:
         raise CorruptRecordError(f"{what}: time {key!r} is out of range") from None
 
 
-def _names(values: object, what: str) -> frozenset[str]:
-    if not isinstance(values, list):
-        raise CorruptRecordError(f"{what}: node list is not a list")
+def _optional_name(data: Mapping[str, Any], key: str, what: str) -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
     try:
-        return frozenset(validate_name(v, "node_id") for v in values)
+        return validate_name(value, key)
     except InvalidTaskError as exc:
         raise CorruptRecordError(f"{what}: {exc}") from None
 
 
+def _positive_int(data: Mapping[str, Any], key: str, what: str) -> int:
+    value = data.get(key)
+    if type(value) is not int or value <= 0:
+        raise CorruptRecordError(f"{what}: bad {key}")
+    return value
+
+
 @dataclass(frozen=True)
 class TaskRecord:
-    """The stored form of ``P/tasks/<ns>/<id>``: what a run is, written once when it is added.
+    """The stored form of ``P/cluster/tasks/<ns>/<id>``: what a run is, written once.
 
+    ``node_count`` is how many nodes the run has (their names are in ``P/nodes``);
     ``version`` is stored only for a run restored from a snapshot in a terminal state (it keeps
     the version it had); otherwise the version is the record's ``mod_revision``.
     """
 
     payload: bytes
     started_at: datetime
-    nodes: frozenset[str]
+    node_count: int
     token: str
     version: int | None = None
 
     def encode(self) -> bytes:
-        body: dict[str, Any] = {
+        header: dict[str, Any] = {
             "v": FORMAT_VERSION,
-            "payload": base64.b64encode(self.payload).decode("ascii"),
             "startedAt": to_epoch_ms(self.started_at),
-            "nodes": sorted(self.nodes),
+            "nodeCount": self.node_count,
             "token": self.token,
         }
         if self.version is not None:
-            body["version"] = self.version
-        return orjson.dumps(body)
+            header["version"] = self.version
+        return orjson.dumps(header) + b"\n" + self.payload
 
     @classmethod
-    def decode(cls, raw: bytes) -> TaskRecord:
+    def decode(cls, raw: bytes, *, payload: bool = True) -> TaskRecord:
+        """Decode a record; with ``payload=False`` the payload is left empty (not copied)."""
         what = "task record"
-        data = _load(raw, what)
-        try:
-            payload = base64.b64decode(_get(data, "payload", str, what), validate=True)
-        except (ValueError, binascii.Error):
-            raise CorruptRecordError(f"{what}: payload is not base64") from None
-        version = data.get("version")
-        if version is not None and (
-            not isinstance(version, int) or isinstance(version, bool) or version <= 0
-        ):
-            raise CorruptRecordError(f"{what}: bad version")
-        nodes = _names(data.get("nodes"), what)
-        if not nodes:
-            raise CorruptRecordError(f"{what}: no nodes")
+        header, newline, body = raw.partition(b"\n")
+        if not newline:
+            raise CorruptRecordError(f"{what} has no header line")
+        data = _load(header, what)
+        version = None if "version" not in data else _positive_int(data, "version", what)
         return cls(
-            payload=payload,
+            payload=body if payload else b"",
             started_at=_ms(data, "startedAt", what),
-            nodes=nodes,
+            node_count=_positive_int(data, "nodeCount", what),
             token=_get(data, "token", str, what),
             version=version,
         )
@@ -141,32 +151,45 @@ class TaskRecord:
         """The run's version, given the record's etcd ``mod_revision``."""
         return self.version if self.version is not None else mod_revision
 
-    def to_task(
-        self,
-        namespace: str,
-        task_id: str,
-        mod_revision: int,
-        finished_nodes: Iterable[str],
-        outcome: OutcomeRecord | None,
-    ) -> Task:
-        return Task(
-            namespace=namespace,
-            id=task_id,
-            version=self.version_at(mod_revision),
-            payload=self.payload,
-            status=TaskStatus.STARTED if outcome is None else outcome.status,
-            started_at=self.started_at,
-            finished_at=None if outcome is None else outcome.finished_at,
-            error=None if outcome is None else outcome.error,
-            nodes=self.nodes,
-            finished_nodes=frozenset(finished_nodes) & self.nodes,
-        )
+
+@dataclass(frozen=True)
+class NodeList:
+    """The stored form of ``P/nodes/<ns>/<id>`` (every node of a run) and of
+    ``P/assign/<bucket>/<ns>/<id>`` (the nodes of one bucket)."""
+
+    nodes: frozenset[str]
+
+    def encode(self) -> bytes:
+        return orjson.dumps({"v": FORMAT_VERSION, "nodes": sorted(self.nodes)})
+
+    @classmethod
+    def decode(cls, raw: bytes) -> NodeList:
+        what = "node list"
+        values = _get(_load(raw, what), "nodes", list, what)
+        try:
+            nodes = frozenset(validate_name(v, "node_id") for v in values)
+        except InvalidTaskError as exc:
+            raise CorruptRecordError(f"{what}: {exc}") from None
+        if not nodes:
+            raise CorruptRecordError(f"{what}: no nodes")
+        return cls(nodes)
+
+    @staticmethod
+    def by_bucket(nodes: Iterable[str]) -> dict[int, NodeList]:
+        """Split ``nodes`` by assignment bucket."""
+        out: dict[int, set[str]] = {}
+        for node in nodes:
+            out.setdefault(bucket_of(node), set()).add(node)
+        return {bucket: NodeList(frozenset(names)) for bucket, names in out.items()}
 
 
 @dataclass(frozen=True)
 class OutcomeRecord:
-    """The stored form of ``P/outcomes/<ns>/<id>``: how the current run ended; ``node`` is the
-    node whose failure ended it (FAILED only)."""
+    """The stored form of ``P/cluster/outcomes/<ns>/<id>``: how the current run ended.
+
+    ``node`` is the node whose failure ended it (FAILED by a node only); ``error`` its message,
+    verbatim.
+    """
 
     status: TaskStatus
     finished_at: datetime
@@ -200,72 +223,42 @@ class OutcomeRecord:
         error = data.get("error")
         if error is not None and not isinstance(error, str):
             raise CorruptRecordError(f"{what}: bad error")
-        node = data.get("node")
-        if node is not None:
-            try:
-                validate_name(node, "node_id")
-            except InvalidTaskError as exc:
-                raise CorruptRecordError(f"{what}: {exc}") from None
         return cls(
             status=status,
             finished_at=_ms(data, "finishedAt", what),
             token=_get(data, "token", str, what),
             error=error,
-            node=node,
+            node=_optional_name(data, "node", what),
         )
 
 
-PENDING = "pending"
-COMPLETED = "completed"
-
-
 @dataclass(frozen=True)
-class RunRecord:
-    """The stored form of ``P/runs/<ns>/<id>/<node>``: one assigned node's part in the run.
+class DoneRecord:
+    """The stored form of ``P/done/<ns>/<id>/<node>``: the node completed run ``version``."""
 
-    Written PENDING with the task record (in the same transaction, so its ``mod_revision`` is
-    the run's version) and rewritten COMPLETED by the node; a failure does not touch it (the
-    outcome names the failing node).
-    """
-
-    outcome: str  # PENDING or COMPLETED
+    version: int
     at: datetime
     token: str
 
     def encode(self) -> bytes:
-        body: dict[str, Any] = {
-            "v": FORMAT_VERSION,
-            "outcome": self.outcome,
-            "at": to_epoch_ms(self.at),
-            "token": self.token,
-        }
-        return orjson.dumps(body)
+        return orjson.dumps(
+            {
+                "v": FORMAT_VERSION,
+                "version": self.version,
+                "at": to_epoch_ms(self.at),
+                "token": self.token,
+            }
+        )
 
     @classmethod
-    def decode(cls, raw: bytes) -> RunRecord:
-        what = "run record"
+    def decode(cls, raw: bytes) -> DoneRecord:
+        what = "completion record"
         data = _load(raw, what)
-        outcome = _get(data, "outcome", str, what)
-        if outcome not in (PENDING, COMPLETED):
-            raise CorruptRecordError(f"{what}: unknown outcome {outcome!r}")
-        return cls(outcome=outcome, at=_ms(data, "at", what), token=_get(data, "token", str, what))
-
-
-def run_completed(raw: bytes) -> bool:
-    """Whether a run key's value says COMPLETED: what a listing needs of it, read without
-    building a :class:`RunRecord`. Raises :class:`CorruptRecordError` like its decoder."""
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise CorruptRecordError("run record is not valid JSON") from None
-    if not isinstance(data, dict) or type(data.get("v")) is not int or data["v"] != FORMAT_VERSION:
-        return RunRecord.decode(raw).outcome == COMPLETED  # says precisely what is wrong
-    outcome = data.get("outcome")
-    if outcome == COMPLETED:
-        return True
-    if outcome == PENDING:
-        return False
-    raise CorruptRecordError(f"run record: unknown outcome {outcome!r}")
+        return cls(
+            version=_positive_int(data, "version", what),
+            at=_ms(data, "at", what),
+            token=_get(data, "token", str, what),
+        )
 
 
 def encode_progress(progress: Progress) -> bytes:
@@ -295,7 +288,7 @@ def decode_progress(raw: bytes) -> Progress:
 
 @dataclass(frozen=True)
 class MemberRecord:
-    """The stored form of ``P/members/<node>``: a live Scheduler, bound to its lease."""
+    """The stored form of ``P/cluster/members/<node>``: a live Scheduler, bound to its lease."""
 
     node_id: str
     namespaces: frozenset[str]

@@ -225,7 +225,8 @@ def test_list_json_shape(dtask: Dtask, manager: dt.Manager) -> None:
     assert running["finishedNodes"] == {"n1": True}
     assert running["nodes"] == ["n1", "n2"]
     assert datetime.fromisoformat(running["startedAt"].replace("Z", "+00:00")) == t1.started_at
-    assert failed["ID"] == "t2" and failed["status"] == "FAILED" and failed["error"] == "n1: boom"
+    assert failed["ID"] == "t2" and failed["status"] == "FAILED" and failed["error"] == "boom"
+    assert failed["failedNode"] == "n1"
     assert failed["finishedAt"] != "0001-01-01T00:00:00Z"
     assert failed["finishedNodes"] == {}
     # the same document as the library's
@@ -401,7 +402,7 @@ def _end(manager: dt.Manager, task: dt.Task, how: str) -> None:
     ("how", "status", "final", "n2_line"),
     [
         ("finish", 0, "FINISHED", "n2: done 100%"),
-        ("fail", 1, "FAILED: n2: boom", "n2: failed 0% boom"),
+        ("fail", 1, "FAILED on n2: boom", "n2: failed 0% boom"),
         ("cancel", 2, "CANCELLED", "n2: cancelled 0%"),
     ],
 )
@@ -442,7 +443,7 @@ def test_wait_on_a_finished_task_returns_at_once(dtask: Dtask, manager: dt.Manag
     manager.record_node_failure(NS, "t1", task.version, "n1", "broken")
     result = dtask("wait", NS, "t1", "--version", str(task.version), timeout=15)
     assert result.returncode == 1, result
-    assert result.stdout.splitlines()[-1] == f"{NS}/t1 v{task.version} FAILED: n1: broken"
+    assert result.stdout.splitlines()[-1] == f"{NS}/t1 v{task.version} FAILED on n1: broken"
 
 
 def test_wait_gives_up_after_timeout(dtask: Dtask, manager: dt.Manager) -> None:
@@ -486,7 +487,7 @@ def test_watch_prints_a_line_per_change(
     assert lines[2] == f"{NS}/t1 completed on n1"
     assert set(lines[3:5]) == {f"{NS}/t1 completed on n2", f"{NS}/t1 FINISHED"}
     assert lines[5] == f"added {NS}/t2 v{t2.version}"
-    assert lines[6] in {f"{NS}/t2 failed on n1: boom", f"{NS}/t2 FAILED: n1: boom"}
+    assert lines[6] == f"{NS}/t2 FAILED on n1: boom"
     assert len(lines) == 7  # --count: it stopped after 7 lines
 
 

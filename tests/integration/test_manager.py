@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
-from tests.support import FakeClock, keys_under
+from tests.support import FakeClock, keys_under, run_keys_under
 
 import distributedtask as dt
 from distributedtask.etcd import txn as t
@@ -132,7 +132,7 @@ def test_cleanup_rules_with_an_injected_clock(
     clock.advance(timedelta(milliseconds=1))
     manager.clean_up_task(NS, "t1", task.version)
     assert manager.get_task(NS, "t1") is None
-    assert keys_under(etcd_client, dtask_prefix) == []
+    assert run_keys_under(etcd_client, dtask_prefix) == []
     with pytest.raises(dt.TaskNotFoundError):
         manager.clean_up_task(NS, "t1", task.version)
 
@@ -156,7 +156,8 @@ def test_failure_makes_the_task_failed_with_the_error(manager: dt.Manager) -> No
     manager.record_node_completion(NS, "t1", task.version, "n2")
     failed = manager.record_node_failure(NS, "t1", task.version, "n1", "disk full")
     assert failed.status is dt.TaskStatus.FAILED
-    assert failed.error is not None and "disk full" in failed.error and "n1" in failed.error
+    assert failed.error == "disk full"  # verbatim, as in Weaviate
+    assert failed.failed_node == "n1"
     assert failed.finished_nodes == {"n2"}
     assert manager.get_task(NS, "t1") == failed
 
@@ -198,7 +199,8 @@ def test_list_tasks_payload_has_weaviates_json_shape(manager: dt.Manager) -> Non
     assert item["startedAt"].endswith("Z")
     assert item["finishedNodes"] == {}
     assert item["nodes"] == ["n1", "n2"]
-    assert by_id["bad"]["error"] == "n1: boom"
+    assert by_id["bad"]["error"] == "boom"
+    assert by_id["bad"]["failedNode"] == "n1"
     assert by_id["bad"]["status"] == "FAILED"
     assert by_id["bad"]["finishedAt"] != "0001-01-01T00:00:00Z"
 
@@ -369,11 +371,19 @@ def test_round_trips_per_operation(proxied_manager: dt.Manager, etcd_proxy: TcpP
         call()
         return etcd_proxy.requests
 
+    # A fresh prefix: the add finds no layout marker, writes it, and adds again.
+    assert trips(lambda: m.add_task(NS, "first", nodes=["n1"])) == 3
     assert trips(lambda: m.add_task(NS, "a", nodes=["n1", "n2"])) == 1
     version = m.get_task(NS, "a").version  # type: ignore[union-attr]
     assert trips(lambda: m.get_task(NS, "a")) == 1
     assert trips(lambda: m.record_node_completion(NS, "a", version, "n1")) == 1
-    assert trips(lambda: m.record_node_completion(NS, "a", version, "n2")) == 1  # finishes it
+    # The completion that leaves no node pending writes FINISHED in a second transaction.
+    assert trips(lambda: m.record_node_completion(NS, "a", version, "n2")) == 2
+    # A Manager that meets a run for the first time reads its node list once.
+    other = dt.Manager(m.client, prefix=m.prefix)
+    e = m.add_task(NS, "e", nodes=["n1", "n2"])
+    assert trips(lambda: other.record_node_completion(NS, "e", e.version, "n1")) == 2
+    assert trips(lambda: other.record_node_completion(NS, "e", e.version, "n1")) == 1
     assert trips(lambda: m.add_task(NS, "b", nodes=["n1"])) == 1
     vb = m.get_task(NS, "b").version  # type: ignore[union-attr]
     assert trips(lambda: m.record_node_failure(NS, "b", vb, "n1", "x")) == 1
@@ -400,7 +410,7 @@ def test_round_trips_per_operation(proxied_manager: dt.Manager, etcd_proxy: TcpP
         ({"nodes": "n1"}, "nodes"),
         ({"nodes": ["ok", ""]}, "node_id"),
         ({"nodes": ["ok", "tab\t"]}, "node_id"),
-        ({"nodes": [f"n{i}" for i in range(200)]}, "nodes"),
+        ({"nodes": ["ok", 7]}, "node_id"),
     ],
 )
 def test_bad_input_writes_nothing(

@@ -160,6 +160,7 @@ def test_task_fields_follow_the_contract() -> None:
         "error",
         "nodes",
         "finished_nodes",
+        "failed_node",
     ]
 
 

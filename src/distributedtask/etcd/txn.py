@@ -35,6 +35,7 @@ __all__ = [
     "mod_not_equal",
     "nested_txn",
     "put",
+    "value_equals",
 ]
 
 Op = dict[str, Any]
@@ -98,9 +99,23 @@ def exists(key: bytes) -> Compare:
     return {"key": b64(key), "target": "CREATE", "result": "GREATER", "create_revision": 0}
 
 
-def create_equals(key: bytes, revision: int) -> Compare:
-    """The key's ``create_revision`` equals ``revision``; 0 means "the key does not exist"."""
-    return {"key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": revision}
+def create_equals(key: bytes, revision: int, *, range_end: bytes | None = None) -> Compare:
+    """The key's ``create_revision`` equals ``revision``; 0 means "the key does not exist".
+    With ``range_end``, every key of ``[key, range_end)``: 0 then means "no key in the range"."""
+    body: dict[str, Any] = {
+        "key": b64(key),
+        "target": "CREATE",
+        "result": "EQUAL",
+        "create_revision": revision,
+    }
+    if range_end is not None:
+        body["range_end"] = b64(range_end)
+    return body
+
+
+def value_equals(key: bytes, value: bytes) -> Compare:
+    """The key exists and its value is exactly ``value``."""
+    return {"key": b64(key), "target": "VALUE", "result": "EQUAL", "value": b64(value)}
 
 
 # ---- operations -----------------------------------------------------------------------------

@@ -1,0 +1,213 @@
+"""``RunFollower``: follows one run until it ends — what ``Manager.wait_for_task`` and
+``dtask wait`` both stand on.
+
+It watches the run's outcome key (listed together with its record, so a run that is already
+over, removed or replaced is noticed at once) and, on request, the run's completion keys and
+progress keys. These are per-run ranges: following a run costs what that run writes, whatever
+else the cluster does. Each range is a :class:`~distributedtask.etcd.watch.ResumableWatch`, so
+a follower survives disconnects, etcd restarts and compaction like every other watcher.
+
+Threading: the watches call back on their own threads; :attr:`state` is guarded by
+:attr:`lock` and :attr:`changed` is set on every change. :meth:`wait` blocks in slices so a
+signal handler of the caller's main thread runs promptly. :meth:`close` (or leaving the
+``with`` block) stops and joins every watch thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .etcd import txn as t
+from .etcd.watch import Changes, ResumableWatch, Snapshot
+from .exceptions import CorruptRecordError
+from .keys import DoneKey, OutcomeKey, TaskKey, prefix_range_end
+from .model import Progress
+from .records import OutcomeRecord, TaskRecord
+
+if TYPE_CHECKING:
+    from .manager import Manager
+
+__all__ = ["FollowedRun", "RunFollower"]
+
+
+@dataclass
+class FollowedRun:
+    """What a follower knows of its run. ``gone``: removed or replaced before it ended."""
+
+    completed: set[str] = field(default_factory=set)
+    progress: dict[str, Progress] = field(default_factory=dict)
+    outcome: OutcomeRecord | None = None
+    gone: bool = False
+
+    @property
+    def over(self) -> bool:
+        return self.outcome is not None or self.gone
+
+
+def _kvs(batch: Snapshot | Changes) -> list[tuple[bool, t.KeyValue]]:
+    """``(deleted, kv)`` of a batch; a snapshot is all puts."""
+    if isinstance(batch, Snapshot):
+        return [(False, kv) for kv in batch.kvs]
+    return [(event.kind == "delete", event.kv) for event in batch.events]
+
+
+class RunFollower:
+    """Follow run ``version`` of ``(namespace, task_id)``; see the module doc.
+
+    ``completions`` and ``progress`` add a watch each on those keys of the run;
+    ``on_change`` is called (on a watch thread) after every change. :meth:`start` raises
+    :class:`~distributedtask.exceptions.EtcdError` if etcd cannot be read to start.
+    """
+
+    def __init__(
+        self,
+        manager: Manager,
+        namespace: str,
+        task_id: str,
+        version: int,
+        *,
+        completions: bool = False,
+        progress: bool = False,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.manager = manager
+        self.version = version
+        self.state = FollowedRun()
+        self.lock = threading.Lock()
+        self.changed = threading.Event()
+        self.over = threading.Event()
+        self._on_change = on_change
+        keys = manager.keys
+        record, outcome = keys.task(namespace, task_id), keys.outcome(namespace, task_id)
+        self._watches = [
+            self._watch(
+                outcome,
+                outcome + b"\0",
+                self._on_outcome,
+                list_ranges=[(outcome, outcome + b"\0"), (record, record + b"\0")],
+            )
+        ]
+        if completions:
+            done = keys.task_done(namespace, task_id)
+            self._watches.append(self._watch(done, prefix_range_end(done), self._on_done))
+        if progress:
+            prefix = keys.version_progress(namespace, task_id, version)
+            self._watches.append(self._watch(prefix, prefix_range_end(prefix), self._on_progress))
+
+    def _watch(
+        self,
+        key: bytes,
+        range_end: bytes,
+        handler: Callable[[Snapshot | Changes], None],
+        list_ranges: list[tuple[bytes, bytes]] | None = None,
+    ) -> ResumableWatch:
+        return ResumableWatch(
+            self.manager.client,
+            key,
+            range_end,
+            handler,
+            list_ranges=list_ranges,
+            name="distributedtask-follow",
+        )
+
+    def __enter__(self) -> RunFollower:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """List and start following each range. Raises :class:`EtcdError`."""
+        try:
+            for watch in self._watches:
+                watch.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop and join every watch. Idempotent."""
+        for watch in self._watches:
+            watch.stop()
+
+    def wait(self, timeout: float | None = None) -> FollowedRun:
+        """Block until the run is over (ended, removed or replaced); return the state.
+        Raises :class:`TimeoutError` after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # In slices, so a Ctrl-C in the caller's main thread is handled promptly (a signal
+        # delivered to another thread only runs its handler when this one runs code).
+        while not self.over.wait(
+            0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+        ):
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"run version {self.version} did not end within {timeout:g}s")
+        with self.lock:
+            return self.state
+
+    # ---- handlers (watch threads) ---------------------------------------------------------
+
+    def _notify(self) -> None:
+        if self.state.over:
+            self.over.set()
+        self.changed.set()
+        if self._on_change is not None:
+            self._on_change()
+
+    def _on_outcome(self, batch: Snapshot | Changes) -> None:
+        parse = self.manager.keys.parse
+        with self.lock:
+            state = self.state
+            if isinstance(batch, Snapshot):
+                record = outcome = None
+                for kv in batch.kvs:
+                    parsed = parse(kv.key)
+                    if isinstance(parsed, TaskKey):
+                        record = kv
+                    elif isinstance(parsed, OutcomeKey):
+                        outcome = kv
+                try:
+                    version = (
+                        None
+                        if record is None
+                        else TaskRecord.decode(record.value, payload=False).version_at(
+                            record.mod_revision
+                        )
+                    )
+                    if version != self.version:
+                        state.gone = True
+                    elif outcome is not None:
+                        state.outcome = OutcomeRecord.decode(outcome.value)
+                except CorruptRecordError:
+                    state.gone = True
+            else:
+                for deleted, kv in _kvs(batch):
+                    if deleted:
+                        state.gone = state.gone or state.outcome is None
+                        continue
+                    try:
+                        state.outcome = OutcomeRecord.decode(kv.value)
+                    except CorruptRecordError:
+                        state.gone = True
+            self._notify()
+
+    def _on_done(self, batch: Snapshot | Changes) -> None:
+        parse = self.manager.keys.parse
+        with self.lock:
+            if isinstance(batch, Snapshot):
+                self.state.completed.clear()
+            for deleted, kv in _kvs(batch):
+                parsed = parse(kv.key)
+                if isinstance(parsed, DoneKey) and not deleted:
+                    self.state.completed.add(parsed.node_id)
+            self._notify()
+
+    def _on_progress(self, batch: Snapshot | Changes) -> None:
+        with self.lock:
+            puts = [kv for deleted, kv in _kvs(batch) if not deleted]
+            self.state.progress.update(self.manager.progress_from(puts))
+            self._notify()

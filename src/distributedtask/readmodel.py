@@ -1,0 +1,242 @@
+"""The read model: how the keys of a run become a :class:`~distributedtask.model.Task`.
+
+One place for the rules every reader shares — the Manager, the Scheduler, ``dtask`` and
+``wait``:
+
+- A run is its task record (``P/cluster/tasks``), its node list (``P/nodes``), the completions
+  its nodes wrote (``P/done``) and, once it ended, its outcome (``P/cluster/outcomes``).
+- **The STARTED rule:** a run whose record exists and whose outcome does not is STARTED; with an
+  outcome, its status is the outcome's. Its version is the record's ``mod_revision`` (the record
+  is never rewritten while the run exists), or the version stored in a restored terminal record.
+- ``finished_nodes`` are the nodes with a completion key, within ``nodes``.
+- The layout marker (``P/format``) must be ours; without one, keys of the 0.1 layout under the
+  prefix mean another layout (:class:`~distributedtask.exceptions.StorageFormatError`).
+
+Readers that scan (listing, scheduling) skip values they cannot read, through an ``on_skip``
+callback; readers of one run raise :class:`~distributedtask.exceptions.CorruptRecordError`.
+Pure functions over already-read key-values, plus the read operations to send; thread-safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from .etcd import txn as t
+from .exceptions import CorruptRecordError, StorageFormatError
+from .keys import DoneKey, Keys, NodesKey, OutcomeKey, TaskKey, prefix_range_end
+from .model import Task, TaskStatus
+from .records import (
+    FORMAT_MARKER,
+    FORMAT_VERSION,
+    NodeList,
+    OutcomeRecord,
+    TaskRecord,
+    decode_format,
+)
+
+__all__ = ["ReadModel", "Run", "SkipHandler", "status_of"]
+
+SkipHandler = Callable[[bytes, Exception], None]
+TaskId = tuple[str, str]
+
+
+def status_of(outcome: OutcomeRecord | None) -> TaskStatus:
+    """The STARTED rule: no outcome is STARTED; otherwise the outcome's status."""
+    return TaskStatus.STARTED if outcome is None else outcome.status
+
+
+def build_task(
+    namespace: str,
+    task_id: str,
+    record: TaskRecord,
+    mod_revision: int,
+    nodes: frozenset[str],
+    finished: Iterable[str],
+    outcome: OutcomeRecord | None,
+) -> Task:
+    """A :class:`Task` from its decoded parts (see the module doc for the rules)."""
+    return Task(
+        namespace=namespace,
+        id=task_id,
+        version=record.version_at(mod_revision),
+        payload=record.payload,
+        status=status_of(outcome),
+        started_at=record.started_at,
+        finished_at=None if outcome is None else outcome.finished_at,
+        error=None if outcome is None else outcome.error,
+        nodes=nodes,
+        finished_nodes=frozenset(finished) & nodes,
+        failed_node=None if outcome is None else outcome.node,
+    )
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run as read: its record key-value and decoded parts, and the resulting task."""
+
+    record_kv: t.KeyValue
+    record: TaskRecord
+    outcome_kv: t.KeyValue | None
+    outcome: OutcomeRecord | None
+    task: Task
+
+
+class ReadModel:
+    """The read operations of one prefix and the assembly of their results."""
+
+    def __init__(self, keys: Keys) -> None:
+        self.keys = keys
+
+    # ---- the layout marker ----------------------------------------------------------------
+
+    def format_ops(self) -> list[t.Op]:
+        """Reads that tell the layout: the marker, and whether 0.1's keys are there."""
+        return [
+            t.get(self.keys.format),
+            *(t.get_prefix(legacy, count_only=True) for legacy in self.keys.legacy),
+        ]
+
+    def check_format(self, result: t.TxnResult, at: int) -> bool:
+        """Check the reads of :meth:`format_ops` placed at ``at``: True when the marker is ours,
+        False when there is none and nothing of another layout. Raises
+        :class:`StorageFormatError` otherwise."""
+        marker = result.range(at).first()
+        if marker is not None:
+            if marker.value == FORMAT_MARKER:
+                return True
+            layout = decode_format(marker.value)
+            raise StorageFormatError(
+                self.keys.prefix, layout if layout is not None else "unknown", FORMAT_VERSION
+            )
+        if any(result.range(at + 1 + i).count for i in range(len(self.keys.legacy))):
+            raise StorageFormatError(self.keys.prefix, 1, FORMAT_VERSION)
+        return False
+
+    # ---- one run --------------------------------------------------------------------------
+
+    def run_ops(self, namespace: str, task_id: str) -> list[t.Op]:
+        """``[record, outcome, node list, completions (keys only)]`` of one id."""
+        return [
+            t.get(self.keys.task(namespace, task_id)),
+            t.get(self.keys.outcome(namespace, task_id)),
+            t.get(self.keys.nodes(namespace, task_id)),
+            t.get_prefix(self.keys.task_done(namespace, task_id), keys_only=True),
+        ]
+
+    RUN_OPS = 4
+    """How many operations :meth:`run_ops` returns."""
+
+    def run_from(
+        self, namespace: str, task_id: str, result: t.TxnResult, at: int = 0
+    ) -> Run | None:
+        """The run read by :meth:`run_ops` at ``at`` of a transaction's responses, or None.
+
+        Raises :class:`CorruptRecordError` when its record, outcome or node list is unreadable.
+        """
+        record_kv = result.range(at).first()
+        if record_kv is None:
+            return None
+        outcome_kv = result.range(at + 1).first()
+        nodes_kv = result.range(at + 2).first()
+        finished = self.done_nodes(result.range(at + 3).kvs)
+        return self.assemble(namespace, task_id, record_kv, outcome_kv, nodes_kv, finished)
+
+    def assemble(
+        self,
+        namespace: str,
+        task_id: str,
+        record_kv: t.KeyValue,
+        outcome_kv: t.KeyValue | None,
+        nodes_kv: t.KeyValue | None,
+        finished: Iterable[str],
+    ) -> Run:
+        """Decode a run from its key-values. Raises :class:`CorruptRecordError`."""
+        record = TaskRecord.decode(record_kv.value)
+        outcome = None if outcome_kv is None else OutcomeRecord.decode(outcome_kv.value)
+        if nodes_kv is None:
+            raise CorruptRecordError("a task record without its node list", record_kv.key)
+        nodes = NodeList.decode(nodes_kv.value).nodes
+        if len(nodes) != record.node_count:
+            raise CorruptRecordError("a node list that does not match its record", nodes_kv.key)
+        task = build_task(
+            namespace, task_id, record, record_kv.mod_revision, nodes, finished, outcome
+        )
+        return Run(record_kv, record, outcome_kv, outcome, task)
+
+    def done_nodes(self, kvs: Iterable[t.KeyValue]) -> set[str]:
+        """The node ids named by completion keys (other keys are ignored)."""
+        out = set()
+        for kv in kvs:
+            parsed = self.keys.parse(kv.key)
+            if isinstance(parsed, DoneKey):
+                out.add(parsed.node_id)
+        return out
+
+    # ---- every run ------------------------------------------------------------------------
+
+    def list_ops(self) -> list[t.Op]:
+        """Reads of every run: records, outcomes, node lists, completions (keys only)."""
+        keys = self.keys
+        return [
+            t.get_prefix(keys.all_tasks()),
+            t.get_prefix(keys.all_outcomes()),
+            t.get_prefix(keys.all_nodes()),
+            t.get_prefix(keys.all_done(), keys_only=True),
+        ]
+
+    def tasks_from(
+        self, result: t.TxnResult, at: int, on_skip: SkipHandler
+    ) -> dict[str, list[Task]]:
+        """Every task read by :meth:`list_ops` at ``at``, by namespace, sorted by id.
+        Unreadable values go to ``on_skip`` and their run is left out."""
+        kvs = [kv for i in range(4) for kv in result.range(at + i).kvs]
+        return self.tasks_from_kvs(kvs, on_skip)
+
+    def tasks_from_kvs(
+        self, kvs: Iterable[t.KeyValue], on_skip: SkipHandler
+    ) -> dict[str, list[Task]]:
+        """Assemble tasks from any mix of record, outcome, node-list and completion keys."""
+        records: dict[TaskId, t.KeyValue] = {}
+        outcomes: dict[TaskId, t.KeyValue] = {}
+        node_lists: dict[TaskId, t.KeyValue] = {}
+        done: dict[TaskId, set[str]] = {}
+        parse = self.keys.parse
+        for kv in kvs:
+            parsed = parse(kv.key)
+            if isinstance(parsed, TaskKey):
+                records[(parsed.namespace, parsed.task_id)] = kv
+            elif isinstance(parsed, OutcomeKey):
+                outcomes[(parsed.namespace, parsed.task_id)] = kv
+            elif isinstance(parsed, NodesKey):
+                node_lists[(parsed.namespace, parsed.task_id)] = kv
+            elif isinstance(parsed, DoneKey):
+                done.setdefault((parsed.namespace, parsed.task_id), set()).add(parsed.node_id)
+            elif parsed is None:
+                on_skip(kv.key, CorruptRecordError("not a key of ours"))
+        out: dict[str, list[Task]] = {}
+        for (ns, tid), kv in records.items():
+            try:
+                run = self.assemble(
+                    ns,
+                    tid,
+                    kv,
+                    outcomes.get((ns, tid)),
+                    node_lists.get((ns, tid)),
+                    done.get((ns, tid), ()),
+                )
+            except CorruptRecordError as exc:
+                on_skip(exc.key or kv.key, exc)
+                continue
+            out.setdefault(ns, []).append(run.task)
+        for tasks in out.values():
+            tasks.sort(key=lambda task: task.id)
+        return out
+
+    def prefix_range(self, prefix: bytes) -> tuple[bytes, bytes]:
+        return prefix, prefix_range_end(prefix)
+
+
+def by_namespace(tasks: Mapping[str, list[Task]]) -> int:
+    """How many tasks a listing holds."""
+    return sum(len(items) for items in tasks.values())

@@ -1,0 +1,128 @@
+"""Membership and node loss.
+
+**Membership.** A Scheduler registers its node with a lease-bound record
+``P/cluster/members/<node>`` naming the namespaces it serves; a
+:class:`~distributedtask.etcd.lease.LeaseKeeper` thread keeps the lease alive and registers again
+when it is lost. Every Scheduler sees every member through its watch of ``P/cluster/``.
+
+**Deciders.** Work done *for* the cluster — removing a run after its TTL, failing the runs a
+lost node leaves behind — is done by the first three live members by node id (every node
+computes the same three from the same members), not by every node: at a thousand nodes that is
+three attempts instead of a thousand. A node that is not a decider does nothing for it; when
+deciders change, the new ones pick the work up from their own view.
+
+**Node loss** (:class:`NodeLoss`, deciders only). A decider reads the node list of each STARTED
+run (``P/nodes``, once per run) and so knows which nodes the cluster waits for. A node it waits
+for that has no membership starts a grace period (``node_loss_grace``); when the grace ends
+and the node is still missing, the decider reads that node's completion keys for the runs
+that name it — a read of the lost node's own work, not of every node's — and fails each run it
+has not completed, with ``failed_node`` set to it and the error ``"node lost: ..."``. A run it
+had completed while the cluster still shows it STARTED is one whose finishing write was lost
+with its completer: the decider finishes it (``Manager.finish_if_complete``). Runs while PAUSED
+are not failed (a later issue).
+
+Threading: the Scheduler calls :class:`NodeLoss` under its lock (pure bookkeeping) except
+:meth:`NodeLoss.act`, which talks to etcd and runs on the worker thread without the lock.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ..exceptions import InvalidTaskError, TaskNotFoundError, TaskNotRunningError
+from ..manager import Manager
+from ..metrics import Metrics
+from .view import ClusterView, ViewRun
+
+__all__ = ["NodeLoss"]
+
+TaskId = tuple[str, str]
+RunKey = tuple[str, str, int]
+
+
+def _key(run: ViewRun) -> RunKey:
+    return (run.namespace, run.task_id, run.version)
+
+
+@dataclass
+class NodeLoss:
+    """The node-loss bookkeeping of one decider (see the module doc)."""
+
+    grace: float | None  # seconds; None: wait forever
+    node_lists: dict[RunKey, frozenset[str]] = field(default_factory=dict)
+    lost_since: dict[str, float] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        """Forget everything (this node stopped being a decider)."""
+        self.node_lists.clear()
+        self.lost_since.clear()
+
+    def unknown_lists(self, view: ClusterView) -> list[RunKey]:
+        """STARTED runs whose node list this decider has not read yet."""
+        return [key for run in view.started() if (key := _key(run)) not in self.node_lists]
+
+    def store_lists(self, lists: dict[RunKey, frozenset[str]], asked: Iterable[RunKey]) -> None:
+        """Keep read node lists; a run asked for but not found gets an empty list (gone)."""
+        for run in asked:
+            self.node_lists[run] = lists.get(run, frozenset())
+
+    def update(self, view: ClusterView, now: float) -> list[str]:
+        """Forget ended runs, then note awaited nodes that have no membership; returns the
+        nodes newly found missing (the caller arms their grace timers)."""
+        started = {_key(run) for run in view.started()}
+        for run in [run for run in self.node_lists if run not in started]:
+            del self.node_lists[run]
+        if self.grace is None:
+            return []
+        awaited = set().union(*self.node_lists.values()) if self.node_lists else set()
+        for node in list(self.lost_since):
+            if node in view.members or node not in awaited:
+                del self.lost_since[node]
+        fresh = [
+            node for node in sorted(awaited - set(view.members)) if node not in self.lost_since
+        ]
+        for node in fresh:
+            self.lost_since[node] = now
+        return fresh
+
+    def due(self, node: str, now: float) -> float | None:
+        """Seconds left of ``node``'s grace (<= 0: act now); None when it is back or no longer
+        awaited."""
+        since = self.lost_since.get(node)
+        if since is None or self.grace is None:
+            return None
+        return since + self.grace - now
+
+    def victims(self, node: str) -> list[RunKey]:
+        """The STARTED runs that name ``node``."""
+        return sorted(run for run, nodes in self.node_lists.items() if node in nodes)
+
+    @staticmethod
+    def act(
+        manager: Manager,
+        node: str,
+        runs: list[RunKey],
+        *,
+        grace: float,
+        metrics: Metrics,
+        log: logging.Logger,
+    ) -> None:
+        """Fail ``runs`` that ``node`` has not completed; finish those it completed whose
+        finishing write was lost. Raises :class:`EtcdError` (the caller retries)."""
+        completed = manager.completed_by(node, runs)
+        error = f"node lost: no membership for {grace:g}s"
+        for namespace, task_id, version in runs:
+            if (namespace, task_id, version) in completed:
+                if manager.finish_if_complete(namespace, task_id, version) is not None:
+                    log.warning(
+                        "finished %s/%s v%d: every node had completed", namespace, task_id, version
+                    )
+                continue
+            try:
+                manager.fail(namespace, task_id, version, node, error)
+            except (TaskNotFoundError, TaskNotRunningError, InvalidTaskError):
+                continue  # ended meanwhile, or another decider did it
+            metrics.node_loss_failures.labels(namespace=namespace).inc()
+            log.warning("failed %s/%s v%d: %s: %s", namespace, task_id, version, node, error)
