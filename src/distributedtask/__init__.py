@@ -6,10 +6,12 @@ dt``. See :class:`Manager` for the transitions and :class:`EtcdClient` for the c
 
 from .etcd.client import EtcdClient
 from .exceptions import (
+    CorruptRecordError,
     DistributedTaskError,
     EtcdError,
     InvalidTaskError,
     NoEligibleNodesError,
+    StorageFormatError,
     TaskAlreadyRunningError,
     TaskNotFoundError,
     TaskNotRunningError,
@@ -30,6 +32,7 @@ from .scheduler import Scheduler
 __version__ = "0.1.0"
 
 __all__ = [
+    "CorruptRecordError",
     "DistributedTaskError",
     "EtcdClient",
     "EtcdError",
@@ -39,6 +42,7 @@ __all__ = [
     "Progress",
     "Provider",
     "Scheduler",
+    "StorageFormatError",
     "Task",
     "TaskAlreadyRunningError",
     "TaskCompletionRecorder",

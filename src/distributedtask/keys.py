@@ -2,7 +2,7 @@
 
 Under a prefix ``P`` (``"/distributedtask"`` by default)::
 
-    P/format                                the layout marker (records.FormatRecord)
+    P/format                                the layout marker (records.FORMAT_MARKER)
     P/cluster/tasks/<ns>/<id>               the task record of the current run: payload, start
                                             time, node count; never rewritten while it exists
     P/cluster/outcomes/<ns>/<id>            how the run ended; absent while it runs
@@ -248,7 +248,10 @@ class Keys:
         return self._nodes
 
     def bucket(self, bucket: int) -> bytes:
-        """Prefix of the assignments of one bucket: what a Scheduler of that bucket watches."""
+        """Prefix of the assignments of one bucket: what a Scheduler of that bucket watches.
+        Raises :class:`ValueError` for a bucket outside ``range(BUCKETS)``."""
+        if not 0 <= bucket < BUCKETS:
+            raise ValueError(f"bucket must be in range({BUCKETS}), not {bucket!r}")
         return self._assign + b"%02x/" % bucket
 
     def assign(self, bucket: int, namespace: str, task_id: str) -> bytes:

@@ -20,6 +20,7 @@ distributedtask_lease_losses_total                         counter
 distributedtask_skipped_records_total                      counter
 distributedtask_members                                    gauge
 distributedtask_record_retries_total                       counter    operation
+distributedtask_watch_events_total                         counter    range
 =========================================================  =========  =======================
 
 prometheus-client collectors are thread-safe; so is this module.
@@ -51,6 +52,7 @@ METRIC_NAMES = (
     "distributedtask_skipped_records_total",
     "distributedtask_members",
     "distributedtask_record_retries_total",
+    "distributedtask_watch_events_total",
 )
 
 
@@ -130,6 +132,14 @@ class Metrics:
             registry=registry,
         )
 
+        self.watch_events = Counter(
+            "distributedtask_watch_events_total",
+            "Key changes the Scheduler's watches received, by range (cluster: task records, "
+            "outcomes, members; assign: this node's assignment bucket)",
+            ("range",),
+            registry=registry,
+        )
+
     def touch(self, namespaces: Iterable[str]) -> None:
         """Create every labelled series of these namespaces at 0.
 
@@ -152,6 +162,8 @@ class Metrics:
             self.record_retries.labels(operation=operation)
         for reason in WATCH_RESTART_REASONS:
             self.watch_restarts.labels(reason=reason)
+        for watched in ("cluster", "assign"):
+            self.watch_events.labels(range=watched)
 
 
 PROVIDER_OPERATIONS = ("start", "terminate", "cleanup", "get_local_tasks")

@@ -19,12 +19,12 @@ Pure functions over already-read key-values, plus the read operations to send; t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .etcd import txn as t
 from .exceptions import CorruptRecordError, StorageFormatError
-from .keys import DoneKey, Keys, NodesKey, OutcomeKey, TaskKey, prefix_range_end
+from .keys import DoneKey, Keys, NodesKey, OutcomeKey, TaskKey
 from .model import Task, TaskStatus
 from .records import (
     FORMAT_MARKER,
@@ -232,11 +232,3 @@ class ReadModel:
         for tasks in out.values():
             tasks.sort(key=lambda task: task.id)
         return out
-
-    def prefix_range(self, prefix: bytes) -> tuple[bytes, bytes]:
-        return prefix, prefix_range_end(prefix)
-
-
-def by_namespace(tasks: Mapping[str, list[Task]]) -> int:
-    """How many tasks a listing holds."""
-    return sum(len(items) for items in tasks.values())

@@ -99,7 +99,7 @@ def _optional_name(data: Mapping[str, Any], key: str, what: str) -> str | None:
 
 def _positive_int(data: Mapping[str, Any], key: str, what: str) -> int:
     value = data.get(key)
-    if type(value) is not int or value <= 0:
+    if type(value) is not int or not 0 < value < 2**63:  # etcd revisions are int64
         raise CorruptRecordError(f"{what}: bad {key}")
     return value
 
@@ -134,13 +134,13 @@ class TaskRecord:
     def decode(cls, raw: bytes, *, payload: bool = True) -> TaskRecord:
         """Decode a record; with ``payload=False`` the payload is left empty (not copied)."""
         what = "task record"
-        header, newline, body = raw.partition(b"\n")
-        if not newline:
+        end = raw.find(b"\n")
+        if end < 0:
             raise CorruptRecordError(f"{what} has no header line")
-        data = _load(header, what)
+        data = _load(raw[:end], what)
         version = None if "version" not in data else _positive_int(data, "version", what)
         return cls(
-            payload=body if payload else b"",
+            payload=raw[end + 1 :] if payload else b"",
             started_at=_ms(data, "startedAt", what),
             node_count=_positive_int(data, "nodeCount", what),
             token=_get(data, "token", str, what),

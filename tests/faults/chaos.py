@@ -46,7 +46,8 @@ Node-loss semantics checked: by default every cut is shorter than ``node_loss_gr
 (including hanging ones) go on and end normally: its completions and failures recorded while
 cut off are delivered afterwards, and it never starts a run a second time. With
 ``loss_cut_every=N`` (the by-hand mode's default), every N-th cut lasts longer than member TTL +
-grace: then a FAILED run whose error says ``node-c: node lost`` is legitimate exactly when such a
+grace: then a FAILED run with ``failed_node`` node-c and an error ``node lost: ...`` is
+legitimate exactly when such a
 long cut overlapped its life; a node-loss failure naming any other node, or outside a long cut,
 is a violation.
 
@@ -74,11 +75,11 @@ from datetime import timedelta
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from tests.support import keys_under
+from tests.support import run_keys_under
 
 import distributedtask as dt
 from distributedtask.etcd.watch import Changes, ResumableWatch, Snapshot
-from distributedtask.keys import MemberKey, OutcomeKey, RunKey, TaskKey, prefix_range_end
+from distributedtask.keys import DoneKey, MemberKey, NodesKey, OutcomeKey, TaskKey, prefix_range_end
 from distributedtask.testing.etcd import EtcdCluster, wait_until
 from distributedtask.testing.proxy import TcpProxy
 
@@ -90,7 +91,7 @@ NS = "chaos"
 NODES = ("node-a", "node-b", "node-c")
 CUT_NODE = "node-c"
 OUR_THREAD_PREFIXES = ("dtask-", "distributedtask-", "chaos-")
-_LOSS = re.compile(r"^(\S+): node lost")
+_LOSS = re.compile(r"^node lost")
 
 Run = tuple[str, int]  # (task id, version)
 
@@ -284,7 +285,8 @@ class Observer:
         self.lock = threading.Lock()
         self.records: dict[str, Any] = {}
         self.outcomes: dict[str, Any] = {}
-        self.runs: dict[str, dict[str, Any]] = {}
+        self.node_lists: dict[str, Any] = {}
+        self.done: dict[str, dict[str, Any]] = {}
         self.members: set[str] = set()
         self.member_events: list[tuple[float, str, str]] = []  # (when, node, "up"/"down")
         self.history: dict[Run, RunHistory] = {}
@@ -295,10 +297,7 @@ class Observer:
             keys.root,
             prefix_range_end(keys.root),
             self._on_batch,
-            list_ranges=[
-                *manager.list_ranges(),
-                (keys.all_members(), prefix_range_end(keys.all_members())),
-            ],
+            list_ranges=[(keys.root, prefix_range_end(keys.root))],
             name="chaos-observer",
             on_restart=self._on_restart,
         )
@@ -322,7 +321,7 @@ class Observer:
         with self.lock:
             if isinstance(batch, Snapshot):
                 touched = set(self.records)
-                self.records, self.outcomes, self.runs = {}, {}, {}
+                self.records, self.outcomes, self.node_lists, self.done = {}, {}, {}, {}
                 members: set[str] = set()
                 for kv in batch.kvs:
                     touched |= self._apply(kv, deleted=False, members=members)
@@ -354,19 +353,25 @@ class Observer:
                 self.members.add(parsed.node_id)
                 self.member_events.append((now, parsed.node_id, "up"))
             return set()
-        if isinstance(parsed, TaskKey | OutcomeKey):
-            target = self.records if isinstance(parsed, TaskKey) else self.outcomes
+        if isinstance(parsed, TaskKey | OutcomeKey | NodesKey):
+            target = (
+                self.records
+                if isinstance(parsed, TaskKey)
+                else self.outcomes
+                if isinstance(parsed, OutcomeKey)
+                else self.node_lists
+            )
             if deleted:
                 target.pop(parsed.task_id, None)
             else:
                 target[parsed.task_id] = kv
             return {parsed.task_id}
-        if isinstance(parsed, RunKey):
-            runs = self.runs.setdefault(parsed.task_id, {})
+        if isinstance(parsed, DoneKey):
+            done = self.done.setdefault(parsed.task_id, {})
             if deleted:
-                runs.pop(parsed.node_id, None)
+                done.pop(parsed.node_id, None)
             else:
-                runs[parsed.node_id] = kv
+                done[parsed.node_id] = kv
             return {parsed.task_id}
         return set()
 
@@ -374,10 +379,11 @@ class Observer:
         record = self.records.get(task_id)
         if record is None:
             return
-        kvs = [record, *self.runs.get(task_id, {}).values()]
-        if task_id in self.outcomes:
-            kvs.append(self.outcomes[task_id])
-        tasks = self.manager.tasks_from_kvs(kvs).get(NS, [])
+        kvs = [record, *self.done.get(task_id, {}).values()]
+        for part in (self.outcomes, self.node_lists):
+            if task_id in part:
+                kvs.append(part[task_id])
+        tasks = self.manager.read.tasks_from_kvs(kvs, self._unreadable).get(NS, [])
         if len(tasks) != 1:
             self.violations.append(f"observer: cannot read {task_id} ({len(tasks)} tasks)")
             return
@@ -399,6 +405,9 @@ class Observer:
             )
         elif history.final.finished_nodes != task.finished_nodes:
             self.violations.append(f"{run}: finished nodes changed after it ended")
+
+    def _unreadable(self, key: bytes, exc: Exception) -> None:
+        self.violations.append(f"observer: unreadable value at {key!r}: {exc}")
 
     def snapshot(self) -> dict[Run, RunHistory]:
         with self.lock:
@@ -672,8 +681,9 @@ def check_runs(
         report.statuses[status.value] += 1
         completed = {n for n in NODES if run in ledgers[n].completions}
         failed = {n: ledgers[n].failures[run] for n in NODES if run in ledgers[n].failures}
-        # the Manager stores a node's failure as "<node>: <error>"
-        failed_errors = {f"{n}: {error}" for n, error in failed.items()}
+        # the Manager stores a node's failure verbatim, the node in failed_node
+        failed_errors = {(n, error) for n, error in failed.items()}
+        failure = (task.failed_node, task.error)
         cancel = client.cancels.get(run)
         cancel_ok = cancel == "ok"
         cancel_maybe = cancel in ("ok", "ambiguous")
@@ -682,8 +692,8 @@ def check_runs(
             v.append(f"{run}: recorded by unassigned nodes {sorted(strays)}")
         loss_node = None
         if status is dt.TaskStatus.FAILED and task.error:
-            match = _LOSS.search(task.error)
-            loss_node = match.group(1) if match and task.error not in failed_errors else None
+            loss = _LOSS.search(task.error) is not None and failure not in failed_errors
+            loss_node = task.failed_node if loss else None
         loss_ok = loss_node == CUT_NODE and any(
             _overlaps(f, h.first_seen, h.ended_at or time.monotonic()) for f in long_cuts
         )
@@ -700,7 +710,7 @@ def check_runs(
                 v.append(f"{run}: FINISHED but only {sorted(completed)} of {sorted(task.nodes)}")
             if task.finished_nodes != task.nodes:
                 v.append(f"{run}: FINISHED with finished_nodes {sorted(task.finished_nodes)}")
-        if status is dt.TaskStatus.FAILED and loss_node is None and task.error not in failed_errors:
+        if status is dt.TaskStatus.FAILED and loss_node is None and failure not in failed_errors:
             v.append(f"{run}: FAILED with {task.error!r}, which no provider recorded")
         if not cancel_maybe and not loss_ok:
             if failed and status is not dt.TaskStatus.FAILED:
@@ -740,7 +750,14 @@ def _settled(
 
 def _cluster_tasks_empty(client: dt.EtcdClient, manager: dt.Manager) -> bool:
     keys = manager.keys
-    for root in (keys.all_tasks(), keys.all_outcomes(), keys.all_runs(), keys.task_progress_root()):
+    roots = (
+        keys.all_tasks(),
+        keys.all_outcomes(),
+        keys.all_nodes(),
+        keys.all_done(),
+        keys.all_progress(),
+    )
+    for root in roots:
         if client.range(root, prefix_range_end(root), count_only=True).count:
             return False
     return True
@@ -923,7 +940,7 @@ def run_chaos(cluster: EtcdCluster, config: ChaosConfig) -> ChaosReport:
             _soft_wait(  # stop() revokes the leases: the memberships go at once
                 report,
                 "no key left under the prefix after stop()",
-                lambda: not keys_under(clients[0], config.prefix),
+                lambda: not run_keys_under(clients[0], config.prefix),
                 5,
             )
         for client in clients:

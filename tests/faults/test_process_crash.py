@@ -3,7 +3,7 @@ lease revoke), next to a live in-process Scheduler.
 
 - Not restarted: its lease expires (its membership goes after its member TTL), the run stays
   STARTED during the grace, then the live node fails every STARTED run still waiting for it,
-  with an error naming it (API.md: node loss), and terminates its own part of the shared run.
+  with failed_node naming it (API.md: node loss), and terminates its own part of the shared run.
 - Restarted with the same node id and state dir after its lease expired but before the grace:
   the run is not failed; the new process lists its local run and starts it again
   (at-least-once: the run's command is started twice, once per process) and its completion
@@ -218,8 +218,8 @@ def test_a_killed_node_process_has_its_runs_failed_after_the_grace(
         for task in (shared, solo):
             ended = mgr.wait_for_task(NS, task.id, task.version, timeout=grace.seconds + 15)
             assert ended.status is dt.TaskStatus.FAILED
-            assert ended.error is not None
-            assert ended.error.startswith(f"{NODE}: node lost"), ended.error
+            assert ended.failed_node == NODE
+            assert ended.error is not None and ended.error.startswith("node lost"), ended.error
             assert ended.finished_nodes == frozenset()
         wait_until(lambda: steady.terminations() == [shared.descriptor], timeout=10)
         assert steady.starts() == [shared.descriptor]

@@ -1,4 +1,5 @@
-"""Unit tests of the key schema (src/distributedtask/keys.py): building, exact parsing, escaping,
+"""Unit tests of the key schema of layout 2 (src/distributedtask/keys.py): building, exact and
+total parsing of the seven kinds of key, escaping, assignment buckets, reserved prefix segments,
 prefix isolation and etcd range ends. Pure; no etcd."""
 
 from __future__ import annotations
@@ -6,54 +7,41 @@ from __future__ import annotations
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from tests.layout import (
+    KINDS,
+    MAX_VERSION,
+    ParsedKey,
+    buckets,
+    built,
+    check_parse,
+    in_range,
+    names,
+    one_of_each,
+    range_roots,
+    rebuild,
+    versions,
+)
 
-from distributedtask.exceptions import InvalidTaskError
+from distributedtask import keys as keys_module
 from distributedtask.keys import (
+    BUCKETS,
+    AssignKey,
+    DoneKey,
     Keys,
     MemberKey,
+    NodesKey,
     OutcomeKey,
     ProgressKey,
-    RunKey,
     TaskKey,
+    bucket_of,
     prefix_range_end,
 )
-from distributedtask.model import validate_name
-
-ParsedKey = TaskKey | OutcomeKey | RunKey | ProgressKey | MemberKey
 
 K = Keys("/dt")
+PROPERTY = settings(max_examples=200, deadline=None, database=None)
 
-
-def valid(name: str) -> bool:
-    try:
-        validate_name(name, "x")
-    except InvalidTaskError:
-        return False
-    return True
-
-
-names = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=40).filter(
-    valid
-)
-versions = st.integers(min_value=1, max_value=2**63 - 1)
-
-
-def build(keys: Keys, parsed: ParsedKey) -> bytes:
-    """The key ``keys`` builds for a parsed key."""
-    if isinstance(parsed, TaskKey):
-        return keys.task(parsed.namespace, parsed.task_id)
-    if isinstance(parsed, OutcomeKey):
-        return keys.outcome(parsed.namespace, parsed.task_id)
-    if isinstance(parsed, RunKey):
-        return keys.run(parsed.namespace, parsed.task_id, parsed.node_id)
-    if isinstance(parsed, ProgressKey):
-        return keys.progress(parsed.namespace, parsed.task_id, parsed.version, parsed.node_id)
-    return keys.member(parsed.node_id)
-
-
-def in_range(key: bytes, prefix: bytes) -> bool:
-    """Whether etcd's range ``[prefix, prefix_range_end(prefix))`` holds ``key``."""
-    return prefix <= key < prefix_range_end(prefix)
+RESERVED = ["format", "cluster", "assign", "nodes", "done", "progress", "units"]
+LEGACY = ["tasks", "outcomes", "runs", "members"]  # the top-level names of the 0.1 layout
 
 
 # ---- construction -----------------------------------------------------------------------------
@@ -76,8 +64,8 @@ def test_trailing_slash_of_prefix_is_ignored() -> None:
     assert a.prefix == b.prefix == c.prefix == "/p"
     assert a.root == b.root == c.root == b"/p/"
     for keys in (b, c):
-        assert keys.task("ns", "id") == a.task("ns", "id")
-        assert keys.member("n") == a.member("n")
+        assert built(keys) == built(a)
+        assert keys.format == a.format
         assert keys.parse(a.task("ns", "id")) == TaskKey("ns", "id")
 
 
@@ -86,56 +74,111 @@ def test_repr() -> None:
 
 
 def test_key_layout() -> None:
-    assert K.task("ns", "id") == b"/dt/tasks/ns/id"
-    assert K.outcome("ns", "id") == b"/dt/outcomes/ns/id"
-    assert K.task_runs("ns", "id") == b"/dt/runs/ns/id/"
-    assert K.run("ns", "id", "node") == b"/dt/runs/ns/id/node"
+    assert K.format == b"/dt/format"
+    assert K.cluster == b"/dt/cluster/"
+    assert K.task("ns", "id") == b"/dt/cluster/tasks/ns/id"
+    assert K.outcome("ns", "id") == b"/dt/cluster/outcomes/ns/id"
+    assert K.member("node") == b"/dt/cluster/members/node"
+    assert K.nodes("ns", "id") == b"/dt/nodes/ns/id"
+    assert K.bucket(0) == b"/dt/assign/00/"
+    assert K.bucket(10) == b"/dt/assign/0a/"
+    assert K.bucket(BUCKETS - 1) == b"/dt/assign/3f/"
+    assert K.assign(5, "ns", "id") == b"/dt/assign/05/ns/id"
+    assert K.task_done("ns", "id") == b"/dt/done/ns/id/"
+    assert K.done("ns", "id", "node") == b"/dt/done/ns/id/node"
     assert K.task_progress("ns", "id") == b"/dt/progress/ns/id/"
     assert K.version_progress("ns", "id", 7) == b"/dt/progress/ns/id/7/"
     assert K.progress("ns", "id", 7, "node") == b"/dt/progress/ns/id/7/node"
-    assert K.member("node") == b"/dt/members/node"
-    assert K.all_tasks() == b"/dt/tasks/"
-    assert K.all_outcomes() == b"/dt/outcomes/"
-    assert K.all_runs() == b"/dt/runs/"
-    assert K.task_progress_root() == b"/dt/progress/"
-    assert K.all_members() == b"/dt/members/"
 
 
-def test_builders_return_bytes() -> None:
-    for key in (
-        K.task("a", "b"),
-        K.outcome("a", "b"),
-        K.task_runs("a", "b"),
-        K.run("a", "b", "c"),
-        K.task_progress("a", "b"),
-        K.version_progress("a", "b", 1),
-        K.progress("a", "b", 1, "c"),
-        K.member("c"),
-    ):
+def test_range_roots_layout() -> None:
+    assert K.all_tasks() == b"/dt/cluster/tasks/"
+    assert K.all_outcomes() == b"/dt/cluster/outcomes/"
+    assert K.all_members() == b"/dt/cluster/members/"
+    assert K.all_nodes() == b"/dt/nodes/"
+    assert K.all_assignments() == b"/dt/assign/"
+    assert K.all_done() == b"/dt/done/"
+    assert K.all_progress() == b"/dt/progress/"
+    assert K.legacy == (b"/dt/members/", b"/dt/outcomes/", b"/dt/runs/", b"/dt/tasks/")
+    # every range ends in "/", so no root is a prefix of a longer name
+    for root in range_roots(K).values():
+        assert root.endswith(b"/"), root
+
+
+def test_builders_return_bytes_under_the_root() -> None:
+    others = [K.task_done("a", "b"), K.task_progress("a", "b"), K.version_progress("a", "b", 1)]
+    for key in [*built(K).values(), *others, K.bucket(3), K.format]:
         assert isinstance(key, bytes)
         assert key.startswith(K.root)
 
 
 def test_names_are_percent_encoded() -> None:
-    assert K.task("a/b", "c d") == b"/dt/tasks/a%2Fb/c%20d"
-    assert K.member("100%") == b"/dt/members/100%25"
-    assert K.member("é") == b"/dt/members/%C3%A9"
-    assert K.member("a-b_c.d~e") == b"/dt/members/a-b_c.d~e"
+    assert K.task("a/b", "c d") == b"/dt/cluster/tasks/a%2Fb/c%20d"
+    assert K.assign(1, "a/b", "c d") == b"/dt/assign/01/a%2Fb/c%20d"
+    assert K.done("n", "i", "a/b") == b"/dt/done/n/i/a%2Fb"
+    assert K.member("100%") == b"/dt/cluster/members/100%25"
+    assert K.member("é") == b"/dt/cluster/members/%C3%A9"
+    assert K.member("a-b_c.d~e") == b"/dt/cluster/members/a-b_c.d~e"
 
 
 def test_non_ascii_prefix() -> None:
     keys = Keys("/日本/dt")
     key = keys.task("ns", "id")
-    assert key == "/日本/dt/tasks/ns/id".encode()
+    assert key == "/日本/dt/cluster/tasks/ns/id".encode()
     assert keys.parse(key) == TaskKey("ns", "id")
 
 
 def test_prefix_without_leading_slash() -> None:
     keys = Keys("dt")
-    assert keys.task("a", "b") == b"dt/tasks/a/b"
-    assert keys.parse(b"dt/tasks/a/b") == TaskKey("a", "b")
-    assert K.parse(b"dt/tasks/a/b") is None
-    assert keys.parse(b"/dt/tasks/a/b") is None
+    assert keys.task("a", "b") == b"dt/cluster/tasks/a/b"
+    assert keys.parse(b"dt/cluster/tasks/a/b") == TaskKey("a", "b")
+    assert K.parse(b"dt/cluster/tasks/a/b") is None
+    assert keys.parse(b"/dt/cluster/tasks/a/b") is None
+
+
+def test_module_exports_the_layout_2_names() -> None:
+    new = {"BUCKETS", "AssignKey", "DoneKey", "NodesKey", "bucket_of"}
+    assert new <= set(keys_module.__all__)
+    assert all(hasattr(keys_module, name) for name in keys_module.__all__)
+    assert not hasattr(keys_module, "RunKey")  # layout 1's per-node run keys are gone
+    assert BUCKETS == 64
+
+
+# ---- reserved segments ------------------------------------------------------------------------
+
+
+def test_reserved_segments_are_the_layout_names_and_the_0_1_names() -> None:
+    assert set(RESERVED) == keys_module.LAYOUT_SEGMENTS
+    assert set(LEGACY) == keys_module.LEGACY_SEGMENTS
+    assert set(RESERVED) | set(LEGACY) == keys_module.RESERVED_SEGMENTS
+
+
+@pytest.mark.parametrize("segment", RESERVED + LEGACY)
+@pytest.mark.parametrize("shape", ["/{}", "{}", "/dt/{}", "/dt/{}/", "/{}/x", "/a/{}/b/c"])
+def test_a_prefix_with_a_reserved_segment_is_refused(segment: str, shape: str) -> None:
+    with pytest.raises(ValueError, match="reserved segment"):
+        Keys(shape.format(segment))
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    ["/dt/Cluster", "/dt/formats", "/dt/task", "/dt/run", "/dt/unit", "/dt/x-done", "/clusterx"],
+)
+def test_a_prefix_that_only_resembles_a_reserved_segment_is_accepted(prefix: str) -> None:
+    assert Keys(prefix).prefix == prefix
+
+
+def test_parse_rejects_keys_of_a_nested_prefix() -> None:
+    for other in (Keys("/dt/x"), Keys("/dt/done-x"), Keys("/dt/clusterx"), Keys("/dt/assign2")):
+        for key in built(other).values():
+            assert K.parse(key) is None, (other, key)
+
+
+def test_parse_rejects_keys_of_other_prefixes() -> None:
+    for other in (Keys("/other"), Keys("/dtx"), Keys("/d"), Keys("dt"), Keys("/x/dt")):
+        for key in built(other).values():
+            assert K.parse(key) is None, (other, key)
+            assert not in_range(key, K.root)
 
 
 # ---- parsing ----------------------------------------------------------------------------------
@@ -144,18 +187,35 @@ def test_prefix_without_leading_slash() -> None:
 @pytest.mark.parametrize(
     ("key", "parsed"),
     [
-        (b"/dt/tasks/ns/id", TaskKey("ns", "id")),
-        (b"/dt/outcomes/ns/id", OutcomeKey("ns", "id")),
-        (b"/dt/runs/ns/id/node", RunKey("ns", "id", "node")),
+        (b"/dt/cluster/tasks/ns/id", TaskKey("ns", "id")),
+        (b"/dt/cluster/outcomes/ns/id", OutcomeKey("ns", "id")),
+        (b"/dt/cluster/members/node", MemberKey("node")),
+        (b"/dt/nodes/ns/id", NodesKey("ns", "id")),
+        (b"/dt/assign/00/ns/id", AssignKey(0, "ns", "id")),
+        (b"/dt/assign/0a/ns/id", AssignKey(10, "ns", "id")),
+        (b"/dt/assign/3f/ns/id", AssignKey(63, "ns", "id")),
+        (b"/dt/done/ns/id/node", DoneKey("ns", "id", "node")),
         (b"/dt/progress/ns/id/12/node", ProgressKey("ns", "id", 12, "node")),
-        (b"/dt/members/node", MemberKey("node")),
-        (b"/dt/tasks/a%2Fb/c", TaskKey("a/b", "c")),
-        (b"/dt/tasks/a/b%2Fc", TaskKey("a", "b/c")),
-        (b"/dt/members/%25", MemberKey("%")),
+        (b"/dt/cluster/tasks/a%2Fb/c", TaskKey("a/b", "c")),
+        (b"/dt/cluster/tasks/a/b%2Fc", TaskKey("a", "b/c")),
+        (b"/dt/cluster/members/%25", MemberKey("%")),
+        # names that are also segment names of the schema are just names
+        (b"/dt/cluster/tasks/cluster/tasks", TaskKey("cluster", "tasks")),
+        (b"/dt/done/done/assign/00", DoneKey("done", "assign", "00")),
+        (b"/dt/assign/00/00/3f", AssignKey(0, "00", "3f")),
     ],
 )
 def test_parse(key: bytes, parsed: ParsedKey) -> None:
     assert K.parse(key) == parsed
+    assert rebuild(K, parsed) == key
+
+
+@pytest.mark.parametrize("bucket", range(BUCKETS))
+def test_every_bucket_round_trips(bucket: int) -> None:
+    key = K.assign(bucket, "ns", "id")
+    assert key == b"/dt/assign/%02x/ns/id" % bucket
+    assert K.parse(key) == AssignKey(bucket, "ns", "id")
+    assert in_range(key, K.bucket(bucket))
 
 
 @pytest.mark.parametrize(
@@ -169,37 +229,43 @@ def test_parse(key: bytes, parsed: ParsedKey) -> None:
         ("ünïcödé", "日本語", "🎉"),
         ("a+b", "a?b#c", "a&b=c"),
         ("~", ".", ".."),
+        ("00", "3f", "40"),
         ("x" * 256, "é" * 128, "🎉" * 64),
     ],
 )
 def test_awkward_names_round_trip(namespace: str, task_id: str, node_id: str) -> None:
-    assert K.parse(K.task(namespace, task_id)) == TaskKey(namespace, task_id)
-    assert K.parse(K.outcome(namespace, task_id)) == OutcomeKey(namespace, task_id)
-    assert K.parse(K.run(namespace, task_id, node_id)) == RunKey(namespace, task_id, node_id)
-    progress = K.progress(namespace, task_id, 3, node_id)
-    assert K.parse(progress) == ProgressKey(namespace, task_id, 3, node_id)
-    assert K.parse(K.member(node_id)) == MemberKey(node_id)
+    expected = one_of_each(namespace, task_id, node_id, version=3)
+    for kind, key in built(K, namespace, task_id, node_id, version=3).items():
+        assert K.parse(key) == expected[kind], kind
 
 
 def test_slash_in_names_cannot_forge_another_key() -> None:
     assert K.task("a/b", "c") != K.task("a", "b/c")
     assert K.outcome("a/b", "c") != K.outcome("a", "b/c")
-    assert K.run("a/b", "c", "d") != K.run("a", "b/c", "d")
-    assert K.run("a", "b/c", "d") != K.run("a", "b", "c/d")
+    assert K.nodes("a/b", "c") != K.nodes("a", "b/c")
+    assert K.assign(1, "a/b", "c") != K.assign(1, "a", "b/c")
+    assert K.done("a/b", "c", "d") != K.done("a", "b/c", "d")
+    assert K.done("a", "b/c", "d") != K.done("a", "b", "c/d")
     assert K.progress("a", "b", 1, "c") != K.progress("a", "b/1", 1, "c")
     assert K.parse(K.task("a/b", "c")) == TaskKey("a/b", "c")
     assert K.parse(K.task("a", "b/c")) == TaskKey("a", "b/c")
-    # the run keys of (a/b, c) never fall in the range of (a, b) or vice versa
-    assert not in_range(K.run("a/b", "c", "d"), K.task_runs("a", "b"))
-    assert not in_range(K.run("a", "b/c", "d"), K.task_runs("a", "b"))
+    assert K.parse(K.done("a", "b", "c/d")) == DoneKey("a", "b", "c/d")
+    assert K.parse(K.member("tasks/a/b")) == MemberKey("tasks/a/b")
+    assert K.parse(K.assign(0, "01/a", "b")) == AssignKey(0, "01/a", "b")
+    # the completions of (a/b, c) never fall in the range of (a, b) or vice versa
+    assert not in_range(K.done("a/b", "c", "d"), K.task_done("a", "b"))
+    assert not in_range(K.done("a", "b/c", "d"), K.task_done("a", "b"))
+    assert not in_range(K.progress("a", "b/c", 1, "d"), K.task_progress("a", "b"))
+    # a namespace cannot reach into the assignments of another bucket
+    assert not in_range(K.assign(0, "01/a", "b"), K.bucket(1))
 
 
 def test_task_id_prefix_never_covers_a_longer_id() -> None:
-    assert not K.task_runs("ns", "ab").startswith(K.task_runs("ns", "a"))
-    assert not in_range(K.run("ns", "ab", "node"), K.task_runs("ns", "a"))
-    assert in_range(K.run("ns", "a", "node"), K.task_runs("ns", "a"))
+    assert not K.task_done("ns", "ab").startswith(K.task_done("ns", "a"))
+    assert not in_range(K.done("ns", "ab", "node"), K.task_done("ns", "a"))
+    assert in_range(K.done("ns", "a", "node"), K.task_done("ns", "a"))
+    assert not in_range(K.done("nsx", "a", "node"), K.task_done("ns", "a"))
     assert not in_range(K.progress("ns", "ab", 1, "n"), K.task_progress("ns", "a"))
-    assert not in_range(K.run("nsx", "a", "node"), K.task_runs("ns", "a"))
     # version 1 never covers version 10
     assert not in_range(K.progress("ns", "a", 10, "n"), K.version_progress("ns", "a", 1))
     assert in_range(K.progress("ns", "a", 1, "n"), K.version_progress("ns", "a", 1))
@@ -207,65 +273,112 @@ def test_task_id_prefix_never_covers_a_longer_id() -> None:
 
 
 def test_kinds_never_share_a_range() -> None:
-    roots = [K.all_tasks(), K.all_outcomes(), K.all_runs(), K.task_progress_root()]
-    roots.append(K.all_members())
-    samples = [
-        K.task("a", "b"),
-        K.outcome("a", "b"),
-        K.run("a", "b", "c"),
-        K.progress("a", "b", 1, "c"),
-        K.member("c"),
-    ]
-    for i, root in enumerate(roots):
-        for j, key in enumerate(samples):
-            assert in_range(key, root) == (i == j), (root, key)
+    roots = range_roots(K)
+    samples = built(K)
+    for name, root in roots.items():
+        for kind, key in samples.items():
+            if name == "cluster":
+                # what every Scheduler watches: records, outcomes and members, nothing per node
+                expected = kind in ("task", "outcome", "member")
+            elif name.startswith("bucket "):
+                expected = name == f"bucket {bucket_of('c')}" and kind == "assign"
+            else:
+                expected = name == kind
+            assert in_range(key, root) == expected, (name, kind)
             assert in_range(key, K.root)
+            assert key != K.format
 
 
-@pytest.mark.parametrize(
-    "key",
-    [
-        b"",
-        b"/",
-        b"/dt",
-        b"/dt/",
-        b"/dtx/tasks/a/b",
-        b"/d/tasks/a/b",
-        b"dt/tasks/a/b",
-        b"/DT/tasks/a/b",
-        b"/other/tasks/a/b",
-        b"/dt/unknown/a/b",
-        b"/dt/tasks",
-        b"/dt/tasks/",
-        b"/dt/tasks/a",
-        b"/dt/tasks/a/",
-        b"/dt/tasks//b",
-        b"/dt/tasks/a/b/",
-        b"/dt/tasks/a/b/c",
-        b"/dt/outcomes/a",
-        b"/dt/outcomes/a/b/c",
-        b"/dt/runs/a/b",
-        b"/dt/runs/a/b/",
-        b"/dt/runs/a//c",
-        b"/dt/runs/a/b/c/d",
-        b"/dt/progress/a/b/1",
-        b"/dt/progress/a/b/1/",
-        b"/dt/progress/a/b//n",
-        b"/dt/progress/a/b/x/n",
-        b"/dt/progress/a/b/-1/n",
-        b"/dt/progress/a/b/+1/n",
-        b"/dt/progress/a/b/01/n",
-        b"/dt/progress/a/b/1.0/n",
-        b"/dt/progress/a/b/%31/n",
-        b"/dt/progress/a/b/1/n/x",
-        b"/dt/members",
-        b"/dt/members/",
-        b"/dt/members/a/b",
-        b"/dt/Tasks/a/b",
-        b"/dt//tasks/a/b",
-    ],
-)
-def test_parse_rejects_wrong_shapes(key: bytes) -> None:
+# Keys that are not ours although they lie under the prefix: other shapes, 0.1's layout, ...
+FOREIGN_KEYS = [
+    b"",
+    b"/",
+    b"/dt",
+    b"/dt/",
+    b"/dtx/cluster/tasks/a/b",
+    b"/d/cluster/tasks/a/b",
+    b"dt/cluster/tasks/a/b",
+    b"/DT/cluster/tasks/a/b",
+    b"/dt/unknown/a/b",
+    b"/dt/format",
+    b"/dt/format/a/b",
+    b"/dt/units/a/b",
+    # the keys of layout 1 (0.1) are foreign to layout 2
+    b"/dt/tasks/a/b",
+    b"/dt/outcomes/a/b",
+    b"/dt/runs/a/b/c",
+    b"/dt/members/c",
+    b"/dt/task/a/b",
+    b"/dt/Cluster/tasks/a/b",
+    b"/dt//cluster/tasks/a/b",
+    b"/dt/cluster",
+    b"/dt/cluster/",
+    b"/dt/cluster/unknown/a/b",
+    b"/dt/cluster/nodes/a/b",
+    b"/dt/cluster/done/a/b/c",
+    b"/dt/cluster/Tasks/a/b",
+    b"/dt/cluster/tasks",
+    b"/dt/cluster/tasks/",
+    b"/dt/cluster/tasks/a",
+    b"/dt/cluster/tasks/a/",
+    b"/dt/cluster/tasks//b",
+    b"/dt/cluster/tasks/a/b/",
+    b"/dt/cluster/tasks/a/b/c",
+    b"/dt/cluster/outcomes/a",
+    b"/dt/cluster/outcomes/a/b/c",
+    b"/dt/cluster/members",
+    b"/dt/cluster/members/",
+    b"/dt/cluster/members/a/b",
+    b"/dt/nodes",
+    b"/dt/nodes/a",
+    b"/dt/nodes/a/",
+    b"/dt/nodes/a/b/",
+    b"/dt/nodes/a/b/c",
+    b"/dt/assign",
+    b"/dt/assign/00",
+    b"/dt/assign/00/",
+    b"/dt/assign/00/a",
+    b"/dt/assign/00/a/",
+    b"/dt/assign/00//b",
+    b"/dt/assign//a/b",
+    b"/dt/assign/00/a/b/",
+    b"/dt/assign/00/a/b/c",
+    b"/dt/assign/a/b",
+    b"/dt/assign/zz/a/b",
+    b"/dt/assign/40/a/b",  # 64: out of range
+    b"/dt/assign/ff/a/b",
+    b"/dt/assign/0/a/b",
+    b"/dt/assign/000/a/b",
+    b"/dt/assign/0A/a/b",  # the builder writes lowercase hex
+    b"/dt/assign/3F/a/b",
+    b"/dt/assign/-1/a/b",
+    b"/dt/assign/+1/a/b",
+    b"/dt/assign/ 1/a/b",
+    b"/dt/assign/0x/a/b",
+    b"/dt/assign/%30%30/a/b",
+    b"/dt/done/a/b",
+    b"/dt/done/a/b/",
+    b"/dt/done/a//c",
+    b"/dt/done//b/c",
+    b"/dt/done/a/b/c/",
+    b"/dt/done/a/b/c/d",
+    b"/dt/progress/a/b/1",
+    b"/dt/progress/a/b/1/",
+    b"/dt/progress/a/b//n",
+    b"/dt/progress/a/b/x/n",
+    b"/dt/progress/a/b/0/n",
+    b"/dt/progress/a/b/-1/n",
+    b"/dt/progress/a/b/+1/n",
+    b"/dt/progress/a/b/01/n",
+    b"/dt/progress/a/b/1.0/n",
+    b"/dt/progress/a/b/%31/n",
+    b"/dt/progress/a/b/1/n/x",
+    b"/dt/progress/a/b/9223372036854775808/n",  # beyond int64
+]
+
+
+@pytest.mark.parametrize("key", FOREIGN_KEYS)
+def test_parse_rejects_foreign_and_mis_shaped_keys(key: bytes) -> None:
     assert K.parse(key) is None
 
 
@@ -294,83 +407,132 @@ def test_parse_rejects_wrong_shapes(key: bytes) -> None:
         b"%C3",
         b"%C3%28",
         b"%ED%A0%80",  # an encoded surrogate
+        b"%00",  # a control character is not a valid name
+        b"%0A",
         b"\xc3\xa9",  # raw UTF-8: quote would escape it
         b"\xff",  # raw non-UTF-8
         b"\x00",
+        b"x" * 257,  # longer than a name may be
         b"",
     ],
 )
 def test_parse_rejects_non_canonical_or_bad_segments(segment: bytes) -> None:
     for key in (
-        b"/dt/tasks/" + segment + b"/id",
-        b"/dt/tasks/ns/" + segment,
-        b"/dt/outcomes/" + segment + b"/id",
-        b"/dt/runs/ns/id/" + segment,
-        b"/dt/runs/" + segment + b"/id/node",
+        b"/dt/cluster/tasks/" + segment + b"/id",
+        b"/dt/cluster/tasks/ns/" + segment,
+        b"/dt/cluster/outcomes/" + segment + b"/id",
+        b"/dt/cluster/outcomes/ns/" + segment,
+        b"/dt/cluster/members/" + segment,
+        b"/dt/nodes/" + segment + b"/id",
+        b"/dt/nodes/ns/" + segment,
+        b"/dt/assign/00/" + segment + b"/id",
+        b"/dt/assign/3f/ns/" + segment,
+        b"/dt/done/" + segment + b"/id/node",
+        b"/dt/done/ns/" + segment + b"/node",
+        b"/dt/done/ns/id/" + segment,
+        b"/dt/progress/" + segment + b"/id/1/node",
         b"/dt/progress/ns/" + segment + b"/1/node",
         b"/dt/progress/ns/id/1/" + segment,
-        b"/dt/members/" + segment,
     ):
         assert K.parse(key) is None, key
 
 
 def test_canonical_escapes_parse() -> None:
-    assert K.parse(b"/dt/members/%2F") == MemberKey("/")
-    assert K.parse(b"/dt/members/%C3%A9") == MemberKey("é")
-    assert K.parse(b"/dt/members/%20") == MemberKey(" ")
+    assert K.parse(b"/dt/cluster/members/%2F") == MemberKey("/")
+    assert K.parse(b"/dt/cluster/members/%C3%A9") == MemberKey("é")
+    assert K.parse(b"/dt/cluster/members/%20") == MemberKey(" ")
+    assert K.parse(b"/dt/done/%2F/%25/%20") == DoneKey("/", "%", " ")
+    assert K.parse(b"/dt/assign/07/%2F/%C3%A9") == AssignKey(7, "/", "é")
 
 
-def test_parse_rejects_keys_of_other_prefixes() -> None:
-    for other in (Keys("/other"), Keys("/dtx"), Keys("/d"), Keys("dt"), Keys("/x/dt")):
-        for key in (
-            other.task("a", "b"),
-            other.outcome("a", "b"),
-            other.run("a", "b", "c"),
-            other.progress("a", "b", 1, "c"),
-            other.member("c"),
-        ):
-            assert K.parse(key) is None, (other, key)
-            assert not in_range(key, K.root)
+def test_parse_takes_versions_up_to_int64() -> None:
+    assert K.parse(K.progress("ns", "t", MAX_VERSION, "n")) == ProgressKey(
+        "ns", "t", MAX_VERSION, "n"
+    )
+    assert K.parse(K.progress("ns", "t", MAX_VERSION + 1, "n")) is None
+    assert K.parse(K.root + b"progress/ns/t/" + b"1" * 5000 + b"/n") is None
+
+
+# ---- buckets ----------------------------------------------------------------------------------
+
+
+def crc32_reference(data: bytes) -> int:
+    """CRC-32 (IEEE 802.3, reflected) written out bit by bit: what zlib.crc32 computes."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0xEDB88320 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
 
 
 @pytest.mark.parametrize(
-    "prefix", ["/dt/runs", "/dt/tasks", "/dt/members", "/dt/outcomes", "/dt/progress", "/runs/x"]
+    ("node", "bucket"),
+    # zlib.crc32(node.encode()) % 64, computed once: the bucket of a node is part of the layout
+    [
+        ("node-1", 31),  # crc32 0x13f21c5f
+        ("node-2", 37),  # crc32 0x8afb4de5
+        ("a", 3),  # crc32 0xe8b7be43
+        ("weaviate-0", 36),  # crc32 0x55092364
+        ("ü", 21),  # crc32 0x63d969d5
+        ("🎉", 55),  # crc32 0x6009b837
+        ("x" * 256, 16),
+    ],
 )
-def test_a_prefix_that_could_nest_inside_another_is_refused(prefix: str) -> None:
-    with pytest.raises(ValueError, match="reserved segment"):
-        Keys(prefix)
+def test_bucket_of_is_stable(node: str, bucket: int) -> None:
+    assert bucket_of(node) == bucket
+    assert crc32_reference(node.encode()) % BUCKETS == bucket
 
 
-def test_parse_rejects_keys_of_a_nested_prefix() -> None:
-    for other in (Keys("/dt/x"), Keys("/dt/runs-x"), Keys("/dt/tasksx")):
-        for key in (other.task("a", "b"), other.member("c"), other.run("a", "b", "c")):
-            assert K.parse(key) is None, (other, key)
+@given(st.text(max_size=40) | names)
+@settings(max_examples=200, deadline=None, database=None)
+def test_bucket_of_is_crc32_mod_buckets_and_in_range(node: str) -> None:
+    bucket = bucket_of(node)
+    assert type(bucket) is int
+    assert 0 <= bucket < BUCKETS
+    assert bucket == crc32_reference(node.encode("utf-8")) % BUCKETS
+    assert bucket_of(node) == bucket
+
+
+def test_buckets_spread_nodes() -> None:
+    counts = [0] * BUCKETS
+    for i in range(BUCKETS * 100):
+        counts[bucket_of(f"node-{i}")] += 1
+    assert min(counts) > 50  # roughly 100 each: no bucket is starved
+    assert max(counts) < 150
 
 
 # ---- properties -------------------------------------------------------------------------------
 
 
-@given(names, names, names, versions)
-@settings(max_examples=200, deadline=None, database=None)
-def test_every_valid_name_round_trips(ns: str, tid: str, node: str, version: int) -> None:
-    assert K.parse(K.task(ns, tid)) == TaskKey(ns, tid)
-    assert K.parse(K.outcome(ns, tid)) == OutcomeKey(ns, tid)
-    assert K.parse(K.run(ns, tid, node)) == RunKey(ns, tid, node)
-    assert K.parse(K.progress(ns, tid, version, node)) == ProgressKey(ns, tid, version, node)
-    assert K.parse(K.member(node)) == MemberKey(node)
-    assert in_range(K.run(ns, tid, node), K.task_runs(ns, tid))
-    assert in_range(K.progress(ns, tid, version, node), K.version_progress(ns, tid, version))
+@given(names, names, names, versions, buckets)
+@PROPERTY
+def test_every_valid_name_round_trips(
+    ns: str, tid: str, node: str, version: int, bucket: int
+) -> None:
+    expected = one_of_each(ns, tid, node, version, bucket)
+    keys = built(K, ns, tid, node, version, bucket)
+    assert set(keys) == set(KINDS)
+    for kind, key in keys.items():
+        assert K.parse(key) == expected[kind], kind
+    assert in_range(keys["done"], K.task_done(ns, tid))
+    assert in_range(keys["assign"], K.bucket(bucket))
+    assert in_range(keys["progress"], K.version_progress(ns, tid, version))
     assert in_range(K.version_progress(ns, tid, version), K.task_progress(ns, tid))
 
 
 @given(names, names, names, names)
 @settings(max_examples=100, deadline=None, database=None)
-def test_distinct_tasks_have_disjoint_ranges(ns1: str, id1: str, ns2: str, id2: str) -> None:
+def test_distinct_tasks_have_disjoint_keys_and_ranges(
+    ns1: str, id1: str, ns2: str, id2: str
+) -> None:
     assume((ns1, id1) != (ns2, id2))
-    assert K.task(ns1, id1) != K.task(ns2, id2)
-    assert not in_range(K.task_runs(ns2, id2), K.task_runs(ns1, id1))
-    assert not in_range(K.run(ns2, id2, "n"), K.task_runs(ns1, id1))
-    assert not in_range(K.progress(ns2, id2, 1, "n"), K.task_progress(ns1, id1))
+    first, second = built(K, ns=ns1, tid=id1, node="n"), built(K, ns=ns2, tid=id2, node="n")
+    for kind in KINDS:
+        assert (first[kind] == second[kind]) == (kind == "member")
+    assert not in_range(K.task_done(ns2, id2), K.task_done(ns1, id1))
+    assert not in_range(second["done"], K.task_done(ns1, id1))
+    assert not in_range(second["progress"], K.task_progress(ns1, id1))
 
 
 @given(versions, versions)
@@ -380,29 +542,56 @@ def test_distinct_versions_have_disjoint_ranges(v1: int, v2: int) -> None:
     assert not in_range(K.progress("a", "b", v2, "n"), K.version_progress("a", "b", v1))
 
 
+@given(buckets, buckets, names, names)
+@settings(max_examples=50, deadline=None, database=None)
+def test_distinct_buckets_have_disjoint_ranges(b1: int, b2: int, ns: str, tid: str) -> None:
+    assume(b1 != b2)
+    assert not in_range(K.assign(b2, ns, tid), K.bucket(b1))
+    assert not in_range(K.bucket(b2), K.bucket(b1))
+
+
 @given(st.binary(max_size=80))
 @settings(max_examples=300, deadline=None, database=None)
 def test_parse_of_any_bytes_is_total(raw: bytes) -> None:
-    for key in (raw, K.root + raw):
-        parsed = K.parse(key)
-        assert parsed is None or build(K, parsed) == key
+    check_parse(K, raw)
+    check_parse(K, K.root + raw)
 
 
 segment_text = st.lists(
-    st.sampled_from([*"ab%/0123456789ACF~ .é", "%2F", "%25", "%C3%A9", "%2f", "%41"]),
+    st.sampled_from([*"ab%/0123456789ACF~ .é", "%2F", "%25", "%C3%A9", "%2f", "%41", "3f", "40"]),
     max_size=16,
 ).map("".join)
-kinds = st.sampled_from(["tasks/", "outcomes/", "runs/", "progress/", "members/", ""])
+kinds = st.sampled_from(
+    [
+        "cluster/tasks/",
+        "cluster/outcomes/",
+        "cluster/members/",
+        "cluster/",
+        "nodes/",
+        "assign/",
+        "done/",
+        "progress/",
+        "format",
+        "tasks/",
+        "runs/",
+        "",
+    ]
+)
 
 
 @given(kinds, segment_text)
-@settings(max_examples=250, deadline=None, database=None)
+@settings(max_examples=300, deadline=None, database=None)
 def test_parse_is_exact_inverse_of_build(kind: str, tail: str) -> None:
     """Whatever parses is a key we would build, byte for byte: no two keys name one thing."""
-    key = K.root + kind.encode() + tail.encode()
-    parsed = K.parse(key)
-    if parsed is not None:
-        assert build(K, parsed) == key
+    check_parse(K, K.root + kind.encode() + tail.encode())
+
+
+@given(st.sampled_from(RESERVED + LEGACY), st.lists(st.sampled_from(["a", "b", ""]), max_size=3))
+@settings(max_examples=50, deadline=None, database=None)
+def test_any_prefix_with_a_reserved_segment_is_refused(segment: str, others: list[str]) -> None:
+    parts = [*others, segment, *others]
+    with pytest.raises(ValueError, match="reserved segment"):
+        Keys("/" + "/".join(parts))
 
 
 # ---- prefix_range_end -------------------------------------------------------------------------

@@ -10,11 +10,14 @@ from typing import Any
 import pytest
 
 import distributedtask as dt
+from distributedtask import exceptions
 from distributedtask.exceptions import (
+    CorruptRecordError,
     DistributedTaskError,
     EtcdError,
     InvalidTaskError,
     NoEligibleNodesError,
+    StorageFormatError,
     TaskAlreadyRunningError,
     TaskNotFoundError,
     TaskNotRunningError,
@@ -41,6 +44,8 @@ API_NAMES = {
     "TaskTooFreshError",
 }
 LATER_API_NAMES = {"Scheduler", "Provider", "TaskHandle", "TaskCompletionRecorder"}
+# Errors of the tree that distributedtask.exceptions exports; the top level may re-export them.
+STORAGE_ERRORS = [CorruptRecordError, StorageFormatError]
 
 ERRORS = [
     TaskNotFoundError,
@@ -52,6 +57,7 @@ ERRORS = [
     NoEligibleNodesError,
     EtcdError,
 ]
+TREE = [*ERRORS, *STORAGE_ERRORS]
 
 PASSWORD = "s3cr3t-pa55w0rd"
 
@@ -97,6 +103,23 @@ def test_exported_names_are_the_defining_objects() -> None:
     assert dt.DistributedTaskError is exceptions.DistributedTaskError
 
 
+@pytest.mark.parametrize("error", STORAGE_ERRORS, ids=lambda e: e.__name__)
+def test_storage_errors_exported_at_the_top_are_the_defining_objects(
+    error: type[Exception],
+) -> None:
+    name = error.__name__
+    if hasattr(dt, name):
+        assert name in dt.__all__
+        assert getattr(dt, name) is error
+
+
+def test_exceptions_module_exports_the_whole_error_tree() -> None:
+    assert list(exceptions.__all__) == sorted(exceptions.__all__)
+    assert set(exceptions.__all__) == {e.__name__ for e in TREE} | {"DistributedTaskError"}
+    for name in exceptions.__all__:
+        assert getattr(exceptions, name).__module__ == exceptions.__name__
+
+
 def test_version_is_a_string() -> None:
     assert isinstance(dt.__version__, str)
     assert dt.__version__
@@ -105,7 +128,7 @@ def test_version_is_a_string() -> None:
 # ---- the error tree ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("error", ERRORS, ids=lambda e: e.__name__)
+@pytest.mark.parametrize("error", TREE, ids=lambda e: e.__name__)
 def test_every_error_derives_from_the_root(error: type[Exception]) -> None:
     assert issubclass(error, DistributedTaskError)
     assert issubclass(error, Exception)
@@ -125,14 +148,14 @@ def test_invalid_task_error_is_also_a_value_error() -> None:
         raise error
 
 
-@pytest.mark.parametrize("error", [e for e in ERRORS if e is not InvalidTaskError])
+@pytest.mark.parametrize("error", [e for e in TREE if e is not InvalidTaskError])
 def test_other_errors_are_not_value_errors(error: type[Exception]) -> None:
     assert not issubclass(error, ValueError)
 
 
 def test_errors_are_distinct_siblings() -> None:
-    for a in ERRORS:
-        for b in ERRORS:
+    for a in TREE:
+        for b in TREE:
             if a is not b:
                 assert not issubclass(a, b), (a, b)
 
@@ -181,6 +204,23 @@ def test_no_eligible_nodes_error() -> None:
     error = NoEligibleNodesError("ns")
     assert error.namespace == "ns"
     assert "ns" in str(error)
+
+
+def test_corrupt_record_error() -> None:
+    error = CorruptRecordError("task record is not valid JSON", key=b"/dt/cluster/tasks/a/b")
+    assert error.key == b"/dt/cluster/tasks/a/b"
+    assert str(error).startswith("task record is not valid JSON")
+    assert CorruptRecordError("bad").key is None
+
+
+@pytest.mark.parametrize(("found", "what"), [(1, "0.1"), (3, "storage layout 3")])
+def test_storage_format_error(found: int, what: str) -> None:
+    error = StorageFormatError("/dt", found, 2)
+    assert (error.prefix, error.found, error.expected) == ("/dt", found, 2)
+    assert what in str(error)
+    assert "'/dt'" in str(error)
+    assert "layout 2" in str(error)
+    assert "does not migrate" in str(error)
 
 
 def test_etcd_error_fields() -> None:

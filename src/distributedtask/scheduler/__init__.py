@@ -49,7 +49,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -245,12 +245,14 @@ class Scheduler:
         with self._lock:
             self._add_timer(self.resync_interval.total_seconds(), TimerKind.RESYNC)
 
-    def _follow(self, prefix: bytes, handler: object, what: str) -> ResumableWatch:
+    def _follow(
+        self, prefix: bytes, handler: Callable[[Snapshot | Changes], None], what: str
+    ) -> ResumableWatch:
         return ResumableWatch(
             self.manager.client,
             prefix,
             prefix_range_end(prefix),
-            handler,  # type: ignore[arg-type]
+            handler,
             name=f"dtask-{what}-{self.node_id}"[:60],
             on_restart=self._on_watch_restart,
         )
@@ -307,6 +309,8 @@ class Scheduler:
             self.metrics.resyncs.inc()
 
     def _on_cluster(self, batch: Snapshot | Changes) -> None:
+        if isinstance(batch, Changes):
+            self.metrics.watch_events.labels(range="cluster").inc(len(batch.events))
         with self._lock:
             touched = self._view.apply_cluster(batch)
             if isinstance(batch, Snapshot):
@@ -315,6 +319,8 @@ class Scheduler:
             self._after_batch(touched)
 
     def _on_bucket(self, batch: Snapshot | Changes) -> None:
+        if isinstance(batch, Changes):
+            self.metrics.watch_events.labels(range="assign").inc(len(batch.events))
         with self._lock:
             touched = self._view.apply_bucket(batch)
             if isinstance(batch, Snapshot):

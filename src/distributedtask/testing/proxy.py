@@ -138,6 +138,7 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._requests = 0
         self._accepted = 0
+        self._bytes_down = 0
         self._blocked = False
         self._drop_countdown: int | None = None
         self._dropped = 0
@@ -164,6 +165,13 @@ class TcpProxy:
             return self._requests
 
     @property
+    def bytes_down(self) -> int:
+        """Bytes etcd sent to clients through the proxy since creation or `reset_counts`
+        (HTTP framing included): what a watcher behind the proxy received."""
+        with self._lock:
+            return self._bytes_down
+
+    @property
     def accepted(self) -> int:
         """Connections accepted since creation or `reset_counts` (blocked ones included)."""
         with self._lock:
@@ -187,9 +195,10 @@ class TcpProxy:
         return self._blocked
 
     def reset_counts(self) -> None:
-        """Set `requests`, `accepted` and `dropped` to zero."""
+        """Set `requests`, `accepted`, `bytes_down` and `dropped` to zero."""
         with self._lock:
             self._requests = 0
+            self._bytes_down = 0
             self._accepted = 0
             self._dropped = 0
 
@@ -434,6 +443,8 @@ class TcpProxy:
         elif conn.doomed:
             conn.doomed_answered = True  # etcd has handled the request; do not pass it on
         else:
+            with self._lock:
+                self._bytes_down += len(data)
             conn.to_client += data
 
     def _arm(self, conn: _Conn, found: int) -> None:
