@@ -77,7 +77,7 @@ def _name(text: str) -> str:
     return text
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat declaration per subcommand
     parser = _Parser(
         prog="dtask",
         description="Coordinate tasks every node of a cluster must run, through etcd.",

@@ -260,6 +260,27 @@ def _names(values: Iterable[object], what: str) -> frozenset[str]:
         raise InvalidTaskError(f"task JSON: {exc}", "data") from None
 
 
+def _nodes_from_dict(data: Mapping[str, Any]) -> tuple[frozenset[str], frozenset[str]]:
+    """``nodes`` and ``finishedNodes`` of a task's JSON, checked."""
+    finished = data.get("finishedNodes")
+    if finished is None:
+        finished = {}
+    if not isinstance(finished, dict) or not all(
+        v is True or v is False for v in finished.values()
+    ):
+        raise InvalidTaskError("task JSON: 'finishedNodes' must map node ids to booleans", "data")
+    nodes_list = data.get("nodes")
+    if not isinstance(nodes_list, list):
+        raise InvalidTaskError("task JSON: 'nodes' must be a list", "data")
+    nodes = _names(nodes_list, "node_id")
+    if not nodes:
+        raise InvalidTaskError("task JSON: 'nodes' must not be empty", "data")
+    finished_nodes = _names((n for n, done in finished.items() if done), "node_id")
+    if not finished_nodes <= nodes:
+        raise InvalidTaskError("task JSON: 'finishedNodes' names nodes not in 'nodes'", "data")
+    return nodes, finished_nodes
+
+
 def task_from_dict(data: object) -> Task:
     """Decode one task from its JSON-ready mapping. Raises :class:`InvalidTaskError`."""
     if not isinstance(data, dict):
@@ -291,22 +312,7 @@ def task_from_dict(data: object) -> Task:
             failed_node = validate_name(failed_node, "node_id")
         except InvalidTaskError as exc:
             raise InvalidTaskError(f"task JSON: 'failedNode': {exc}", "data") from None
-    finished = data.get("finishedNodes")
-    if finished is None:
-        finished = {}
-    if not isinstance(finished, dict) or not all(
-        v is True or v is False for v in finished.values()
-    ):
-        raise InvalidTaskError("task JSON: 'finishedNodes' must map node ids to booleans", "data")
-    nodes_list = data.get("nodes")
-    if not isinstance(nodes_list, list):
-        raise InvalidTaskError("task JSON: 'nodes' must be a list", "data")
-    nodes = _names(nodes_list, "node_id")
-    if not nodes:
-        raise InvalidTaskError("task JSON: 'nodes' must not be empty", "data")
-    finished_nodes = _names((n for n, done in finished.items() if done), "node_id")
-    if not finished_nodes <= nodes:
-        raise InvalidTaskError("task JSON: 'finishedNodes' names nodes not in 'nodes'", "data")
+    nodes, finished_nodes = _nodes_from_dict(data)
     version = _field(data, "version", int)
     if version <= 0:
         raise InvalidTaskError("task JSON: 'version' must be positive", "data")

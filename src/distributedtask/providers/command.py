@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import enum
 import io
 import logging
 import math
@@ -104,6 +105,14 @@ _MAX_TAIL_CHARS = 3500
 _READ_SIZE = 64 * 1024
 _MAX_SELECT_WAIT = 3600.0  # epoll refuses very large timeouts; the loop recomputes anyway
 _EXIT_POLL = 0.05  # how often to look for the exit where no pidfd tells us
+
+
+class _Ready(enum.Enum):
+    """What a ready file descriptor of a run's wait loop is."""
+
+    OUTPUT = "output"  # the child's stdout/stderr pipe
+    WAKE = "wake"  # terminate() asked the loop to look
+    EXIT = "exit"  # the child's pidfd: it exited
 
 
 # ---- the payload ---------------------------------------------------------------------------
@@ -496,7 +505,7 @@ class CommandHandle:
             self._done.set()
             self._provider._forget(self)
 
-    def _supervise(self) -> None:
+    def _supervise(self) -> None:  # noqa: PLR0915 - one select loop; its state is its locals
         proc, spec = self._proc, self._spec
         assert proc is not None and proc.stdout is not None and spec is not None
         grace = self._provider.kill_grace
@@ -511,10 +520,10 @@ class CommandHandle:
         with contextlib.suppress(AttributeError, OSError):  # pidfd: Linux >= 5.3
             pidfd = os.pidfd_open(proc.pid)
         with selectors.DefaultSelector() as selector:
-            selector.register(out_fd, selectors.EVENT_READ, "out")
-            selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+            selector.register(out_fd, selectors.EVENT_READ, _Ready.OUTPUT)
+            selector.register(self._wake_r, selectors.EVENT_READ, _Ready.WAKE)
             if pidfd is not None:
-                selector.register(pidfd, selectors.EVENT_READ, "exit")
+                selector.register(pidfd, selectors.EVENT_READ, _Ready.EXIT)
             try:
                 while True:
                     now = time.monotonic()
@@ -548,14 +557,14 @@ class CommandHandle:
                     if not exited and pidfd is None:
                         waits.append(_EXIT_POLL)
                     for key, _ in selector.select(max(0.0, min(waits))):
-                        if key.data == "out":
+                        if key.data is _Ready.OUTPUT:
                             if self._read(out_fd, lines):
                                 eof = True
                                 selector.unregister(out_fd)
-                        elif key.data == "wake":
+                        elif key.data is _Ready.WAKE:
                             with contextlib.suppress(OSError):
                                 os.read(self._wake_r, 4096)
-                        elif key.data == "exit" and pidfd is not None:
+                        elif key.data is _Ready.EXIT and pidfd is not None:
                             # readable for good once it exited: look at it once, then
                             # fall back to the poll in case waitid disagrees
                             selector.unregister(pidfd)
