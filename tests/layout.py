@@ -16,12 +16,14 @@ from distributedtask.exceptions import InvalidTaskError
 from distributedtask.keys import (
     BUCKETS,
     AssignKey,
+    AttemptKey,
     DoneKey,
     Keys,
     MemberKey,
     NodesKey,
     OutcomeKey,
     ProgressKey,
+    StateKey,
     TaskKey,
     bucket_of,
     prefix_range_end,
@@ -40,9 +42,19 @@ from distributedtask.records import (
 UTC = timezone.utc
 MAX_VERSION = 2**63 - 1  # versions are etcd revisions: int64
 
-ParsedKey = TaskKey | OutcomeKey | NodesKey | AssignKey | DoneKey | ProgressKey | MemberKey
-KINDS = ("task", "outcome", "nodes", "assign", "done", "progress", "member")
-"""The seven kinds of key, in the order of :func:`one_of_each`."""
+ParsedKey = (
+    TaskKey
+    | OutcomeKey
+    | StateKey
+    | NodesKey
+    | AssignKey
+    | DoneKey
+    | AttemptKey
+    | ProgressKey
+    | MemberKey
+)
+KINDS = ("task", "outcome", "state", "nodes", "assign", "done", "attempt", "progress", "member")
+"""The nine kinds of key, in the order of :func:`one_of_each`."""
 
 # ---- keys -------------------------------------------------------------------------------------
 
@@ -66,6 +78,10 @@ def rebuild(keys: Keys, parsed: ParsedKey) -> bytes:
         return keys.task(parsed.namespace, parsed.task_id)
     if isinstance(parsed, OutcomeKey):
         return keys.outcome(parsed.namespace, parsed.task_id)
+    if isinstance(parsed, StateKey):
+        return keys.state(parsed.namespace, parsed.task_id)
+    if isinstance(parsed, AttemptKey):
+        return keys.attempt(parsed.namespace, parsed.task_id, parsed.node_id)
     if isinstance(parsed, NodesKey):
         return keys.nodes(parsed.namespace, parsed.task_id)
     if isinstance(parsed, AssignKey):
@@ -85,9 +101,11 @@ def one_of_each(
     return {
         "task": TaskKey(ns, tid),
         "outcome": OutcomeKey(ns, tid),
+        "state": StateKey(ns, tid),
         "nodes": NodesKey(ns, tid),
         "assign": AssignKey(bucket_of(node) if bucket is None else bucket, ns, tid),
         "done": DoneKey(ns, tid, node),
+        "attempt": AttemptKey(ns, tid, node),
         "progress": ProgressKey(ns, tid, version, node),
         "member": MemberKey(node),
     }
@@ -112,10 +130,12 @@ def range_roots(keys: Keys) -> dict[str, bytes]:
         "cluster": keys.cluster,
         "task": keys.all_tasks(),
         "outcome": keys.all_outcomes(),
+        "state": keys.all_states(),
         "member": keys.all_members(),
         "nodes": keys.all_nodes(),
         "assign": keys.all_assignments(),
         "done": keys.all_done(),
+        "attempt": keys.all_attempts(),
         "progress": keys.all_progress(),
     }
     roots.update({f"bucket {b}": keys.bucket(b) for b in range(BUCKETS)})

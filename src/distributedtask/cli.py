@@ -508,7 +508,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
         while not follower.over.is_set():
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                renderer.stop()
+                renderer.stop()  # before the message, so it is not drawn over
                 print(
                     f"dtask: error: {task.namespace}/{task.id} still running after "
                     f"{args.timeout_after:g}s",
@@ -522,8 +522,8 @@ def cmd_wait(args: argparse.Namespace) -> int:
         with follower.lock:
             renderer.update(follower.state)
             outcome = follower.state.outcome
-        renderer.stop()
     finally:
+        renderer.stop()  # also on Ctrl-C: a live display must not keep redrawing
         follower.close()
     if outcome is None:
         raise TaskNotFoundError(task.namespace, task.id, task.version)
@@ -646,9 +646,11 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import main as demo_main
+    from .demo import main as demo_main  # lazily: only ``dtask demo`` needs it
 
-    return demo_main()
+    # The demo runs its ``dtask`` commands in this process through the entry point it is
+    # given, so it never imports this module back (no cli <-> demo cycle).
+    return demo_main(main)
 
 
 # ---- entry point -----------------------------------------------------------------------------

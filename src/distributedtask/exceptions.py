@@ -148,16 +148,19 @@ class CorruptRecordError(DistributedTaskError):
 class StorageFormatError(DistributedTaskError):
     """The keys under ``prefix`` are in a storage layout this version does not read.
 
-    ``found`` is the layout met (``1`` for the unmarked layout of distributedtask 0.1, or the
-    number in the marker), ``expected`` ours. Nothing was written. Layouts are not migrated:
+    ``found`` is the layout met (``1`` for the unmarked layout of distributedtask 0.1, the
+    number in a newer marker, or a description of a marker no version writes), ``expected``
+    ours. Nothing was written. Layouts are not migrated:
     use another prefix, or empty this one with the version that wrote it.
     """
 
     def __init__(self, prefix: str, found: int | str, expected: int) -> None:
         if found == 1:
             what = "the unmarked layout of distributedtask 0.1"
-        else:
+        elif isinstance(found, int):
             what = f"storage layout {found}"
+        else:
+            what = f"an unrecognised layout ({found})"
         super().__init__(
             f"the keys under {prefix!r} are in {what}; this version reads and writes layout "
             f"{expected} only and does not migrate: use another prefix, or empty this one with "

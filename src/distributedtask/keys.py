@@ -6,25 +6,27 @@ Under a prefix ``P`` (``"/distributedtask"`` by default)::
     P/cluster/tasks/<ns>/<id>               the task record of the current run: payload, start
                                             time, node count; never rewritten while it exists
     P/cluster/outcomes/<ns>/<id>            how the run ended; absent while it runs
+    P/cluster/states/<ns>/<id>              paused or not, and the time spent paused
     P/cluster/members/<node>                a live Scheduler's membership (lease-bound)
     P/assign/<bucket>/<ns>/<id>             the run's nodes whose bucket is <bucket>
     P/nodes/<ns>/<id>                       every node of the run (one key)
     P/done/<ns>/<id>/<node>                 a node's completion of the current run
+    P/attempts/<ns>/<id>/<node>             a node's failed attempts (the key's etcd version)
     P/progress/<ns>/<id>/<version>/<node>   a node's latest progress report on a run
 
 The layout follows one rule: *each watcher receives what concerns it*. Every Scheduler watches
-``P/cluster/`` — task records, outcomes and members, whose size does not grow with the number
-of nodes of a task — and ``P/assign/<its bucket>/``, where a task names only the nodes of that
-bucket. A node's bucket is a stable hash of its id into :data:`BUCKETS` buckets, so one add
-delivers to each Scheduler a record and at most one short assignment, and the bytes etcd sends
-grow with the number of Schedulers, not with its square. Completions (``done``) and progress
-are watched by no Scheduler: a completer counts the ``done`` keys of its task, and ``wait``,
-the CLI and whoever asks read or watch them per task.
+``P/cluster/`` — task records, outcomes, run states and members, whose size does not grow
+with the number of nodes of a task — and ``P/assign/<its bucket>/``, where a task names only
+the nodes of that bucket. A node's bucket is a stable hash of its id into :data:`BUCKETS`
+buckets, so one add delivers to each Scheduler a record and at most one short assignment, and
+the bytes etcd sends grow with the number of Schedulers, not with its square. Completions
+(``done``), failed attempts and progress are watched by no Scheduler: a completer counts the
+``done`` keys of its task, and ``wait``, the CLI and whoever asks read or watch them per task.
 
 The add transaction writes the record, the node list and one assignment per bucket that has a
 node (at most :data:`BUCKETS`): a bounded number of operations whatever the number of nodes, so
-no cap from etcd's ``--max-txn-ops``. Per-node keys (``done``, ``progress``) are written lazily
-by the node that reports.
+no cap from etcd's ``--max-txn-ops``. Per-node keys (``done``, ``attempts``, ``progress``) are
+written lazily by the node that reports.
 
 Every name segment is percent-encoded (``urllib.parse.quote`` with no safe characters), so a
 ``/`` inside a namespace, id or node id can never forge another key, and every prefix we range
@@ -48,12 +50,14 @@ from .model import validate_name
 __all__ = [
     "BUCKETS",
     "AssignKey",
+    "AttemptKey",
     "DoneKey",
     "Keys",
     "MemberKey",
     "NodesKey",
     "OutcomeKey",
     "ProgressKey",
+    "StateKey",
     "TaskKey",
     "bucket_of",
     "prefix_range_end",
@@ -137,6 +141,23 @@ class OutcomeKey:
 
 
 @dataclass(frozen=True)
+class StateKey:
+    """``P/cluster/states/<namespace>/<task_id>``."""
+
+    namespace: str
+    task_id: str
+
+
+@dataclass(frozen=True)
+class AttemptKey:
+    """``P/attempts/<namespace>/<task_id>/<node_id>``."""
+
+    namespace: str
+    task_id: str
+    node_id: str
+
+
+@dataclass(frozen=True)
 class NodesKey:
     """``P/nodes/<namespace>/<task_id>``."""
 
@@ -179,9 +200,21 @@ class MemberKey:
     node_id: str
 
 
-ParsedKey = TaskKey | OutcomeKey | NodesKey | AssignKey | DoneKey | ProgressKey | MemberKey
+ParsedKey = (
+    TaskKey
+    | OutcomeKey
+    | StateKey
+    | NodesKey
+    | AssignKey
+    | DoneKey
+    | AttemptKey
+    | ProgressKey
+    | MemberKey
+)
 
-LAYOUT_SEGMENTS = frozenset({"format", "cluster", "assign", "nodes", "done", "progress", "units"})
+LAYOUT_SEGMENTS = frozenset(
+    {"format", "cluster", "assign", "nodes", "done", "attempts", "progress", "units"}
+)
 LEGACY_SEGMENTS = frozenset({"tasks", "outcomes", "runs", "members"})
 """The top-level names of the 0.1 layout: still reserved, so a prefix never lies inside one."""
 RESERVED_SEGMENTS = LAYOUT_SEGMENTS | LEGACY_SEGMENTS
@@ -211,6 +244,8 @@ class Keys:
         self.cluster = self.root + b"cluster/"
         self._tasks = self.cluster + b"tasks/"
         self._outcomes = self.cluster + b"outcomes/"
+        self._states = self.cluster + b"states/"
+        self._attempts = self.root + b"attempts/"
         self._members = self.cluster + b"members/"
         self._assign = self.root + b"assign/"
         self._nodes = self.root + b"nodes/"
@@ -240,6 +275,22 @@ class Keys:
 
     def all_outcomes(self) -> bytes:
         return self._outcomes
+
+    def state(self, namespace: str, task_id: str) -> bytes:
+        return self._states + self._id(namespace, task_id)
+
+    def all_states(self) -> bytes:
+        return self._states
+
+    def task_attempts(self, namespace: str, task_id: str) -> bytes:
+        """Prefix of the failed-attempt counters of the current run of (ns, id)."""
+        return self._attempts + self._id(namespace, task_id) + b"/"
+
+    def attempt(self, namespace: str, task_id: str, node_id: str) -> bytes:
+        return self.task_attempts(namespace, task_id) + _esc(node_id).encode()
+
+    def all_attempts(self) -> bytes:
+        return self._attempts
 
     def nodes(self, namespace: str, task_id: str) -> bytes:
         return self._nodes + self._id(namespace, task_id)
@@ -307,16 +358,23 @@ class Keys:
                 node = _unesc(parts[1]) if len(parts) == 2 else None
                 return MemberKey(node) if node else None
         names = [_unesc(p) for p in parts[1:]]
-        if kind in ("cluster/tasks", "cluster/outcomes", "nodes") and len(names) == 2:
+        by_id = {
+            "cluster/tasks": TaskKey,
+            "cluster/outcomes": OutcomeKey,
+            "cluster/states": StateKey,
+            "nodes": NodesKey,
+        }
+        kind_of_id = by_id.get(kind)
+        if kind_of_id is not None and len(names) == 2:
             ns, tid = names
-            if not (ns and tid):
-                return None
-            if kind == "nodes":
-                return NodesKey(ns, tid)
-            return TaskKey(ns, tid) if kind == "cluster/tasks" else OutcomeKey(ns, tid)
-        if kind == "done" and len(names) == 3 and all(names):
+            return kind_of_id(ns, tid) if ns and tid else None  # type: ignore[return-value]
+        by_node = {"done": DoneKey, "attempts": AttemptKey}
+        kind_of_node = by_node.get(kind)
+        if kind_of_node is not None and len(names) == 3:
             ns, tid, node = names
-            return DoneKey(ns, tid, node)  # type: ignore[arg-type]
+            if ns and tid and node:
+                return kind_of_node(ns, tid, node)  # type: ignore[return-value]
+            return None
         if kind == "assign" and len(parts) == 4 and names[1] and names[2]:
             bucket = parts[1]
             hexadecimal = len(bucket) == 2 and all(c in "0123456789abcdef" for c in bucket)

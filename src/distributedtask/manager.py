@@ -79,7 +79,9 @@ from .exceptions import (
 from .follower import RunFollower
 from .keys import BUCKETS, Keys, MemberKey, ProgressKey, prefix_range_end
 from .model import (
+    DEFAULT_POLICY,
     Progress,
+    RunPolicy,
     Task,
     TaskStatus,
     tasks_from_payload,
@@ -90,10 +92,12 @@ from .model import (
 from .readmodel import ReadModel, Run, build_task
 from .records import (
     FORMAT_MARKER,
+    AttemptRecord,
     DoneRecord,
     MemberRecord,
     NodeList,
     OutcomeRecord,
+    RunState,
     TaskRecord,
     decode_progress,
     encode_progress,
@@ -364,11 +368,13 @@ class Manager:
         payload: bytes = b"",
         *,
         nodes: Iterable[str] | None = None,
+        policy: RunPolicy | None = None,
     ) -> Task:
         """Add a new STARTED run of ``(namespace, task_id)`` and return it.
 
         ``nodes=None`` assigns the run to the nodes whose live Scheduler serves ``namespace``
-        now. A terminal run of the same id is replaced, with a higher version. There is no
+        now. ``policy`` says how the run is retried and bounded (default: one attempt, no
+        deadline: the behaviour and JSON of a plain task). A terminal run of the same id is replaced, with a higher version. There is no
         fixed bound on the number of nodes; the add must fit in one etcd request (by default
         1.5 MiB: the payload plus twice the node ids).
 
@@ -378,6 +384,12 @@ class Manager:
         validate_name(namespace, "namespace")
         validate_name(task_id, "task_id")
         data = self._payload(payload)
+        if policy is None:
+            policy = DEFAULT_POLICY
+        elif not isinstance(policy, RunPolicy):
+            raise InvalidTaskError(
+                f"policy must be a RunPolicy, not {type(policy).__name__}", "policy"
+            )
         if nodes is None:
             eligible = {m.node_id for m in self.live_members() if namespace in m.namespaces}
             if not eligible:
@@ -386,7 +398,11 @@ class Manager:
         else:
             assigned = self._nodes(nodes)
         record = TaskRecord(
-            payload=data, started_at=self.now(), node_count=len(assigned), token=_new_token()
+            payload=data,
+            started_at=self.now(),
+            node_count=len(assigned),
+            token=_new_token(),
+            policy=policy,
         )
         return self._create(namespace, task_id, record, assigned)
 
@@ -455,7 +471,7 @@ class Manager:
         )
 
     def _delete_run_ops(self, namespace: str, task_id: str) -> list[t.Op]:
-        """Delete every key of a run: a bounded number of operations (69) whatever its size."""
+        """Delete every key of a run: a bounded number of operations (71) whatever its size."""
         keys = self.keys
         return [
             t.delete(keys.task(namespace, task_id)),
@@ -463,13 +479,16 @@ class Manager:
             t.delete(keys.nodes(namespace, task_id)),
             t.delete_prefix(keys.task_done(namespace, task_id)),
             t.delete_prefix(keys.task_progress(namespace, task_id)),
+            t.delete(keys.state(namespace, task_id)),
+            t.delete_prefix(keys.task_attempts(namespace, task_id)),
             *(t.delete(keys.assign(bucket, namespace, task_id)) for bucket in range(BUCKETS)),
         ]
 
     # ---- transitions of a running version -------------------------------------------------
 
-    def _started(self, namespace: str, task_id: str, version: int) -> list[t.Compare]:
-        """Compares that hold exactly while ``version`` is the current, STARTED run."""
+    def _live(self, namespace: str, task_id: str, version: int) -> list[t.Compare]:
+        """Compares that hold exactly while ``version`` is the current run and has not ended
+        (STARTED or PAUSED)."""
         return [
             t.mod_equals(self.keys.task(namespace, task_id), version),
             t.create_equals(self.keys.outcome(namespace, task_id), 0),
@@ -563,7 +582,7 @@ class Manager:
         token = _new_token()
         done_key = self.keys.done(namespace, task_id, node_id)
         result = self.client.txn(
-            compare=self._started(namespace, task_id, version),
+            compare=self._live(namespace, task_id, version),
             success=[
                 t.put(done_key, DoneRecord(version, self.now(), token).encode()),
                 t.get_prefix(self.keys.task_done(namespace, task_id), keys_only=True),
@@ -590,7 +609,7 @@ class Manager:
         """IF still STARTED THEN put outcome FINISHED; exactly one caller wins."""
         outcome = OutcomeRecord(TaskStatus.FINISHED, self.now(), token)
         result = self.client.txn(
-            compare=self._started(namespace, task_id, version),
+            compare=self._live(namespace, task_id, version),
             success=[t.put(self.keys.outcome(namespace, task_id), outcome.encode())],
             failure=self._explain_reads(namespace, task_id, node_id),
         )
@@ -607,7 +626,7 @@ class Manager:
         except (TaskNotFoundError, CorruptRecordError):
             return None
         result = self.client.txn(
-            compare=self._started(namespace, task_id, version),
+            compare=self._live(namespace, task_id, version),
             success=[t.get_prefix(self.keys.task_done(namespace, task_id), keys_only=True)],
         )
         if not result.succeeded:
@@ -676,9 +695,14 @@ class Manager:
     def record_node_failure(
         self, namespace: str, task_id: str, version: int, node_id: str, error: str
     ) -> Task:
-        """Record that ``node_id`` failed ``version``: the run becomes FAILED with ``error``
-        verbatim and ``failed_node`` set. Nodes that completed before stay in
-        ``finished_nodes``.
+        """Record that ``node_id`` failed ``version``.
+
+        With attempts left (``attempts[node] + 1 < policy.max_attempts``) the attempt is
+        counted, ``error`` kept in ``last_errors``, and the run stays as it is (the node's
+        Scheduler starts it again after the backoff). The failure that uses the last attempt
+        makes the run FAILED with ``error`` verbatim and ``failed_node`` set. Nodes that
+        completed before stay in ``finished_nodes``. One transaction either way: etcd compares
+        the node's attempt count (the version of its attempt key) and takes one branch.
 
         Raises :class:`TaskNotFoundError`, :class:`TaskNotRunningError`,
         :class:`InvalidTaskError` (not one of the task's nodes, or ``error`` not a str),
@@ -687,21 +711,142 @@ class Manager:
         version = self._check_run_args(namespace, task_id, version, node_id)
         if not isinstance(error, str):
             raise InvalidTaskError(f"error must be a str, not {type(error).__name__}", "error")
-        self.known_run(namespace, task_id, version, node_id)
-        return self.fail(namespace, task_id, version, node_id, error)
-
-    def fail(self, namespace: str, task_id: str, version: int, node_id: str, error: str) -> Task:
-        """:meth:`record_node_failure` for a caller that knows ``node_id`` is one of the run's
-        nodes (a Scheduler)."""
-        outcome = OutcomeRecord(
-            TaskStatus.FAILED, self.now(), _new_token(), _clip(error) or "failed", node=node_id
+        known = self.known_run(namespace, task_id, version, node_id)
+        return self.fail(
+            namespace,
+            task_id,
+            version,
+            node_id,
+            error,
+            max_attempts=known.record.policy.max_attempts,
         )
-        return self._end_run(namespace, task_id, version, outcome, node_id=node_id)
+
+    def fail(
+        self,
+        namespace: str,
+        task_id: str,
+        version: int,
+        node_id: str,
+        error: str,
+        *,
+        max_attempts: int = 1,
+    ) -> Task:
+        """:meth:`record_node_failure` for a caller that knows ``node_id`` is one of the run's
+        nodes (a Scheduler); ``max_attempts=1`` fails the run at once (a lost node)."""
+        message = _clip(error) or "failed"
+        token = _new_token()
+        outcome = OutcomeRecord(TaskStatus.FAILED, self.now(), token, message, node=node_id)
+        if max_attempts <= 1:
+            return self._end_run(namespace, task_id, version, outcome, node_id=node_id)
+        attempt_key = self.keys.attempt(namespace, task_id, node_id)
+        attempt = AttemptRecord(message, outcome.finished_at, token).encode()
+        outcome_key = self.keys.outcome(namespace, task_id)
+        # IF this very write is there already (a retried request) THEN nothing
+        # ELSE IF attempts so far + 1 < max_attempts THEN count it ELSE count it and fail.
+        count = t.nested_txn(
+            compare=[t.version_less(attempt_key, max_attempts - 1)],
+            success=[t.put(attempt_key, attempt)],
+            failure=[t.put(attempt_key, attempt), t.put(outcome_key, outcome.encode())],
+        )
+        once = t.nested_txn(
+            compare=[t.value_equals(attempt_key, attempt)], success=[], failure=[count]
+        )
+        result = self.client.txn(
+            compare=self._live(namespace, task_id, version),
+            success=[once, *self.read.run_ops(namespace, task_id)],
+            failure=self._explain_reads(namespace, task_id, node_id),
+        )
+        if not result.succeeded:
+            return self._explain(namespace, task_id, version, result, token, node_id)
+        return self._read_back(namespace, task_id, result, "updated")
+
+    def fail_deadline(
+        self, namespace: str, task_id: str, version: int, state_revision: int, deadline: float
+    ) -> Task | None:
+        """Fail ``version`` for its deadline: IF still live AND its run state is still at
+        ``state_revision`` (not paused or resumed since) THEN FAILED ``"deadline exceeded"``.
+        Returns the run when this call ended it, None when something else came first.
+        Raises :class:`EtcdError`."""
+        outcome = OutcomeRecord(
+            TaskStatus.FAILED, self.now(), _new_token(), f"deadline exceeded ({deadline:g}s)"
+        )
+        result = self.client.txn(
+            compare=[
+                *self._live(namespace, task_id, version),
+                t.mod_equals(self.keys.state(namespace, task_id), state_revision),
+            ],
+            success=[
+                t.put(self.keys.outcome(namespace, task_id), outcome.encode()),
+                *self.read.run_ops(namespace, task_id),
+            ],
+        )
+        if not result.succeeded:
+            return None
+        run = self.read.run_from(namespace, task_id, result, at=1)
+        return None if run is None else run.task
+
+    def pause_task(self, namespace: str, task_id: str, version: int) -> Task:
+        """STARTED -> PAUSED: Schedulers terminate the local runs (their local state is kept);
+        completions and failures recorded while PAUSED count as usual, node loss and the
+        deadline's clock stop. Pausing a PAUSED run returns it unchanged.
+
+        Raises :class:`TaskNotFoundError`, :class:`TaskNotRunningError` (terminal),
+        :class:`EtcdError`.
+        """
+        return self._set_paused(namespace, task_id, version, paused=True)
+
+    def resume_task(self, namespace: str, task_id: str, version: int) -> Task:
+        """PAUSED -> STARTED: runs start again on every node that has not finished. Resuming
+        a STARTED run returns it unchanged.
+
+        Raises :class:`TaskNotFoundError`, :class:`TaskNotRunningError` (terminal),
+        :class:`EtcdError`.
+        """
+        return self._set_paused(namespace, task_id, version, paused=False)
+
+    def _set_paused(self, namespace: str, task_id: str, version: int, *, paused: bool) -> Task:
+        """Read the run, then IF it is still live with that run state THEN write the new one;
+        again if the state moved meanwhile (another pause or resume)."""
+        version = self._check_run_args(namespace, task_id, version)
+        key = self.keys.state(namespace, task_id)
+        for _ in range(_RACE_ATTEMPTS):
+            run = self._read_run(namespace, task_id)
+            if run is None or run.task.version != version:
+                raise TaskNotFoundError(namespace, task_id, version)
+            if run.outcome is not None:
+                raise TaskNotRunningError(namespace, task_id, version, run.outcome.status.value)
+            if (run.task.status is TaskStatus.PAUSED) is paused:
+                return run.task
+            now = self.now()
+            before = run.state
+            paused_ms = 0 if before is None else before.paused_for(now)
+            state = RunState(now if paused else None, paused_ms, _new_token())
+            result = self.client.txn(
+                compare=[
+                    *self._live(namespace, task_id, version),
+                    t.mod_equals(key, 0 if run.state_kv is None else run.state_kv.mod_revision),
+                ],
+                success=[t.put(key, state.encode()), *self.read.run_ops(namespace, task_id)],
+            )
+            if result.succeeded:
+                changed = self.read.run_from(namespace, task_id, result, at=1)
+                assert changed is not None
+                return changed.task
+            if result.ambiguous:
+                current = self._read_run(namespace, task_id)
+                if current is not None and current.state is not None:
+                    if current.state.token == state.token:
+                        return current.task  # our write, whose response was lost
+        raise EtcdError(  # pragma: no cover - a livelock against other writers
+            f"could not change task {namespace}/{task_id}: it kept changing under us"
+        )
 
     def cancel_task(self, namespace: str, task_id: str, version: int) -> Task:
         """Cancel ``version``: STARTED -> CANCELLED. Returns the run after the call.
 
-        Raises :class:`TaskNotFoundError`, :class:`TaskNotRunningError`, :class:`EtcdError`.
+        Raises :class:`TaskNotFoundError`, :class:`TaskNotRunningError`, :class:`EtcdError`,
+        and :class:`CorruptRecordError` when the run's stored keys cannot be read: it is
+        cancelled all the same (so an unreadable run can be cleared), the error says so.
         """
         version = self._check_run_args(namespace, task_id, version)
         outcome = OutcomeRecord(TaskStatus.CANCELLED, self.now(), _new_token())
@@ -718,7 +863,7 @@ class Manager:
     ) -> Task:
         """One transaction: IF ``version`` is STARTED THEN write its outcome."""
         result = self.client.txn(
-            compare=self._started(namespace, task_id, version),
+            compare=self._live(namespace, task_id, version),
             success=[
                 t.put(self.keys.outcome(namespace, task_id), outcome.encode()),
                 *self.read.run_ops(namespace, task_id),
@@ -727,7 +872,19 @@ class Manager:
         )
         if not result.succeeded:
             return self._explain(namespace, task_id, version, result, outcome.token, node_id)
-        run = self.read.run_from(namespace, task_id, result, at=1)
+        return self._read_back(namespace, task_id, result, outcome.status.value)
+
+    def _read_back(self, namespace: str, task_id: str, result: t.TxnResult, what: str) -> Task:
+        """The run a successful transition read back after its write (at index 1). A run whose
+        stored keys cannot be read ends all the same (that is how an operator clears one):
+        then :class:`CorruptRecordError` says the transition was applied."""
+        try:
+            run = self.read.run_from(namespace, task_id, result, at=1)
+        except CorruptRecordError as exc:
+            raise CorruptRecordError(
+                f"task {namespace}/{task_id} is now {what}, but it cannot be read back: {exc}",
+                exc.key,
+            ) from None
         assert run is not None
         return run.task
 
@@ -768,7 +925,7 @@ class Manager:
         _check_progress(fraction, message)
         progress = Progress(min(1.0, max(0.0, float(fraction))), _clip(message), self.now())
         result = self.client.txn(
-            compare=self._started(namespace, task_id, version),
+            compare=self._live(namespace, task_id, version),
             success=[
                 t.put(
                     self.keys.progress(namespace, task_id, version, node_id),
@@ -901,7 +1058,7 @@ class Manager:
     def _restore_one(self, task: Task) -> None:
         token = _new_token()
         status, finished_at = task.status, task.finished_at
-        if status is TaskStatus.STARTED and task.finished_nodes >= task.nodes:
+        if not status.terminal and task.finished_nodes >= task.nodes:
             status, finished_at = TaskStatus.FINISHED, self.now()  # it had just finished
         outcome = None
         if status.terminal:
@@ -913,8 +1070,25 @@ class Manager:
             node_count=len(task.nodes),
             token=token,
             version=task.version if status.terminal else None,
+            policy=task.policy,
         )
         created = self._create(task.namespace, task.id, record, task.nodes, outcome)
+        keys, ns, tid = self.keys, task.namespace, task.id
+        if status is TaskStatus.PAUSED:
+            state = RunState(self.now(), 0, token)
+            self.client.txn(success=[t.put(keys.state(ns, tid), state.encode())])
+        # An attempt count is the version of its key: one write per failed attempt.
+        for count in range(1, max(task.attempts.values(), default=0) + 1):
+            writes = [
+                t.put(
+                    keys.attempt(ns, tid, node),
+                    AttemptRecord(task.last_errors.get(node, ""), self.now(), token).encode(),
+                )
+                for node in sorted(task.attempts)
+                if task.attempts[node] >= count
+            ]
+            for batch in _batches(writes):
+                self.client.txn(success=list(batch))
         done = [
             t.put(
                 self.keys.done(task.namespace, task.id, node),

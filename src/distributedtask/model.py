@@ -19,18 +19,21 @@ import binascii
 import enum
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
 from .exceptions import InvalidTaskError
 
 __all__ = [
+    "DEFAULT_POLICY",
     "MAX_NAME_BYTES",
+    "FrozenMap",
     "Progress",
+    "RunPolicy",
     "Task",
     "TaskDescriptor",
     "TaskStatus",
@@ -48,17 +51,18 @@ _GO_ZERO = datetime(1, 1, 1, tzinfo=timezone.utc)
 
 
 class TaskStatus(str, enum.Enum):
-    """The status of one run of a task. Every status but STARTED is terminal."""
+    """The status of one run of a task. STARTED and PAUSED are live; the others terminal."""
 
     STARTED = "STARTED"
     FINISHED = "FINISHED"
     CANCELLED = "CANCELLED"
     FAILED = "FAILED"
+    PAUSED = "PAUSED"
 
     @property
     def terminal(self) -> bool:
         """True for FINISHED, CANCELLED and FAILED."""
-        return self is not TaskStatus.STARTED
+        return self not in (TaskStatus.STARTED, TaskStatus.PAUSED)
 
     def __str__(self) -> str:
         return self.value
@@ -72,6 +76,135 @@ class TaskDescriptor:
     version: int
 
 
+_V = TypeVar("_V")
+
+
+class FrozenMap(Mapping[str, _V]):
+    """An immutable, hashable mapping (what :class:`Task` keeps per node)."""
+
+    __slots__ = ("_data", "_hash")
+
+    def __init__(self, items: Mapping[str, _V] | Iterable[tuple[str, _V]] = ()) -> None:
+        self._data: dict[str, _V] = dict(items)
+        self._hash: int | None = None
+
+    def __getitem__(self, key: str) -> _V:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash(frozenset(self._data.items()))
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Mapping):
+            return self._data == dict(other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._data!r})"
+
+
+EMPTY: FrozenMap[Any] = FrozenMap()
+
+
+@dataclass(frozen=True)
+class RunPolicy:
+    """How a run is retried and bounded (Kubernetes Job's numbers by default).
+
+    ``max_attempts`` per node (per unit for unit tasks), at least 1; a failed attempt is
+    retried after ``retry_backoff``, doubling each time up to ``retry_backoff_max``, jittered;
+    ``deadline`` is the running time allowed (time spent PAUSED not counted), ``None`` for
+    none. Raises :class:`InvalidTaskError` (field ``"policy"``) for values out of range.
+    """
+
+    max_attempts: int = 1
+    retry_backoff: timedelta = timedelta(seconds=10)
+    retry_backoff_max: timedelta = timedelta(minutes=6)
+    deadline: timedelta | None = None
+
+    def __post_init__(self) -> None:
+        if type(self.max_attempts) is not int or not 1 <= self.max_attempts <= 1000:
+            raise InvalidTaskError(
+                f"max_attempts must be an int from 1 to 1000, not {self.max_attempts!r}", "policy"
+            )
+        for name in ("retry_backoff", "retry_backoff_max"):
+            value = getattr(self, name)
+            if not isinstance(value, timedelta) or value < timedelta(0):
+                raise InvalidTaskError(f"{name} must be a timedelta >= 0, not {value!r}", "policy")
+        if self.retry_backoff_max < self.retry_backoff:
+            raise InvalidTaskError("retry_backoff_max must be >= retry_backoff", "policy")
+        if self.deadline is not None and (
+            not isinstance(self.deadline, timedelta) or self.deadline <= timedelta(0)
+        ):
+            raise InvalidTaskError(
+                f"deadline must be a positive timedelta or None, not {self.deadline!r}", "policy"
+            )
+
+    def backoff(self, attempts: int) -> timedelta:
+        """The wait before the attempt after ``attempts`` failed ones (>= 1), before jitter:
+        ``min(retry_backoff * 2**(attempts-1), retry_backoff_max)``."""
+        if attempts < 1:
+            return timedelta(0)
+        if attempts > 64:
+            return self.retry_backoff_max
+        doubled: timedelta = self.retry_backoff * 2 ** (attempts - 1)
+        return min(doubled, self.retry_backoff_max)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (durations in seconds), only the fields that are not the default."""
+        out: dict[str, Any] = {}
+        default = DEFAULT_POLICY
+        if self.max_attempts != default.max_attempts:
+            out["maxAttempts"] = self.max_attempts
+        if self.retry_backoff != default.retry_backoff:
+            out["retryBackoff"] = self.retry_backoff.total_seconds()
+        if self.retry_backoff_max != default.retry_backoff_max:
+            out["retryBackoffMax"] = self.retry_backoff_max.total_seconds()
+        if self.deadline is not None:
+            out["deadline"] = self.deadline.total_seconds()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: object) -> RunPolicy:
+        """Decode :meth:`to_dict`'s form. Raises :class:`InvalidTaskError`."""
+        if not isinstance(data, dict):
+            raise InvalidTaskError("policy must be a JSON object", "policy")
+        unknown = set(data) - {"maxAttempts", "retryBackoff", "retryBackoffMax", "deadline"}
+        if unknown:
+            raise InvalidTaskError(f"policy has unknown fields {sorted(unknown)}", "policy")
+
+        def seconds(key: str, default: timedelta | None) -> timedelta | None:
+            value = data.get(key)
+            if value is None:
+                return default
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InvalidTaskError(f"policy {key} must be a number of seconds", "policy")
+            if not 0 <= value <= 10**9:
+                raise InvalidTaskError(f"policy {key} is out of range: {value!r}", "policy")
+            return timedelta(seconds=value)
+
+        base = DEFAULT_POLICY
+        backoff = seconds("retryBackoff", base.retry_backoff)
+        backoff_max = seconds("retryBackoffMax", base.retry_backoff_max)
+        assert backoff is not None and backoff_max is not None
+        return cls(
+            max_attempts=data.get("maxAttempts", base.max_attempts),
+            retry_backoff=backoff,
+            retry_backoff_max=backoff_max,
+            deadline=seconds("deadline", None),
+        )
+
+
+DEFAULT_POLICY = RunPolicy()
+
+
 @dataclass(frozen=True)
 class Task:
     """One run of a task as the cluster sees it.
@@ -80,6 +213,8 @@ class Task:
     nodes that must run it, fixed when it was added; ``finished_nodes`` those that recorded
     completion of this version. ``error`` is the failing node's message verbatim (as in
     Weaviate) and ``failed_node`` that node (``None`` unless a node's failure ended the run).
+    ``policy`` is how the run is retried and bounded; ``attempts`` the failed attempts so far
+    by node (absent: none) and ``last_errors`` each node's latest failure message.
     """
 
     namespace: str
@@ -93,6 +228,9 @@ class Task:
     nodes: frozenset[str]
     finished_nodes: frozenset[str]
     failed_node: str | None = None
+    policy: RunPolicy = DEFAULT_POLICY
+    attempts: Mapping[str, int] = EMPTY
+    last_errors: Mapping[str, str] = EMPTY
 
     @property
     def descriptor(self) -> TaskDescriptor:
@@ -238,6 +376,13 @@ def task_to_dict(task: Task) -> dict[str, Any]:
         out["failedNode"] = task.failed_node
     out["finishedNodes"] = {node: True for node in sorted(task.finished_nodes)}
     out["nodes"] = sorted(task.nodes)
+    policy = task.policy.to_dict()
+    if policy:
+        out["policy"] = policy
+    if task.attempts:
+        out["attempts"] = {node: task.attempts[node] for node in sorted(task.attempts)}
+    if task.last_errors:
+        out["lastErrors"] = {node: task.last_errors[node] for node in sorted(task.last_errors)}
     return out
 
 
@@ -333,7 +478,27 @@ def task_from_dict(data: object) -> Task:
         nodes=nodes,
         finished_nodes=finished_nodes,
         failed_node=failed_node,
+        policy=RunPolicy.from_dict(data.get("policy") or {}),
+        attempts=FrozenMap(_per_node(data, "attempts", int)),
+        last_errors=FrozenMap(_per_node(data, "lastErrors", str)),
     )
+
+
+def _per_node(data: Mapping[str, Any], key: str, kind: type) -> dict[str, Any]:
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise InvalidTaskError(f"task JSON: {key!r} must be an object", "data")
+    out: dict[str, Any] = {}
+    for node, item in value.items():
+        if not isinstance(item, kind) or isinstance(item, bool):
+            raise InvalidTaskError(f"task JSON: {key!r} of {node!r} has the wrong type", "data")
+        if isinstance(item, int) and item < 0:
+            raise InvalidTaskError(f"task JSON: {key!r} of {node!r} is negative", "data")
+        try:
+            out[validate_name(node, "node_id")] = item
+        except InvalidTaskError as exc:
+            raise InvalidTaskError(f"task JSON: {exc}", "data") from None
+    return out
 
 
 def task_from_json(data: bytes | str) -> Task:

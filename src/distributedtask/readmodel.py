@@ -4,11 +4,15 @@ One place for the rules every reader shares — the Manager, the Scheduler, ``dt
 ``wait``:
 
 - A run is its task record (``P/cluster/tasks``), its node list (``P/nodes``), the completions
-  its nodes wrote (``P/done``) and, once it ended, its outcome (``P/cluster/outcomes``).
-- **The STARTED rule:** a run whose record exists and whose outcome does not is STARTED; with an
-  outcome, its status is the outcome's. Its version is the record's ``mod_revision`` (the record
-  is never rewritten while the run exists), or the version stored in a restored terminal record.
-- ``finished_nodes`` are the nodes with a completion key, within ``nodes``.
+  its nodes wrote (``P/done``), its nodes' failed attempts (``P/attempts``), its run state
+  (``P/cluster/states``, once paused) and, once it ended, its outcome (``P/cluster/outcomes``).
+- **The STARTED rule:** a run whose record exists and whose outcome does not is STARTED, or
+  PAUSED while its run state says so; with an outcome, its status is the outcome's. Its
+  version is the record's ``mod_revision`` (the record is never rewritten while the run
+  exists), or the version stored in a restored terminal record.
+- ``finished_nodes`` are the nodes with a completion key, within ``nodes``; ``attempts`` of a
+  node is the etcd version of its attempt key (one write per failed attempt), ``last_errors``
+  that key's message.
 - The layout marker (``P/format``) must be ours; without one, keys of the 0.1 layout under the
   prefix mean another layout (:class:`~distributedtask.exceptions.StorageFormatError`).
 
@@ -20,17 +24,19 @@ Pure functions over already-read key-values, plus the read operations to send; t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .etcd import txn as t
 from .exceptions import CorruptRecordError, StorageFormatError
-from .keys import DoneKey, Keys, NodesKey, OutcomeKey, TaskKey
-from .model import Task, TaskStatus
+from .keys import AttemptKey, DoneKey, Keys, NodesKey, OutcomeKey, StateKey, TaskKey
+from .model import FrozenMap, Task, TaskStatus
 from .records import (
     FORMAT_MARKER,
     FORMAT_VERSION,
+    AttemptRecord,
     NodeList,
     OutcomeRecord,
+    RunState,
     TaskRecord,
     decode_format,
 )
@@ -41,9 +47,34 @@ SkipHandler = Callable[[bytes, Exception], None]
 TaskId = tuple[str, str]
 
 
-def status_of(outcome: OutcomeRecord | None) -> TaskStatus:
-    """The STARTED rule: no outcome is STARTED; otherwise the outcome's status."""
-    return TaskStatus.STARTED if outcome is None else outcome.status
+def status_of(outcome: OutcomeRecord | None, state: RunState | None = None) -> TaskStatus:
+    """The STARTED rule: with an outcome, its status; else PAUSED while the run state says
+    so; else STARTED."""
+    if outcome is not None:
+        return outcome.status
+    if state is not None and state.paused_since is not None:
+        return TaskStatus.PAUSED
+    return TaskStatus.STARTED
+
+
+@dataclass(frozen=True)
+class Attempts:
+    """The failed attempts of a run's nodes: counts and latest messages."""
+
+    counts: FrozenMap[int] = field(default_factory=FrozenMap)
+    errors: FrozenMap[str] = field(default_factory=FrozenMap)
+
+    @classmethod
+    def of(cls, items: Iterable[tuple[str, int, str]]) -> Attempts:
+        """From ``(node, attempts, error)`` triples."""
+        listed = list(items)
+        return cls(
+            FrozenMap((node, count) for node, count, _ in listed),
+            FrozenMap((node, error) for node, _, error in listed),
+        )
+
+
+NO_ATTEMPTS = Attempts()
 
 
 def build_task(
@@ -54,6 +85,8 @@ def build_task(
     nodes: frozenset[str],
     finished: Iterable[str],
     outcome: OutcomeRecord | None,
+    state: RunState | None = None,
+    attempts: Attempts = NO_ATTEMPTS,
 ) -> Task:
     """A :class:`Task` from its decoded parts (see the module doc for the rules)."""
     return Task(
@@ -61,13 +94,16 @@ def build_task(
         id=task_id,
         version=record.version_at(mod_revision),
         payload=record.payload,
-        status=status_of(outcome),
+        status=status_of(outcome, state),
         started_at=record.started_at,
         finished_at=None if outcome is None else outcome.finished_at,
         error=None if outcome is None else outcome.error,
         nodes=nodes,
         finished_nodes=frozenset(finished) & nodes,
         failed_node=None if outcome is None else outcome.node,
+        policy=record.policy,
+        attempts=attempts.counts,
+        last_errors=attempts.errors,
     )
 
 
@@ -79,6 +115,8 @@ class Run:
     record: TaskRecord
     outcome_kv: t.KeyValue | None
     outcome: OutcomeRecord | None
+    state_kv: t.KeyValue | None
+    state: RunState | None
     task: Task
 
 
@@ -106,9 +144,10 @@ class ReadModel:
             if marker.value == FORMAT_MARKER:
                 return True
             layout = decode_format(marker.value)
-            raise StorageFormatError(
-                self.keys.prefix, layout if layout is not None else "unknown", FORMAT_VERSION
-            )
+            if layout is None or layout <= FORMAT_VERSION:  # not a marker any version writes
+                shown = marker.value[:80].decode("utf-8", "replace")
+                raise StorageFormatError(self.keys.prefix, f"marker {shown!r}", FORMAT_VERSION)
+            raise StorageFormatError(self.keys.prefix, layout, FORMAT_VERSION)
         if any(result.range(at + 1 + i).count for i in range(len(self.keys.legacy))):
             raise StorageFormatError(self.keys.prefix, 1, FORMAT_VERSION)
         return False
@@ -116,15 +155,18 @@ class ReadModel:
     # ---- one run --------------------------------------------------------------------------
 
     def run_ops(self, namespace: str, task_id: str) -> list[t.Op]:
-        """``[record, outcome, node list, completions (keys only)]`` of one id."""
+        """``[record, outcome, node list, completions (keys only), state, attempts]`` of one
+        id."""
         return [
             t.get(self.keys.task(namespace, task_id)),
             t.get(self.keys.outcome(namespace, task_id)),
             t.get(self.keys.nodes(namespace, task_id)),
             t.get_prefix(self.keys.task_done(namespace, task_id), keys_only=True),
+            t.get(self.keys.state(namespace, task_id)),
+            t.get_prefix(self.keys.task_attempts(namespace, task_id)),
         ]
 
-    RUN_OPS = 4
+    RUN_OPS = 6
     """How many operations :meth:`run_ops` returns."""
 
     def run_from(
@@ -140,7 +182,11 @@ class ReadModel:
         outcome_kv = result.range(at + 1).first()
         nodes_kv = result.range(at + 2).first()
         finished = self.done_nodes(result.range(at + 3).kvs)
-        return self.assemble(namespace, task_id, record_kv, outcome_kv, nodes_kv, finished)
+        state_kv = result.range(at + 4).first()
+        attempts = self.attempts_from(result.range(at + 5).kvs)
+        return self.assemble(
+            namespace, task_id, record_kv, outcome_kv, nodes_kv, finished, state_kv, attempts
+        )
 
     def assemble(
         self,
@@ -150,19 +196,41 @@ class ReadModel:
         outcome_kv: t.KeyValue | None,
         nodes_kv: t.KeyValue | None,
         finished: Iterable[str],
+        state_kv: t.KeyValue | None = None,
+        attempts: Attempts = NO_ATTEMPTS,
     ) -> Run:
         """Decode a run from its key-values. Raises :class:`CorruptRecordError`."""
         record = TaskRecord.decode(record_kv.value)
         outcome = None if outcome_kv is None else OutcomeRecord.decode(outcome_kv.value)
+        state = None if state_kv is None else RunState.decode(state_kv.value)
         if nodes_kv is None:
             raise CorruptRecordError("a task record without its node list", record_kv.key)
         nodes = NodeList.decode(nodes_kv.value).nodes
         if len(nodes) != record.node_count:
             raise CorruptRecordError("a node list that does not match its record", nodes_kv.key)
         task = build_task(
-            namespace, task_id, record, record_kv.mod_revision, nodes, finished, outcome
+            namespace,
+            task_id,
+            record,
+            record_kv.mod_revision,
+            nodes,
+            finished,
+            outcome,
+            state,
+            attempts,
         )
-        return Run(record_kv, record, outcome_kv, outcome, task)
+        return Run(record_kv, record, outcome_kv, outcome, state_kv, state, task)
+
+    def attempts_from(self, kvs: Iterable[t.KeyValue]) -> Attempts:
+        """The attempts of the attempt key-values of one run (others ignored). Raises
+        :class:`CorruptRecordError` for an unreadable one."""
+        items = []
+        for kv in kvs:
+            parsed = self.keys.parse(kv.key)
+            if isinstance(parsed, AttemptKey):
+                attempt = AttemptRecord.decode(kv.value)
+                items.append((parsed.node_id, kv.version, attempt.error))
+        return Attempts.of(items)
 
     def done_nodes(self, kvs: Iterable[t.KeyValue]) -> set[str]:
         """The node ids named by completion keys (other keys are ignored)."""
@@ -183,6 +251,8 @@ class ReadModel:
             t.get_prefix(keys.all_outcomes()),
             t.get_prefix(keys.all_nodes()),
             t.get_prefix(keys.all_done(), keys_only=True),
+            t.get_prefix(keys.all_states()),
+            t.get_prefix(keys.all_attempts()),
         ]
 
     def tasks_from(
@@ -190,7 +260,7 @@ class ReadModel:
     ) -> dict[str, list[Task]]:
         """Every task read by :meth:`list_ops` at ``at``, by namespace, sorted by id.
         Unreadable values go to ``on_skip`` and their run is left out."""
-        kvs = [kv for i in range(4) for kv in result.range(at + i).kvs]
+        kvs = [kv for i in range(6) for kv in result.range(at + i).kvs]
         return self.tasks_from_kvs(kvs, on_skip)
 
     def tasks_from_kvs(
@@ -201,6 +271,8 @@ class ReadModel:
         outcomes: dict[TaskId, t.KeyValue] = {}
         node_lists: dict[TaskId, t.KeyValue] = {}
         done: dict[TaskId, set[str]] = {}
+        states: dict[TaskId, t.KeyValue] = {}
+        attempts: dict[TaskId, list[t.KeyValue]] = {}
         parse = self.keys.parse
         for kv in kvs:
             parsed = parse(kv.key)
@@ -212,6 +284,10 @@ class ReadModel:
                 node_lists[(parsed.namespace, parsed.task_id)] = kv
             elif isinstance(parsed, DoneKey):
                 done.setdefault((parsed.namespace, parsed.task_id), set()).add(parsed.node_id)
+            elif isinstance(parsed, StateKey):
+                states[(parsed.namespace, parsed.task_id)] = kv
+            elif isinstance(parsed, AttemptKey):
+                attempts.setdefault((parsed.namespace, parsed.task_id), []).append(kv)
             elif parsed is None:
                 on_skip(kv.key, CorruptRecordError("not a key of ours"))
         out: dict[str, list[Task]] = {}
@@ -224,6 +300,8 @@ class ReadModel:
                     outcomes.get((ns, tid)),
                     node_lists.get((ns, tid)),
                     done.get((ns, tid), ()),
+                    states.get((ns, tid)),
+                    self.attempts_from(attempts.get((ns, tid), ())),
                 )
             except CorruptRecordError as exc:
                 on_skip(exc.key or kv.key, exc)

@@ -25,16 +25,26 @@ import orjson
 
 from .exceptions import CorruptRecordError, InvalidTaskError
 from .keys import BUCKETS, bucket_of
-from .model import Progress, TaskStatus, from_epoch_ms, to_epoch_ms, validate_name
+from .model import (
+    DEFAULT_POLICY,
+    Progress,
+    RunPolicy,
+    TaskStatus,
+    from_epoch_ms,
+    to_epoch_ms,
+    validate_name,
+)
 
 __all__ = [
     "FORMAT_MARKER",
     "FORMAT_VERSION",
+    "AttemptRecord",
     "CorruptRecordError",
     "DoneRecord",
     "MemberRecord",
     "NodeList",
     "OutcomeRecord",
+    "RunState",
     "TaskRecord",
     "decode_format",
     "decode_progress",
@@ -118,6 +128,7 @@ class TaskRecord:
     node_count: int
     token: str
     version: int | None = None
+    policy: RunPolicy = DEFAULT_POLICY
 
     def encode(self) -> bytes:
         header: dict[str, Any] = {
@@ -128,6 +139,9 @@ class TaskRecord:
         }
         if self.version is not None:
             header["version"] = self.version
+        policy = self.policy.to_dict()
+        if policy:
+            header["policy"] = policy
         return orjson.dumps(header) + b"\n" + self.payload
 
     @classmethod
@@ -139,7 +153,12 @@ class TaskRecord:
             raise CorruptRecordError(f"{what} has no header line")
         data = _load(raw[:end], what)
         version = None if "version" not in data else _positive_int(data, "version", what)
+        try:
+            policy = RunPolicy.from_dict(data.get("policy", {}))
+        except InvalidTaskError as exc:
+            raise CorruptRecordError(f"{what}: {exc}") from None
         return cls(
+            policy=policy,
             payload=raw[end + 1 :] if payload else b"",
             started_at=_ms(data, "startedAt", what),
             node_count=_positive_int(data, "nodeCount", what),
@@ -229,6 +248,83 @@ class OutcomeRecord:
             token=_get(data, "token", str, what),
             error=error,
             node=_optional_name(data, "node", what),
+        )
+
+
+@dataclass(frozen=True)
+class RunState:
+    """The stored form of ``P/cluster/states/<ns>/<id>``: whether the run is paused.
+
+    Absent until the first pause. ``paused_since`` is set while PAUSED; ``paused_ms`` is the
+    time spent paused before (what the deadline does not count).
+    """
+
+    paused_since: datetime | None
+    paused_ms: int
+    token: str
+
+    def paused_for(self, now: datetime) -> int:
+        """Milliseconds spent paused up to ``now``, the current pause included."""
+        extra = (
+            0 if self.paused_since is None else to_epoch_ms(now) - to_epoch_ms(self.paused_since)
+        )
+        return self.paused_ms + max(0, extra)
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {
+            "v": FORMAT_VERSION,
+            "pausedMs": self.paused_ms,
+            "token": self.token,
+        }
+        if self.paused_since is not None:
+            body["pausedSince"] = to_epoch_ms(self.paused_since)
+        return orjson.dumps(body)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> RunState:
+        what = "run state"
+        data = _load(raw, what)
+        paused_ms = data.get("pausedMs")
+        if type(paused_ms) is not int or paused_ms < 0:
+            raise CorruptRecordError(f"{what}: bad pausedMs")
+        return cls(
+            paused_since=None if "pausedSince" not in data else _ms(data, "pausedSince", what),
+            paused_ms=paused_ms,
+            token=_get(data, "token", str, what),
+        )
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """The stored form of ``P/attempts/<ns>/<id>/<node>``: a node's latest failed attempt.
+
+    Every failed attempt rewrites the key, so its etcd ``version`` (the number of writes since
+    it was created) *is* the number of failed attempts: a transaction compares it to decide
+    between a retry and the final failure without reading it first.
+    """
+
+    error: str
+    at: datetime
+    token: str
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {
+                "v": FORMAT_VERSION,
+                "error": self.error,
+                "at": to_epoch_ms(self.at),
+                "token": self.token,
+            }
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> AttemptRecord:
+        what = "attempt record"
+        data = _load(raw, what)
+        return cls(
+            error=_get(data, "error", str, what),
+            at=_ms(data, "at", what),
+            token=_get(data, "token", str, what),
         )
 
 

@@ -16,7 +16,16 @@ import pytest
 from benchmarks import report
 
 ROOT = Path(__file__).resolve().parents[2]
-CASES = {"propagation", "throughput", "fanin", "idle", "scale", "client"}
+CASES = {
+    "propagation",
+    "throughput",
+    "fanin",
+    "idle",
+    "scale",
+    "client",
+    "fanout",
+    "widetask",
+}
 FIELDS = {"measured", "baseline", "ratio", "goal", "met"}
 
 

@@ -33,7 +33,7 @@ def test_demo_runs_to_the_end_and_leaves_no_process_or_file() -> None:
         "demo/checksum v",
         "chunk 8/8",
         "FINISHED",
-        "node-b: exit status 3: disk /data is full",
+        "FAILED on node-b: exit status 3: disk /data is full",
         "node-a: shell/migrate",
         "terminated",
         "CANCELLED",

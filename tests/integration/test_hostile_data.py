@@ -1,8 +1,17 @@
-"""Hostile data under our prefix, on a real etcd: keys that are not ours, corrupt JSON, records
-of a future format (``"v": 2``), values of the wrong shape for each kind of key (task, outcome,
-run, progress, member), a value at etcd's request-size limit, and payloads at and over the
-limits. Readers skip what they cannot read with one log line and a counter; they never crash,
-and valid tasks next to the garbage keep working, on the Manager and on a running Scheduler.
+"""Hostile data under our prefix (storage layout 2), on a real etcd: keys that are not ours in
+every range a reader lists or watches, corrupt JSON, values of another format version (``"v":
+1`` or ``"v": 3``), values of the wrong shape for each kind of key (task record, outcome, node
+list, assignment, completion, progress, member), a node list that does not match its record's
+``nodeCount``, a value at etcd's request-size limit, and payloads at and over the limits.
+Readers skip what they cannot read with one log line and a counter; they never crash, and valid
+tasks next to the garbage keep working, on the Manager and on a running Scheduler.
+
+Who reads what (keys.py): the Manager lists ``P/cluster/tasks/``, ``P/cluster/outcomes/``,
+``P/nodes/`` and the keys (not the values) of ``P/done/``; ``live_members`` lists
+``P/cluster/members/``; ``get_progress`` one run's ``P/progress/<ns>/<id>/<version>/``. A
+Scheduler watches ``P/cluster/`` and ``P/assign/<its bucket>/`` only. Nothing is planted under
+the ranges of the 0.1 layout (``P/tasks/``, ``P/runs/``, ...): a key there makes the prefix one
+of another layout (tests/integration/test_layout.py).
 """
 
 from __future__ import annotations
@@ -18,12 +27,14 @@ from prometheus_client import CollectorRegistry
 from tests.support import RecordingProvider, Schedulers, keys_under, metric
 
 import distributedtask as dt
+from distributedtask.exceptions import CorruptRecordError
+from distributedtask.keys import BUCKETS, bucket_of
 from distributedtask.model import Progress
 from distributedtask.records import (
-    CorruptRecordError,
+    DoneRecord,
     MemberRecord,
+    NodeList,
     OutcomeRecord,
-    RunRecord,
     TaskRecord,
     encode_progress,
 )
@@ -32,76 +43,167 @@ from distributedtask.testing.proxy import TcpProxy
 
 NS = "ns"
 NODE = "node-1"
+GHOST = "ghost"  # a node that never joins
+BUCKET = bucket_of(NODE)  # the assignment bucket NODE's Scheduler watches
+OTHER_BUCKET = (BUCKET + 1) % BUCKETS
 MiB = 1024 * 1024
 ETCD_MAX_REQUEST_BYTES = 3 * MiB // 2  # etcd's default --max-request-bytes (1.5 MiB)
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 SKIPPED = "distributedtask_skipped_records_total"
 
-RECORD = orjson.loads(
-    TaskRecord(payload=b"p", started_at=T0, nodes=frozenset({NODE}), token="x").encode()
+HEADER = orjson.loads(
+    TaskRecord(payload=b"p", started_at=T0, node_count=1, token="x").encode().split(b"\n")[0]
 )
+NODES = orjson.loads(NodeList(frozenset({NODE})).encode())
 OUTCOME = orjson.loads(OutcomeRecord(dt.TaskStatus.CANCELLED, T0, "x").encode())
-RUN = orjson.loads(RunRecord("completed", T0, "x").encode())
+DONE = orjson.loads(DoneRecord(1, T0, "x").encode())
 MEMBER = orjson.loads(MemberRecord("member-1", frozenset({NS}), T0).encode())
 PROGRESS = orjson.loads(encode_progress(Progress(0.5, "half", T0)))
+# A whole task record of the 0.1 layout: one JSON object, the payload and nodes inside.
+LAYOUT_1_RECORD = (
+    b'{"v":1,"payload":"cA==","startedAt":1767323045000,"nodes":["node-1"],"token":"x"}'
+)
 
 
 def js(base: dict[str, object], **changes: object) -> bytes:
     return orjson.dumps({**base, **changes})
 
 
-# Keys under tasks/, outcomes/ and runs/ (the ranges every reader lists) that are not ours.
-FOREIGN_IN_RANGES = {
-    b"tasks/only-one-segment": js(RECORD),
-    b"tasks/ns/x/extra": js(RECORD),
-    b"tasks/%zz/x": js(RECORD),  # a bad escape
-    b"tasks/ns/%61": js(RECORD),  # "a", escaped where our keys never escape it
-    b"tasks/\xff\xfe/x": js(RECORD),  # not UTF-8
-    b"tasks/ns/": js(RECORD),  # empty id
-    b"outcomes/ns": js(OUTCOME),
-    b"runs/ns/good1": js(RUN),  # a run key without its node
-    b"runs/ns/x/%2": js(RUN),
+def without(base: dict[str, object], name: str) -> bytes:
+    return orjson.dumps({k: v for k, v in base.items() if k != name})
+
+
+def record(header: bytes) -> bytes:
+    """A task record whose header line is ``header`` (payload ``p``)."""
+    return header + b"\n" + b"p"
+
+
+# Keys that are not ours, by the readers that meet them (suffixes after the prefix's root).
+# Under P/cluster/tasks/ and P/cluster/outcomes/: listed by the Manager, watched by Schedulers.
+FOREIGN_LISTED_AND_WATCHED = {
+    b"cluster/tasks/only-one-segment": record(js(HEADER)),
+    b"cluster/tasks/ns/x/extra": record(js(HEADER)),
+    b"cluster/tasks/%zz/x": record(js(HEADER)),  # a bad escape
+    b"cluster/tasks/ns/%61": record(js(HEADER)),  # "a", escaped where our keys never escape it
+    b"cluster/tasks/\xff\xfe/x": record(js(HEADER)),  # not UTF-8
+    b"cluster/tasks/ns/": record(js(HEADER)),  # empty id
+    b"cluster/outcomes/ns": js(OUTCOME),
+    b"cluster/outcomes/ns/x/extra": js(OUTCOME),
 }
-# Task records that cannot be read.
+# Elsewhere under P/cluster/: watched by Schedulers only.
+FOREIGN_WATCHED = {
+    b"cluster/": b"x",
+    b"cluster/tasks": b"x",
+    b"cluster/foreign": b"hello",
+}
+# Under P/nodes/ and P/done/: listed by the Manager only (completions by their keys alone).
+FOREIGN_LISTED = {
+    b"nodes/ns": js(NODES),
+    b"nodes/ns/x/extra": js(NODES),
+    b"nodes/%zz/x": js(NODES),
+    b"done/ns/good1": js(DONE),  # a completion key without its node
+    b"done/ns/x/%2": js(DONE),
+    b"done/ns/x/n/extra": js(DONE),
+}
+# Under ranges no reader lists or watches: ignored by everyone, never counted.
+FOREIGN_UNREAD = {
+    b"foreign": b"hello",
+    b"cluster": b"not under cluster/",
+    b"formats": b"{}",
+    b"assign/40/ns/x": js(NODES),  # bucket 64: out of range
+    b"assign/zz/ns/x": js(NODES),
+    b"assign/%02x/ns/x" % OTHER_BUCKET: b"junk",  # another Scheduler's bucket
+    b"progress/ns/good1/not-a-version/node-1": js(PROGRESS),
+}
+# Task records that cannot be read (each with a valid node list, and a valid assignment in
+# NODE's bucket: an assignment does not make a run of an unreadable record).
 CORRUPT_TASKS = {
-    "bad-json": b"{not json",
+    "bad-json": b"{not json\np",
     "empty": b"",
-    "future": js(RECORD, v=2),
-    "no-version": js({k: v for k, v in RECORD.items() if k != "v"}),
-    "array": b"[1, 2, 3]",
-    "payload-int": js(RECORD, payload=5),
-    "payload-not-b64": js(RECORD, payload="@@@"),
-    "nodes-str": js(RECORD, nodes="node-1"),
-    "no-nodes": js(RECORD, nodes=[]),
-    "bad-node": js(RECORD, nodes=["a\nb"]),
-    "time-str": js(RECORD, startedAt="2026-01-02T03:04:05Z"),
-    "time-huge": js(RECORD, startedAt=2**62),
-    "version-bool": js(RECORD, version=True),
+    "no-header-line": js(HEADER),
+    "layout-1": LAYOUT_1_RECORD,
+    "past": record(js(HEADER, v=1)),
+    "future": record(js(HEADER, v=3)),
+    "no-version": record(without(HEADER, "v")),
+    "version-str": record(js(HEADER, v="2")),
+    "array": b"[1, 2, 3]\np",
+    "header-not-utf8": b"\xff\xfe\np",
+    "count-str": record(js(HEADER, nodeCount="1")),
+    "count-zero": record(js(HEADER, nodeCount=0)),
+    "count-bool": record(js(HEADER, nodeCount=True)),
+    "no-count": record(without(HEADER, "nodeCount")),
+    "token-int": record(js(HEADER, token=5)),
+    "time-str": record(js(HEADER, startedAt="2026-01-02T03:04:05Z")),
+    "time-huge": record(js(HEADER, startedAt=2**62)),
+    "version-bool": record(js(HEADER, version=True)),
+    "version-zero": record(js(HEADER, version=0)),
     "at-the-limit": b"\xff",  # replaced by a value as large as etcd accepts, see plant()
 }
-# Outcome values that make their (valid) task unreadable; the task record's key is reported.
+# Outcome values that make their (valid) run unreadable. The Manager reports the task record's
+# key (the run it skips); a Scheduler the outcome's.
 CORRUPT_OUTCOMES = {
     "outcome-json": b"42",
-    "outcome-future": js(OUTCOME, v=2),
+    "outcome-past": js(OUTCOME, v=1),
+    "outcome-future": js(OUTCOME, v=3),
     "outcome-started": js(OUTCOME, status="STARTED"),
     "outcome-status": js(OUTCOME, status="DONE"),
     "outcome-time": js(OUTCOME, finishedAt=None),
     "outcome-error": js(OUTCOME, error=["boom"]),
+    "outcome-node": js(OUTCOME, status="FAILED", error="x", node="a\nb"),
+    "outcome-record": record(js(HEADER)),  # a task record under the outcome key
 }
+# Node lists that make their (valid) run unreadable (None: no node list at all). The Manager
+# reports the task record's key, but for a list that does not match the record's nodeCount (1):
+# the node list's key. No Scheduler reads node lists.
+CORRUPT_NODE_LISTS: dict[str, bytes | None] = {
+    "nodes-json": b"{",
+    "nodes-past": js(NODES, v=1),
+    "nodes-future": js(NODES, v=3),
+    "nodes-str": js(NODES, nodes=NODE),
+    "nodes-empty": js(NODES, nodes=[]),
+    "nodes-bad-name": js(NODES, nodes=["a\nb"]),
+    "nodes-int": js(NODES, nodes=[1]),
+    "nodes-null": b"null",
+    "nodes-missing": None,
+    "nodes-mismatch": js(NODES, nodes=[NODE, "node-2"]),
+}
+NODE_LIST_KEY_REPORTED = {"nodes-mismatch"}
+# Assignments in NODE's bucket that its Scheduler cannot read, of runs added by the Manager
+# (readable there: the Manager never reads assignments).
+CORRUPT_ASSIGNMENTS = {
+    "assign-json": b"{",
+    "assign-past": js(NODES, v=1),
+    "assign-future": js(NODES, v=3),
+    "assign-str": js(NODES, nodes=NODE),
+    "assign-empty": js(NODES, nodes=[]),
+    "assign-null": b"null",
+}
+# Keys in NODE's bucket that are not ours (suffix after P/assign/<bucket>/).
+FOREIGN_IN_BUCKET = {
+    b"ns": js(NODES),
+    b"ns/": js(NODES),
+    b"ns/x/extra": js(NODES),
+    b"%zz/x": js(NODES),
+}
+# Under P/cluster/members/: read by live_members and watched by Schedulers.
 CORRUPT_MEMBERS = {
-    b"members/ghost": b"junk",
-    b"members/future": js(MEMBER, v=2, node="future"),
-    b"members/ns-str": js(MEMBER, node="ns-str", namespaces=NS),
-    b"members/null": b"null",
-    b"members/bad-node": js(MEMBER, node=""),
-    b"members/a/b": b"{}",  # not a key of ours either
+    b"ghost": b"junk",
+    b"past": js(MEMBER, v=1, node="past"),
+    b"future": js(MEMBER, v=3, node="future"),
+    b"ns-str": js(MEMBER, node="ns-str", namespaces=NS),
+    b"null": b"null",
+    b"bad-node": js(MEMBER, node=""),
+    b"someone-else": js(MEMBER),  # member-1's record under another node's key
+    b"a/b": b"{}",  # not a key of ours either
 }
 # Under the progress prefix of good1's version (key suffix after ".../<version>/").
 CORRUPT_PROGRESS = {
     b"node-2": b"{",
-    b"node-3": js(PROGRESS, v=2),
-    b"node-4": js(PROGRESS, fraction="half"),
-    b"node-5": b"null",
+    b"node-3": js(PROGRESS, v=1),
+    b"node-4": js(PROGRESS, v=3),
+    b"node-5": js(PROGRESS, fraction="half"),
+    b"node-6": js(PROGRESS, fraction=2),
+    b"node-7": b"null",
 }
 
 
@@ -109,11 +211,14 @@ CORRUPT_PROGRESS = {
 class Planted:
     """What :func:`plant` wrote, and what readers should make of it."""
 
-    good: list[dt.Task]
-    bad_run: dt.Task  # a valid task whose second node's run key is garbage
-    bad_run_key: bytes
-    skipped_by_listing: set[bytes] = field(default_factory=set)  # keys list_tasks must skip
+    good: list[dt.Task]  # good1, good2
+    bad_done: dt.Task  # a valid task whose second node's completion value is garbage
+    bad_done_key: bytes
+    listed: list[str] = field(default_factory=list)  # the ids list_tasks returns, sorted
+    listing_skips: set[bytes] = field(default_factory=set)  # the keys list_tasks reports
     unreadable_ids: list[str] = field(default_factory=list)  # get_task raises for these
+    unassigned: list[dt.Task] = field(default_factory=list)  # their assignment is garbage
+    scheduler_skips: set[bytes] = field(default_factory=set)  # NODE's Scheduler, at start
     member_keys: set[bytes] = field(default_factory=set)
     progress_keys: set[bytes] = field(default_factory=set)
 
@@ -125,39 +230,73 @@ def largest_value(key: bytes) -> int:
 
 
 def plant(manager: dt.Manager, client: dt.EtcdClient, *, big_payload: bytes = b"") -> Planted:
-    """Two good tasks (good2 carrying ``big_payload``), a task with a corrupt run key, and every
-    kind of garbage above, written straight to etcd."""
+    """Two good tasks (good2 carrying ``big_payload``), a task with a corrupt completion value,
+    and every kind of garbage above, written straight to etcd."""
     keys = manager.keys
     root = keys.root
-    good1 = manager.add_task(NS, "good1", b"one", nodes=[NODE])
+    good1 = manager.add_task(NS, "good1", b"one", nodes=[NODE])  # writes the layout marker
     good2 = manager.add_task(NS, "good2", big_payload, nodes=[NODE])
-    bad_run = manager.add_task(NS, "bad-run", b"r", nodes=[NODE, "ghost"])
-    bad_run_key = keys.run(NS, "bad-run", "ghost")
-    client.put(bad_run_key, b'"a string"')
-    planted = Planted([good1, good2], bad_run, bad_run_key)
-    planted.skipped_by_listing.add(bad_run_key)
-    for suffix, value in FOREIGN_IN_RANGES.items():
+    bad_done = manager.add_task(NS, "bad-done", b"r", nodes=[NODE, GHOST])
+    bad_done_key = keys.done(NS, "bad-done", GHOST)
+    client.put(bad_done_key, b'"a string"')  # never listed: completions are listed by key
+    planted = Planted([good1, good2], bad_done, bad_done_key, ["bad-done", "good1", "good2"])
+    for suffix, value in FOREIGN_LISTED_AND_WATCHED.items():
         client.put(root + suffix, value)
-        planted.skipped_by_listing.add(root + suffix)
+        planted.listing_skips.add(root + suffix)
+        planted.scheduler_skips.add(root + suffix)
+    for suffix, value in FOREIGN_WATCHED.items():
+        client.put(root + suffix, value)
+        planted.scheduler_skips.add(root + suffix)
+    for suffix, value in FOREIGN_LISTED.items():
+        client.put(root + suffix, value)
+        planted.listing_skips.add(root + suffix)
+    for suffix, value in FOREIGN_UNREAD.items():
+        client.put(root + suffix, value)
     for task_id, value in CORRUPT_TASKS.items():
         key = keys.task(NS, task_id)
         at_the_limit = b"\xff" * largest_value(key) if task_id == "at-the-limit" else None
         client.put(key, value if at_the_limit is None else at_the_limit)
-        planted.skipped_by_listing.add(key)
+        client.put(keys.nodes(NS, task_id), js(NODES))
+        client.put(keys.assign(BUCKET, NS, task_id), js(NODES))
+        planted.listing_skips.add(key)
+        planted.scheduler_skips.add(key)
         planted.unreadable_ids.append(task_id)
     for task_id, value in CORRUPT_OUTCOMES.items():
-        client.put(keys.task(NS, task_id), js(RECORD))
+        client.put(keys.task(NS, task_id), record(js(HEADER)))
+        client.put(keys.nodes(NS, task_id), js(NODES))
         client.put(keys.outcome(NS, task_id), value)
-        planted.skipped_by_listing.add(keys.task(NS, task_id))
+        planted.listing_skips.add(keys.task(NS, task_id))
+        planted.scheduler_skips.add(keys.outcome(NS, task_id))
         planted.unreadable_ids.append(task_id)
-    # Orphans: well-formed keys of a run that does not exist. Ignored, not counted.
+    for task_id, nodes in CORRUPT_NODE_LISTS.items():
+        client.put(keys.task(NS, task_id), record(js(HEADER)))
+        if nodes is not None:
+            client.put(keys.nodes(NS, task_id), nodes)
+        reported = NODE_LIST_KEY_REPORTED
+        planted.listing_skips.add((keys.nodes if task_id in reported else keys.task)(NS, task_id))
+        planted.unreadable_ids.append(task_id)
+    for task_id, value in CORRUPT_ASSIGNMENTS.items():
+        planted.unassigned.append(manager.add_task(NS, task_id, nodes=[NODE]))
+        client.put(keys.assign(BUCKET, NS, task_id), value)
+        planted.scheduler_skips.add(keys.assign(BUCKET, NS, task_id))
+        planted.listed.append(task_id)
+    planted.listed.sort()
+    for suffix, value in FOREIGN_IN_BUCKET.items():
+        client.put(keys.bucket(BUCKET) + suffix, value)
+        planted.scheduler_skips.add(keys.bucket(BUCKET) + suffix)
+    # Orphans: well-formed keys of a run that does not exist, and a completion of a node that
+    # is not one of the run's. Ignored, not counted.
     client.put(keys.outcome(NS, "orphan"), js(OUTCOME))
-    client.put(keys.run(NS, "orphan", NODE), js(RUN))
+    client.put(keys.nodes(NS, "orphan"), js(NODES))
+    client.put(keys.assign(BUCKET, NS, "orphan"), js(NODES))
+    client.put(keys.done(NS, "orphan", NODE), js(DONE))
+    client.put(keys.done(NS, "good1", "stranger"), js(DONE))
     # Membership: one valid record (no lease: it stays) and garbage.
     client.put(keys.member("member-1"), js(MEMBER))
     for suffix, value in CORRUPT_MEMBERS.items():
-        client.put(root + suffix, value)
-        planted.member_keys.add(root + suffix)
+        client.put(keys.all_members() + suffix, value)
+        planted.member_keys.add(keys.all_members() + suffix)
+        planted.scheduler_skips.add(keys.all_members() + suffix)
     # Progress of good1: one valid report, garbage, and a key that is not ours.
     manager.record_progress(NS, "good1", good1.version, NODE, 0.5, "half")
     version_prefix = keys.version_progress(NS, "good1", good1.version)
@@ -165,9 +304,6 @@ def plant(manager: dt.Manager, client: dt.EtcdClient, *, big_payload: bytes = b"
         client.put(version_prefix + suffix, value)
         planted.progress_keys.add(version_prefix + suffix)
     client.put(version_prefix + b"%zz", js(PROGRESS))  # not ours: ignored
-    # Keys outside every listed range.
-    client.put(root + b"foreign", b"hello")
-    client.put(root + b"progress/ns/good1/not-a-version/node-1", js(PROGRESS))
     return planted
 
 
@@ -181,7 +317,7 @@ def skip_lines(caplog: pytest.LogCaptureFixture, logger: str) -> list[logging.Lo
 
 def manager_skipped_keys(caplog: pytest.LogCaptureFixture) -> list[bytes]:
     """The key of each skip line of the Manager (its last log argument)."""
-    return [r.args[-1] for r in skip_lines(caplog, "distributedtask.manager")]  # type: ignore[index]
+    return [r.args[-1] for r in skip_lines(caplog, "distributedtask.manager")]  # type: ignore[index,misc]
 
 
 # ---- fixtures ---------------------------------------------------------------------------------
@@ -220,34 +356,38 @@ def test_listing_skips_every_unreadable_value_once_and_keeps_the_good_tasks(
     caplog.set_level(logging.WARNING)
     before = mgr.skipped_records
     listed = mgr.list_tasks()
-    current = [mgr.get_task(NS, t.id) for t in [planted.bad_run, *planted.good]]
-    assert listed == {NS: current}
-    assert [t.id for t in listed[NS]] == ["bad-run", "good1", "good2"]
-    assert listed[NS][1] == planted.good[0]  # untouched by the garbage around it
-    bad_run = listed[NS][0]
-    assert bad_run.status is dt.TaskStatus.STARTED and bad_run.finished_nodes == frozenset()
-    # Each unreadable value: one log line naming its key, one count.
-    assert mgr.skipped_records - before == len(planted.skipped_by_listing) + 1  # + get_task
-    keys = manager_skipped_keys(caplog)
-    assert set(keys) == planted.skipped_by_listing
-    assert len(keys) == len(planted.skipped_by_listing) + 1
-    assert keys.count(planted.bad_run_key) == 2  # by list_tasks, then by get_task of bad-run
+    assert list(listed) == [NS]
+    assert [t.id for t in listed[NS]] == planted.listed
+    assert listed[NS] == [mgr.get_task(NS, task_id) for task_id in planted.listed]
+    by_id = {t.id: t for t in listed[NS]}
+    assert by_id["good1"] == planted.good[0]  # untouched by the garbage around it
+    assert by_id["good1"].finished_nodes == frozenset()  # "stranger" is not one of its nodes
+    bad_done = by_id["bad-done"]
+    assert bad_done.status is dt.TaskStatus.STARTED
+    assert bad_done.finished_nodes == {GHOST}  # a completion by its key; its value is not read
+    # Each unreadable value: one log line naming its key, one count; get_task, which reads
+    # nothing unreadable here, adds none.
+    assert mgr.skipped_records - before == len(planted.listing_skips)
+    assert sorted(manager_skipped_keys(caplog)) == sorted(planted.listing_skips)
     # The same through the JSON payload (the CLI's and snapshot()'s view).
     payload = orjson.loads(mgr.list_tasks_payload())
-    assert [item["ID"] for item in payload["tasks"][NS]] == ["bad-run", "good1", "good2"]
+    assert [item["ID"] for item in payload["tasks"][NS]] == planted.listed
 
 
 def test_get_task_of_an_unreadable_record_raises_corrupt_record_error(
     mgr: dt.Manager, client: dt.EtcdClient
 ) -> None:
-    """Documented in Manager.get_task: a record it cannot read is a CorruptRecordError (a
-    DistributedTaskError), not a crash; the valid tasks next to it read fine."""
+    """Documented in Manager.get_task: a run it cannot read (record, outcome or node list) is
+    a CorruptRecordError (a DistributedTaskError), not a crash; the valid tasks next to it, the
+    runs whose assignment is garbage included, read fine."""
     planted = plant(mgr, client)
     for task_id in planted.unreadable_ids:
         with pytest.raises(CorruptRecordError):
             mgr.get_task(NS, task_id)
-    for task in planted.good:
-        assert mgr.get_task(NS, task.id) == task
+    for task in [*planted.good, planted.bad_done, *planted.unassigned]:
+        current = mgr.get_task(NS, task.id)
+        assert current is not None and current.version == task.version
+    assert mgr.get_task(NS, "good1") == planted.good[0]
     assert mgr.get_task(NS, "orphan") is None
 
 
@@ -262,9 +402,66 @@ def test_transitions_of_good_tasks_work_next_to_garbage(
     assert cancelled.status is dt.TaskStatus.CANCELLED
     again = mgr.add_task(NS, "good1", b"again", nodes=[NODE])
     assert again.version > good1.version
-    # The task with a corrupt run key still ends: the node whose key is garbage can fail it.
-    failed = mgr.record_node_failure(NS, "bad-run", planted.bad_run.version, "ghost", "x")
+    # The task with a corrupt completion still ends: the node whose value is garbage fails it.
+    failed = mgr.record_node_failure(NS, "bad-done", planted.bad_done.version, GHOST, "x")
     assert failed.status is dt.TaskStatus.FAILED
+    assert (failed.error, failed.failed_node) == ("x", GHOST)
+    # An unreadable record or outcome does not block its id: a new add replaces the run.
+    for task_id in ["bad-json", "layout-1", "at-the-limit", "outcome-future"]:
+        fresh = mgr.add_task(NS, task_id, b"new", nodes=[NODE])
+        assert mgr.get_task(NS, task_id) == fresh
+    # A run whose assignment is garbage is a valid run to the Manager.
+    unassigned = planted.unassigned[0]
+    assert mgr.record_node_completion(NS, unassigned.id, unassigned.version, NODE).status is (
+        dt.TaskStatus.FINISHED
+    )
+
+
+def test_a_corrupt_completion_value_counts_by_its_key_and_is_skipped_where_it_is_read(
+    mgr: dt.Manager, client: dt.EtcdClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """FINDING: completions are counted by their keys (readmodel.py: ``finished_nodes`` are the
+    nodes with a completion key; the completer counts keys to decide FINISHED), so a garbage
+    value at a well-formed completion key counts as that node's completion for the listing and
+    for FINISHED; only ``completed_by`` (a Scheduler's own completions at start, a decider's
+    look at a lost node's work) reads the value, and skips it as not completed."""
+    task = mgr.add_task(NS, "t", nodes=[NODE, GHOST])
+    key = mgr.keys.done(NS, "t", GHOST)
+    client.put(key, b'"a string"')
+    caplog.set_level(logging.WARNING)
+    before = mgr.skipped_records
+    listed = mgr.get_task(NS, "t")
+    assert listed is not None and listed.finished_nodes == {GHOST}
+    assert mgr.list_tasks() == {NS: [listed]}
+    assert mgr.skipped_records == before
+    assert mgr.completed_by(GHOST, [(NS, "t", task.version)]) == set()
+    assert mgr.skipped_records - before == 1
+    assert manager_skipped_keys(caplog) == [key]
+    done = mgr.record_node_completion(NS, "t", task.version, NODE)
+    assert done.status is dt.TaskStatus.FINISHED and done.finished_nodes == {NODE, GHOST}
+
+
+def test_a_run_whose_node_list_is_unreadable_can_be_cancelled_and_replaced(
+    mgr: dt.Manager, client: dt.EtcdClient
+) -> None:
+    """A valid record whose node list is garbage keeps its id busy (it is STARTED: the add
+    says so, with its version); cancelling that version ends it, and the id is free again.
+
+    The cancel cannot return the run (it cannot be assembled): it raises CorruptRecordError
+    saying the run is now CANCELLED, as ``cancel_task`` documents."""
+    keys = mgr.keys
+    version = client.put(keys.task(NS, "t"), record(js(HEADER)))
+    client.put(keys.nodes(NS, "t"), js(NODES, nodes=[NODE, "node-2"]))  # nodeCount is 1
+    with pytest.raises(dt.TaskAlreadyRunningError) as info:
+        mgr.add_task(NS, "t", nodes=[NODE])
+    assert info.value.version == version
+    with pytest.raises(CorruptRecordError, match="is now CANCELLED, but it cannot be read back"):
+        mgr.cancel_task(NS, "t", version)
+    outcome = client.range(keys.outcome(NS, "t")).first()
+    assert outcome is not None
+    assert OutcomeRecord.decode(outcome.value).status is dt.TaskStatus.CANCELLED
+    fresh = mgr.add_task(NS, "t", b"new", nodes=[NODE])
+    assert mgr.get_task(NS, "t") == fresh
 
 
 def test_live_members_skips_unreadable_members(
@@ -324,17 +521,18 @@ def test_a_payload_over_max_payload_bytes_is_refused_before_anything_is_sent(
         assert info.value.field == "payload"
         assert etcd_proxy.requests == 0
         with pytest.raises(dt.InvalidTaskError):
-            manager.add_task(NS, "too-big", bytearray(MiB + 1), nodes=[NODE])
+            manager.add_task(NS, "too-big", bytearray(MiB + 1), nodes=[NODE])  # type: ignore[arg-type]
         assert etcd_proxy.requests == 0
-    assert keys_under(client, dtask_prefix) == []
+    assert keys_under(client, dtask_prefix) == []  # not even the layout marker
 
 
 def test_a_payload_of_exactly_max_payload_bytes_works_end_to_end(
     etcd_proxy: TcpProxy, dtask_prefix: str
 ) -> None:
-    payload = bytes(range(256)) * (MiB // 256)
+    payload = bytes(range(256)) * (MiB // 256)  # newlines and every other byte included
     with dt.EtcdClient(etcd_proxy.endpoint, timeout=5.0) as proxied:
         manager = dt.Manager(proxied, prefix=dtask_prefix)
+        manager.ensure_format()  # the first add on a fresh prefix also writes the marker
         etcd_proxy.reset_counts()
         task = manager.add_task(NS, "one-mib", payload, nodes=[NODE])
         assert etcd_proxy.requests == 1  # one transaction, however large
@@ -349,15 +547,27 @@ def test_a_payload_of_exactly_max_payload_bytes_works_end_to_end(
         assert done.status is dt.TaskStatus.FINISHED
 
 
-@pytest.mark.parametrize("size", [1_200_000, 1_400_000])
+def test_a_payload_above_max_payload_bytes_that_etcd_takes_is_stored_raw(
+    client: dt.EtcdClient, dtask_prefix: str
+) -> None:
+    """With ``max_payload_bytes`` raised, a payload as large as etcd's request limit allows
+    (less the header, node list and assignment) is stored: the record holds it raw, not in
+    base64 (layout 0.1 refused this size)."""
+    manager = dt.Manager(client, prefix=dtask_prefix, max_payload_bytes=2 * MiB)
+    payload = b"\n" * 1_500_000
+    task = manager.add_task(NS, "large", payload, nodes=[NODE])
+    assert manager.get_task(NS, "large") == task and task.payload == payload
+
+
+@pytest.mark.parametrize("size", [1_600_000, 1_900_000])
 def test_a_payload_etcd_cannot_take_fails_with_etcd_error_and_writes_nothing(
     client: dt.EtcdClient, dtask_prefix: str, size: int
 ) -> None:
-    """FINDING: with ``max_payload_bytes`` above what etcd takes (a 1.5 MiB request, and the
-    record holds the payload in base64, so ~1.17 MB), add_task sends the request and etcd
-    refuses it: ``EtcdError('etcd refused the request: etcdserver: request is too large')``,
-    code 3 (INVALID_ARGUMENT), not an InvalidTaskError before sending. Nothing is written."""
-    manager = dt.Manager(client, prefix=dtask_prefix, max_payload_bytes=2 * MiB)
+    """FINDING: with ``max_payload_bytes`` above what etcd takes (a 1.5 MiB request), add_task
+    sends the request and etcd refuses it: ``EtcdError('etcd refused the request: etcdserver:
+    request is too large')``, code 3 (INVALID_ARGUMENT), not an InvalidTaskError before
+    sending. Nothing is written, not even the layout marker."""
+    manager = dt.Manager(client, prefix=dtask_prefix, max_payload_bytes=4 * MiB)
     with pytest.raises(dt.EtcdError, match="request is too large") as info:
         manager.add_task(NS, "huge", b"\0" * size, nodes=[NODE])
     assert info.value.code == 3 and not info.value.transient
@@ -369,7 +579,7 @@ def test_a_request_over_grpcs_limit_is_not_retried(etcd_proxy: TcpProxy, dtask_p
         manager = dt.Manager(proxied, prefix=dtask_prefix, max_payload_bytes=4 * MiB)
         etcd_proxy.reset_counts()
         with pytest.raises(dt.EtcdError, match="larger than max") as info:
-            manager.add_task(NS, "huge", b"\0" * (3 * MiB // 2), nodes=[NODE])
+            manager.add_task(NS, "huge", b"\0" * (5 * MiB // 2), nodes=[NODE])
         assert info.value.code == 8
         assert etcd_proxy.requests == 1
 
@@ -378,7 +588,7 @@ def test_a_request_over_grpcs_limit_is_not_retried(etcd_proxy: TcpProxy, dtask_p
 
 
 def scheduler_skip_keys(caplog: pytest.LogCaptureFixture) -> list[bytes]:
-    return [r.args[0] for r in skip_lines(caplog, "distributedtask.scheduler")]  # type: ignore[index]
+    return [r.args[0] for r in skip_lines(caplog, "distributedtask.scheduler")]  # type: ignore[index,misc]
 
 
 def test_a_scheduler_skips_garbage_once_and_runs_the_good_tasks(
@@ -392,52 +602,67 @@ def test_a_scheduler_skips_garbage_once_and_runs_the_good_tasks(
     big = bytes(range(256)) * (MiB // 256)  # a payload of exactly max_payload_bytes
     planted = plant(mgr, client, big_payload=big)
     provider = RecordingProvider()
-    # node_loss_grace=None: "ghost", the second node of bad-run, never joins.
+    # node_loss_grace=None: GHOST, the second node of bad-done, never joins.
     scheduler = schedulers.new(NODE, {NS: provider}, node_loss_grace=None)
     good1, good2 = planted.good
-    wanted = {good1.descriptor, good2.descriptor, planted.bad_run.descriptor}
+    wanted = {good1.descriptor, good2.descriptor, planted.bad_done.descriptor}
     assert set(provider.starts()) == wanted and len(provider.starts()) == 3
     assert provider.started_task(good2.descriptor).payload == big
-    assert scheduler.running() == {NS: wanted}
+    assert scheduler.running() == {NS: wanted}  # not the runs whose assignment is garbage
 
-    # What the first listing read: tasks/, outcomes/, runs/ and members/ (not progress/, and
-    # not the keys outside those ranges), the corrupt run key included.
-    read_at_start = planted.skipped_by_listing | planted.member_keys
-    assert metric(registry, SKIPPED) == len(read_at_start)
-    assert sorted(scheduler_skip_keys(caplog)) == sorted(read_at_start)
+    # What the first listing read: P/cluster/ and NODE's bucket (not nodes/, done/, progress/,
+    # other buckets, nor the keys outside those ranges).
+    assert metric(registry, SKIPPED) == len(planted.scheduler_skips)
+    assert sorted(scheduler_skip_keys(caplog)) == sorted(planted.scheduler_skips)
 
-    # Garbage arriving through the watch: counted once per key, even when rewritten.
-    root = mgr.keys.root
-    late = {
-        root + b"foreign-late": b"x",
-        root + b"progress/ns/good1/0/node-1": js(PROGRESS),  # version 0: not ours
-        mgr.keys.task(NS, "late-bad"): b"{",
-        mgr.keys.member("late"): b"[]",
+    # Garbage arriving through the watches: counted once per key, even when rewritten.
+    keys = mgr.keys
+    late_seen = {
+        keys.cluster + b"foreign-late": b"x",
+        keys.task(NS, "late-bad"): b"{",
+        keys.outcome(NS, "good2"): b"[]",  # good2's run becomes unreadable: it keeps running
+        keys.member("late"): b"[]",
+        keys.assign(BUCKET, NS, "late-assign"): b"{",
+        keys.bucket(BUCKET) + b"late/x/y": b"{}",
     }
-    for key, value in late.items():
+    late_unseen = {  # in ranges no Scheduler watches
+        keys.root + b"foreign-late": b"x",
+        keys.progress(NS, "good1", good1.version, NODE): b"{",
+        keys.done(NS, "late-done", NODE): b"{",
+        keys.nodes(NS, "late-nodes"): b"{",
+        keys.assign(OTHER_BUCKET, NS, "late-assign"): b"{",
+    }
+    for key, value in {**late_seen, **late_unseen}.items():
         client.put(key, value)
-    client.put(mgr.keys.task(NS, "late-bad"), js(RECORD, v=3))  # rewritten: not counted again
+    client.put(keys.task(NS, "late-bad"), record(js(HEADER, v=3)))  # rewritten: not counted again
+    client.put(keys.assign(BUCKET, NS, "late-assign"), b"[]")  # the same
     # ... while good tasks keep flowing: a new one starts, a cancelled one is terminated.
     good3 = mgr.add_task(NS, "good3", b"three", nodes=[NODE])
     wait_until(lambda: good3.descriptor in provider.starts(), message="good3 started")
     mgr.cancel_task(NS, "good1", good1.version)
     wait_until(lambda: good1.descriptor in provider.terminations(), message="good1 terminated")
-    expected = read_at_start | set(late)
+    expected = planted.scheduler_skips | set(late_seen)
     wait_until(lambda: metric(registry, SKIPPED) == len(expected), message="late garbage counted")
     assert sorted(scheduler_skip_keys(caplog)) == sorted(expected)  # one line per key
     assert metric(registry, "distributedtask_watch_restarts_total", reason="error") == 0
 
     # A full resync reads everything again: nothing is counted or logged twice.
-    scheduler._watch.resync()  # type: ignore[union-attr]
-    wait_until(lambda: metric(registry, "distributedtask_resyncs_total") >= 1, message="resync")
-    mgr.cancel_task(NS, "good3", good3.version)
+    for watch in scheduler._watches:
+        watch.resync()
+    wait_until(lambda: metric(registry, "distributedtask_resyncs_total") >= 2, message="resync")
+    mgr.cancel_task(NS, "good3", good3.version)  # through the cluster watch, after its snapshot
+    good4 = mgr.add_task(NS, "good4", nodes=[NODE])  # through both watches
     wait_until(lambda: good3.descriptor in provider.terminations(), message="good3 terminated")
+    wait_until(lambda: good4.descriptor in provider.starts(), message="good4 started")
     assert metric(registry, SKIPPED) == len(expected)
     assert sorted(scheduler_skip_keys(caplog)) == sorted(expected)
-    assert scheduler.running() == {NS: {good2.descriptor, planted.bad_run.descriptor}}
+    assert scheduler.running() == {
+        NS: {good2.descriptor, planted.bad_done.descriptor, good4.descriptor}
+    }
+    assert len(provider.starts()) == 5  # nothing started twice
 
 
-def test_a_scheduler_reports_a_corrupt_run_key_once_on_its_own_counter(
+def test_a_scheduler_reports_a_corrupt_assignment_once_on_its_own_counter(
     schedulers: Schedulers,
     mgr: dt.Manager,
     client: dt.EtcdClient,
@@ -445,17 +670,26 @@ def test_a_scheduler_reports_a_corrupt_run_key_once_on_its_own_counter(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING)
-    task = mgr.add_task(NS, "bad-run", nodes=[NODE, "ghost", "other"])
-    bad_key = mgr.keys.run(NS, "bad-run", "ghost")
+    other = "other"
+    assert bucket_of(other) != BUCKET
+    task = mgr.add_task(NS, "bad-assign", nodes=[NODE, other])
+    bad_key = mgr.keys.assign(BUCKET, NS, "bad-assign")
     client.put(bad_key, b"junk")
+    good = mgr.add_task(NS, "good", nodes=[NODE])
     provider = RecordingProvider()
     schedulers.new(NODE, {NS: provider}, node_loss_grace=None)
-    assert provider.starts() == [task.descriptor]
-    # Every change to the task rebuilds it from its keys (here: another node completes).
-    mgr.record_node_completion(NS, "bad-run", task.version, "other")
-    mgr.record_progress(NS, "bad-run", task.version, NODE, 0.5)
-    mgr.record_node_completion(NS, "bad-run", task.version, NODE)
-    wait_until(lambda: task.descriptor in provider.terminations(), message="finished here")
+    assert provider.starts() == [good.descriptor]  # NODE cannot tell it is one of bad-assign's
+    # Every change to the run touches it again (here: its nodes complete, the Manager's way,
+    # and its assignment is rewritten with other garbage); a task added after, in the same
+    # bucket, starts once all that went through the watches.
+    mgr.record_node_completion(NS, "bad-assign", task.version, other)
+    client.put(bad_key, orjson.dumps({"v": 3, "nodes": [NODE]}))
+    mgr.record_node_completion(NS, "bad-assign", task.version, NODE)
+    later = mgr.add_task(NS, "later", nodes=[NODE])
+    wait_until(lambda: later.descriptor in provider.starts(), message="later started")
+    # A new run of the id writes a readable assignment: NODE runs it.
+    again = mgr.add_task(NS, "bad-assign", nodes=[NODE, other])
+    wait_until(lambda: again.descriptor in provider.starts(), message="the new run started")
     lines = [
         r
         for r in caplog.records
@@ -463,29 +697,39 @@ def test_a_scheduler_reports_a_corrupt_run_key_once_on_its_own_counter(
         and r.name == "distributedtask.scheduler"
         and repr(bad_key) in r.getMessage()
     ]
-    assert len(lines) == 1  # the test's own Manager calls log it too, each time
+    assert len(lines) == 1
     assert metric(registry, SKIPPED) == 1
+    assert provider.starts() == [good.descriptor, later.descriptor, again.descriptor]
 
 
-def test_a_scheduler_skips_a_progress_key_with_a_huge_version(
+def test_a_scheduler_skips_a_key_with_a_huge_version_or_name(
     schedulers: Schedulers,
     mgr: dt.Manager,
     client: dt.EtcdClient,
     registry: CollectorRegistry,
 ) -> None:
+    """A progress key with a 5000-digit version is in no range a Scheduler watches (it is not
+    counted); a 5000-character name in its bucket is counted once. Either way the Scheduler
+    lives on, and get_progress of the task is unaffected."""
     provider = RecordingProvider()
     schedulers.new(NODE, {NS: provider})
-    client.put(mgr.keys.root + b"progress/ns/t/" + b"1" * 5000 + b"/node-1", b"{}")
-    # The Scheduler lives on either way: a task added after the hostile key still starts.
-    task = mgr.add_task(NS, "after", nodes=[NODE])
-    wait_until(lambda: task.descriptor in provider.starts(), message="started after the key")
+    task = mgr.add_task(NS, "t", nodes=[NODE])
+    wait_until(lambda: task.descriptor in provider.starts(), message="started")
+    mgr.record_progress(NS, "t", task.version, NODE, 0.5)
+    client.put(mgr.keys.task_progress(NS, "t") + b"1" * 5000 + b"/node-1", b"{}")
+    client.put(mgr.keys.bucket(BUCKET) + b"ns/" + b"1" * 5000, b"{}")
+    # The Scheduler lives on: a task added after the hostile keys still starts.
+    after = mgr.add_task(NS, "after", nodes=[NODE])
+    wait_until(lambda: after.descriptor in provider.starts(), message="started after the keys")
     assert metric(registry, "distributedtask_watch_restarts_total", reason="error") == 0
     assert metric(registry, SKIPPED) == 1
+    assert list(mgr.get_progress(NS, "t", task.version)) == [NODE]
 
 
 # ---- text etcd cannot carry ---------------------------------------------------------------------
 
 UNDECODABLE = "cannot open /data/caf\udce9.txt"  # what os.fsdecode makes of a latin-1 file name
+STORED = "cannot open /data/caf?.txt"  # the lone surrogate replaced
 
 
 @pytest.mark.parametrize("call", ["failure", "progress"])
@@ -503,9 +747,10 @@ def test_an_error_message_with_a_lone_surrogate_is_stored_or_refused(
     if call == "failure":
         failed = mgr.get_task(NS, "t")
         assert failed is not None and failed.status is dt.TaskStatus.FAILED
-        assert failed.error is not None and "cannot open /data/caf" in failed.error
+        assert (failed.error, failed.failed_node) == (STORED, NODE)
     else:
-        assert list(mgr.get_progress(NS, "t", task.version)) == [NODE]
+        progress = mgr.get_progress(NS, "t", task.version)
+        assert list(progress) == [NODE] and progress[NODE].message == STORED
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
@@ -521,10 +766,10 @@ def test_a_task_failing_with_an_undecodable_message_becomes_failed(
     try:
         wait_until(
             lambda: mgr.get_task(NS, "t").status is dt.TaskStatus.FAILED,  # type: ignore[union-attr]
-            timeout=3.0,
             message="the run is failed",
         )
     finally:
         provider.join(5.0)
     failed = mgr.get_task(NS, "t")
     assert failed is not None and failed.version == task.version
+    assert (failed.error, failed.failed_node) == (STORED, NODE)

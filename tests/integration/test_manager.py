@@ -351,16 +351,22 @@ def _race_once(manager: dt.Manager, tid: str) -> str:
         th.start()
     for th in threads:
         th.join(30)
-    assert len(raised) == 1 and len(succeeded) == 1, (raised, succeeded)
     final = manager.get_task(NS, tid)
     assert final is not None
+    if sorted(succeeded) == ["cancel", "complete"]:
+        # The cancel landed between the completion and its finishing write: the cancel won,
+        # and the completion (whose own write counted) returned the cancelled run.
+        assert raised == [] and final.status is dt.TaskStatus.CANCELLED
+        assert final.finished_nodes == {"n1", "n2"}
+        return "CANCELLED (between)"
+    assert len(raised) == 1 and len(succeeded) == 1, (raised, succeeded)
     assert final.status.value == ("FINISHED" if succeeded == ["complete"] else "CANCELLED")
     return final.status.value
 
 
 def test_cancel_racing_the_last_completion_has_one_winner(manager: dt.Manager) -> None:
     outcomes = [_race_once(manager, f"race{i}") for i in range(10)]
-    assert set(outcomes) <= {"FINISHED", "CANCELLED"}
+    assert set(outcomes) <= {"FINISHED", "CANCELLED", "CANCELLED (between)"}
 
 
 def test_round_trips_per_operation(proxied_manager: dt.Manager, etcd_proxy: TcpProxy) -> None:

@@ -40,7 +40,7 @@ from distributedtask.keys import (
 K = Keys("/dt")
 PROPERTY = settings(max_examples=200, deadline=None, database=None)
 
-RESERVED = ["format", "cluster", "assign", "nodes", "done", "progress", "units"]
+RESERVED = ["format", "cluster", "assign", "nodes", "done", "attempts", "progress", "units"]
 LEGACY = ["tasks", "outcomes", "runs", "members"]  # the top-level names of the 0.1 layout
 
 
@@ -278,8 +278,9 @@ def test_kinds_never_share_a_range() -> None:
     for name, root in roots.items():
         for kind, key in samples.items():
             if name == "cluster":
-                # what every Scheduler watches: records, outcomes and members, nothing per node
-                expected = kind in ("task", "outcome", "member")
+                # what every Scheduler watches: records, outcomes, run states and members,
+                # nothing per node
+                expected = kind in ("task", "outcome", "state", "member")
             elif name.startswith("bucket "):
                 expected = name == f"bucket {bucket_of('c')}" and kind == "assign"
             else:

@@ -76,7 +76,8 @@ def task_dict(**changes: Any) -> dict[str, Any]:
 
 
 def test_task_status_members_and_values() -> None:
-    assert [s.value for s in TaskStatus] == ["STARTED", "FINISHED", "CANCELLED", "FAILED"]
+    assert [s.value for s in TaskStatus] == ["STARTED", "FINISHED", "CANCELLED", "FAILED", "PAUSED"]
+    assert [s.value for s in TaskStatus if s.terminal] == ["FINISHED", "CANCELLED", "FAILED"]
     for status in TaskStatus:
         assert status.name == status.value
         assert TaskStatus(status.value) is status
@@ -161,6 +162,9 @@ def test_task_fields_follow_the_contract() -> None:
         "nodes",
         "finished_nodes",
         "failed_node",
+        "policy",
+        "attempts",
+        "last_errors",
     ]
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "nested_txn",
     "put",
     "value_equals",
+    "version_less",
 ]
 
 Op = dict[str, Any]
@@ -111,6 +112,11 @@ def create_equals(key: bytes, revision: int, *, range_end: bytes | None = None) 
     if range_end is not None:
         body["range_end"] = b64(range_end)
     return body
+
+
+def version_less(key: bytes, version: int) -> Compare:
+    """The key's ``version`` (writes since its creation; 0 when absent) is below ``version``."""
+    return {"key": b64(key), "target": "VERSION", "result": "LESS", "version": version}
 
 
 def value_equals(key: bytes, value: bytes) -> Compare:

