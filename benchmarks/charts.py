@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 OURS = "#1f77b4"
 BASE = "#999999"
@@ -28,6 +29,8 @@ def draw(key: str, entry: dict[str, Any], directory: Path) -> Path:
         "idle": _idle,
         "scale": _scale,
         "client": _client,
+        "fanout": _fanout,
+        "widetask": _widetask,
     }[key]
     fig = drawer(entry)
     verdict = {True: "goal met", False: "goal missed", None: "no goal"}[entry.get("met")]
@@ -133,24 +136,27 @@ def _bars(ax: Axes, row: dict[str, Any], measured: str, baseline: str) -> None:
     ax.set_ylabel(row["unit"])
 
 
-def _idle(entry: dict[str, Any]) -> Any:
-    rows = [r for r in entry["rows"] if r["baseline"] is not None]
-    fig, axes = plt.subplots(1, len(rows), figsize=(3 * len(rows), 4))
+def _bar_rows(rows: list[dict[str, Any]], baseline: str, width: float = 3.0) -> Any:
+    """A pair of bars (ours, ``baseline``) for each row, its goal as a dashed line where it is a
+    bound ("< 5 s", "<= 1002")."""
+    fig, axes = plt.subplots(1, len(rows), figsize=(width * len(rows), 4))
     for ax, row in zip(axes, rows, strict=True):
-        _bars(ax, row, "ours", "polling 1 s")
+        _bars(ax, row, "ours", baseline)
+        goal = row.get("goal") or ""
+        if goal.startswith("<"):
+            ax.axhline(
+                float(goal.lstrip("<=").split()[0]), color=OTHER, linestyle="--", label="goal"
+            )
+            ax.legend(fontsize=8)
     return fig
+
+
+def _idle(entry: dict[str, Any]) -> Any:
+    return _bar_rows([r for r in entry["rows"] if r["baseline"] is not None], "polling 1 s")
 
 
 def _scale(entry: dict[str, Any]) -> Any:
-    rows = entry["rows"]
-    fig, axes = plt.subplots(1, len(rows), figsize=(3 * len(rows), 4))
-    for ax, row in zip(axes, rows, strict=True):
-        _bars(ax, row, "ours", "raw")
-        goal = row.get("goal") or ""
-        if goal.startswith("<"):  # "< 5 s", "< 150 MB"
-            ax.axhline(float(goal[1:].split()[0]), color=OTHER, linestyle="--", label="goal")
-            ax.legend(fontsize=8)
-    return fig
+    return _bar_rows(entry["rows"], "raw")
 
 
 def _client(entry: dict[str, Any]) -> Any:
@@ -164,6 +170,37 @@ def _client(entry: dict[str, Any]) -> Any:
     ax.set_xlabel("µs per round trip (range of one key)")
     ax.invert_yaxis()
     return fig
+
+
+def _fanout(entry: dict[str, Any]) -> Any:
+    data = entry["data"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.5))
+    ks: list[int] = data["k"]
+    panels = [
+        ("add_kB", "etcd kB sent per add", "goal: 2 x K ratio", lambda k: 2 * k / ks[0]),
+        ("progress_kB", "etcd kB sent per progress write", "goal: 2x", lambda k: 2.0),
+        ("start_ms", "ms from add until all K started", "goal: 10x", lambda k: 10.0),
+    ]
+    for ax, (name, label, goal, bound) in zip(axes, panels, strict=True):
+        ax.plot(ks, data[name], "o-", label="ours", color=OURS)
+        first = data[name][0]
+        ax.plot(ks, [first * bound(k) for k in ks], "--", label=goal, color=OTHER)
+        ax.plot(ks, [first * k / ks[0] for k in ks], ":", label="linear in K", color=BASE)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("K Schedulers, one task on all")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    return fig
+
+
+def _widetask(entry: dict[str, Any]) -> Any:
+    return _bar_rows(entry["rows"], "raw", width=3.6)
 
 
 def main() -> None:

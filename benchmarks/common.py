@@ -149,6 +149,16 @@ def say(message: str) -> None:
 # ---- the etcd under test, and clients of it ---------------------------------------------
 
 
+METRICS = (
+    "process_cpu_seconds_total",
+    "etcd_network_client_grpc_sent_bytes_total",
+    "etcd_network_client_grpc_received_bytes_total",
+    "etcd_debugging_mvcc_events_total",
+    "grpc_server_started_total",
+)
+"""The etcd metrics :meth:`Env.metrics` reads."""
+
+
 @dataclass
 class Env:
     """The etcd every case runs against, and the sizes of this run (quick or full)."""
@@ -175,19 +185,31 @@ class Env:
         return EtcdClient(endpoint or self.endpoint, timeout=10.0)
 
     def metrics(self) -> dict[str, float]:
-        """etcd's own counters (CPU, bytes to and from clients) from its metrics listener."""
+        """etcd's own counters from its metrics listener: CPU, bytes to and from clients (the
+        HTTP gateway's included: it is a gRPC client of etcd in the same process), watch events
+        delivered (one per key and watcher), and gRPC requests by method. A labelled series is
+        keyed as etcd prints it, e.g. ``grpc_server_started_total{grpc_method="Put",...}``; see
+        :func:`series_sum`."""
         text = requests.get(f"{self.server.metrics_url}/metrics", timeout=5).text
-        wanted = (
-            "process_cpu_seconds_total",
-            "etcd_network_client_grpc_sent_bytes_total",
-            "etcd_network_client_grpc_received_bytes_total",
-        )
         out: dict[str, float] = {}
         for line in text.splitlines():
             name, _, value = line.partition(" ")
-            if name in wanted:
+            if name.partition("{")[0] in METRICS:
                 out[name] = float(value)
         return out
+
+
+def series_sum(metrics: Mapping[str, float], name: str, **labels: str) -> float:
+    """The sum of the series of ``name`` in ``metrics`` (:meth:`Env.metrics`) that carry every
+    label given, e.g. ``series_sum(m, "grpc_server_started_total", grpc_type="unary")``: the
+    unary requests etcd has handled."""
+    wanted = [f'{label}="{value}"' for label, value in labels.items()]
+    total = 0.0
+    for series, value in metrics.items():
+        base, _, rest = series.partition("{")
+        if base == name and all(w in rest.rstrip("}").split(",") for w in wanted):
+            total += value
+    return total
 
 
 def host_port(endpoint: str) -> tuple[str, int]:

@@ -1,11 +1,14 @@
-"""One node of the propagation case, in a process of its own, as in a real cluster.
+"""Nodes of the propagation and fan-out cases, in a process of their own, as in a real cluster.
 
-``python -m benchmarks.node MODE --endpoint URL --prefix P --node ID [--tick S]`` where MODE is
-``scheduler`` (our Scheduler), ``poll`` (the polling baseline) or ``raw`` (a raw streaming
-watch of the prefix). It prints ``ready`` once it follows etcd, then one line per observation,
-``kind<TAB>key<TAB>node<TAB>perf_counter`` (kinds ``start``, ``stop``, ``raw``), and stops when
-its stdin closes. ``perf_counter`` is CLOCK_MONOTONIC on Linux, so the parent compares these
-times with its own. :class:`NodeProcess` is the parent's side.
+``python -m benchmarks.node MODE --endpoint URL --prefix P --node ID[,ID...] [--tick S]
+[--member-ttl S]`` where MODE is ``scheduler`` (our Scheduler), ``poll`` (the polling baseline)
+or ``raw`` (a raw streaming watch of the prefix). Each id is one node (its own client, provider
+and, for a Scheduler, its own CollectorRegistry), all in this process; the propagation case
+runs one node a process, the fan-out case many. It prints ``ready`` once every node follows
+etcd, then one line per observation, ``kind<TAB>key<TAB>node<TAB>perf_counter`` (kinds
+``start``, ``stop``, ``raw``), and stops its nodes when its stdin closes. ``perf_counter`` is
+CLOCK_MONOTONIC on Linux, so the parent compares these times with its own.
+:class:`NodeProcess` is the parent's side.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from benchmarks.baselines import PollingScheduler, RawWatcher, StampBook, StampProvider
 from benchmarks.common import NS
@@ -40,40 +46,43 @@ def main() -> None:
     parser.add_argument("mode", choices=("scheduler", "poll", "raw"))
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--prefix", required=True)
-    parser.add_argument("--node", required=True)
+    parser.add_argument("--node", required=True, help="a node id, or several, comma-separated")
     parser.add_argument("--tick", type=float, default=1.0)
+    parser.add_argument("--member-ttl", type=float, default=10.0)
     args = parser.parse_args()
     sink = _PrintSink()
-    stop: object
+    runners: list[Any] = []
+    try:
+        for node in args.node.split(","):
+            runners.append(_runner(args, node, sink))
+            runners[-1].start()
+        print("ready", flush=True)
+        sys.stdin.read()  # until the parent closes it
+    finally:
+        for runner in reversed(runners):
+            if not isinstance(runner, RawWatcher):  # its daemon thread ends with the process
+                runner.stop()
+
+
+def _runner(args: argparse.Namespace, node: str, sink: _PrintSink) -> Any:
+    """One node: a RawWatcher, a Scheduler or a PollingScheduler, not started yet."""
     if args.mode == "raw":
-        watcher = RawWatcher(args.endpoint, args.prefix.encode(), sink, args.node)
-        watcher.start()
-        stop = None
-    else:
-        from prometheus_client import CollectorRegistry
+        return RawWatcher(args.endpoint, args.prefix.encode(), sink, node)
+    from prometheus_client import CollectorRegistry
 
-        from distributedtask import EtcdClient, Manager, Scheduler
+    from distributedtask import EtcdClient, Manager, Scheduler
 
-        client = EtcdClient(args.endpoint, timeout=10.0)
-        manager = Manager(client, prefix=args.prefix)
-        provider = StampProvider(args.node, sink)
-        if args.mode == "scheduler":
-            runner: Scheduler | PollingScheduler = Scheduler(
-                manager,
-                node_id=args.node,
-                providers={NS: provider},
-                registry=CollectorRegistry(),
-            )
-        else:
-            runner = PollingScheduler(
-                manager, node_id=args.node, providers={NS: provider}, tick=args.tick
-            )
-        runner.start()
-        stop = runner
-    print("ready", flush=True)
-    sys.stdin.read()  # until the parent closes it
-    if stop is not None:
-        stop.stop()  # type: ignore[attr-defined]
+    manager = Manager(EtcdClient(args.endpoint, timeout=10.0), prefix=args.prefix)
+    provider = StampProvider(node, sink)
+    if args.mode == "poll":
+        return PollingScheduler(manager, node_id=node, providers={NS: provider}, tick=args.tick)
+    return Scheduler(
+        manager,
+        node_id=node,
+        providers={NS: provider},
+        registry=CollectorRegistry(),
+        member_ttl=timedelta(seconds=args.member_ttl),
+    )
 
 
 class NodeProcess:
@@ -88,6 +97,7 @@ class NodeProcess:
         node: str,
         book: StampBook,
         tick: float = 1.0,
+        member_ttl: float = 10.0,
     ) -> None:
         self.node = node
         self.mode = mode
@@ -107,6 +117,8 @@ class NodeProcess:
                 node,
                 "--tick",
                 str(tick),
+                "--member-ttl",
+                str(member_ttl),
             ],
             cwd=ROOT,
             stdin=subprocess.PIPE,
@@ -136,15 +148,27 @@ class NodeProcess:
         if not self._ready.wait(timeout) or self._proc.poll() is not None:
             raise RuntimeError(f"node {self.node} did not start (exit {self._proc.poll()})")
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def release(self) -> None:
+        """Tell the process to stop its nodes and exit (close its stdin); :meth:`stop` waits."""
         if self._proc.stdin is not None and not self._proc.stdin.closed:
             self._proc.stdin.close()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.release()
         try:
             self._proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
         self._reader.join(2)
+
+
+def stop_all(nodes: Sequence[NodeProcess], timeout: float = 15.0) -> None:
+    """Stop every process of ``nodes`` at once (each stops its nodes meanwhile) and wait."""
+    for node in nodes:
+        node.release()
+    for node in nodes:
+        node.stop(timeout)
 
 
 if __name__ == "__main__":

@@ -15,20 +15,26 @@ BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
 
 _PROPAGATION = (
-    "Missed: our write is a 4-put txn (its raw replay is ~1.2x a 1-key put) and takes ~1.1-1.3x "
-    "that txn through our Manager; each scheduler spends ~0.8 ms CPU per event (~3x a raw "
-    "watcher: two threads, a view) and 3 of them share 2 cores with etcd and the writer. "
-    "See Findings 1."
+    "Missed: all 3 Schedulers are deciders and, with the default node_loss_grace, each reads "
+    "the node list of every new run (a round trip per add) and walks every run of its view on "
+    "every watch response: ~3x the CPU per write of node_loss_grace=None. An add reaches a "
+    "Scheduler on two watch streams (record, assignment), the second ~0.7-0.9 ms after the "
+    "first. See Findings 1."
 )
 _LIST = (
-    "Missed: raw only JSON-decodes; we turn ~5 keys per task into a Task in pure Python "
-    "(P1, P2, P4 applied: 0.28 -> 0.33-0.45x). See Findings 2."
+    "Missed: raw only JSON-decodes; we decode 3 + N keys per task (record, outcome, node list, "
+    "a completion per node) into a Task in pure Python, ~80% of the call. See Findings 2."
 )
 _SINGLE = (
     "Missed on this run: within the +-0.15 run-to-run noise of this loaded machine; ours adds "
-    "decoding the returned task and a tenacity.Retrying per call (GIL-bound with 8 threads). "
-    "See Findings 3, P2/P7."
+    "encoding the records and building the returned Task (GIL-bound with 8 threads). "
+    "See Findings 3."
 )
+_FANOUT = (
+    "Missed: the rows of watch events say how far each write reached (layout 2: 2 per node and "
+    "add, the record and its bucket's assignment; none per progress write). See Findings 7."
+)
+_WIDE = "Missed: the note gives the requests sent, by path. See Findings 8."
 
 MISSED: list[tuple[str, str, str]] = [
     ("propagation", "add->start p50", _PROPAGATION),
@@ -36,6 +42,8 @@ MISSED: list[tuple[str, str, str]] = [
     ("throughput", "list", _LIST),
     ("throughput", "lowest ratio: list", _LIST),
     ("throughput", "", _SINGLE),
+    ("fanout", "", _FANOUT),
+    ("widetask", "", _WIDE),
 ]
 """``(case, row name prefix, reason)``: the first that matches a missed row is written next
 to it."""

@@ -5,8 +5,9 @@ line: ``seconds`` and ``cpu_seconds`` (of the timed part; CPU of every thread of
 ``rss_before_kb`` (after imports, before it),
 ``rss_after_kb`` and ``hwm_kb`` (peak resident) from ``/proc/self/status``. MODE is
 ``scheduler`` (a Scheduler's ``start()``, with a provider that does nothing) or ``raw`` (the
-baseline: the same ranges listed in one raw etcd3gw transaction, the decoded JSON kept).
-Both modes import the same modules first.
+baseline: the ranges that Scheduler lists, ``P/cluster/`` and ``P/assign/<its bucket>/``,
+in one raw etcd3gw transaction, the decoded JSON kept). Both modes import the same modules
+first.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from benchmarks.baselines import NoopProvider
 from benchmarks.common import NS, b64, range_end, raw_gateway
 from distributedtask import EtcdClient, Manager, Scheduler
+from distributedtask.keys import bucket_of
 
 
 def status_kb(field: str) -> int:
@@ -59,12 +61,10 @@ def main() -> None:
         scheduler.stop()
     else:
         gw = raw_gateway(args.endpoint)
-        members = manager.keys.all_members()
-        ranges = [*manager.list_ranges(), (members, range_end(members))]
         body = {
             "success": [
-                {"request_range": {"key": b64(start), "range_end": b64(end)}}
-                for start, end in ranges
+                {"request_range": {"key": b64(start), "range_end": b64(range_end(start))}}
+                for start in (manager.keys.cluster, manager.keys.bucket(bucket_of(args.node)))
             ]
         }
         out["rss_before_kb"] = status_kb("VmRSS")

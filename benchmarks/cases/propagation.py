@@ -71,6 +71,9 @@ def run(env: Env) -> CaseResult:
     revisions: dict[int, int] = {}
     try:
         manager = Manager(admin, prefix=prefix)
+        # The replay's prefix holds the layout marker, as ours does once a Scheduler started
+        # on it: the add compares it, so the replay takes the branch ours took.
+        Manager(admin, prefix=raw_root).ensure_format()
         say("propagation: starting 3 scheduler processes and 3 raw watch processes")
         for node in NODES:
             nodes.append(
@@ -169,6 +172,7 @@ def run(env: Env) -> CaseResult:
             )
         _start(nodes)
         poll_manager = Manager(admin, prefix=poll_prefix)
+        poll_manager.ensure_format()  # a prefix in use: no add below writes the marker
         poll_count = env.size(200, 15)
         gap = env.seconds(0.06, 0.1)
         say(f"propagation: polling scheduler, tick {tick:g}s, {poll_count} tasks")

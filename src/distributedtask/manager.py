@@ -374,9 +374,10 @@ class Manager:
 
         ``nodes=None`` assigns the run to the nodes whose live Scheduler serves ``namespace``
         now. ``policy`` says how the run is retried and bounded (default: one attempt, no
-        deadline: the behaviour and JSON of a plain task). A terminal run of the same id is replaced, with a higher version. There is no
-        fixed bound on the number of nodes; the add must fit in one etcd request (by default
-        1.5 MiB: the payload plus twice the node ids).
+        deadline: the behaviour and JSON of a plain task). A terminal run of the same id is
+        replaced, with a higher version. There is no fixed bound on the number of nodes; the
+        add must fit in one etcd request (by default 1.5 MiB: the payload plus twice the node
+        ids).
 
         Raises :class:`InvalidTaskError` (nothing written), :class:`NoEligibleNodesError`,
         :class:`TaskAlreadyRunningError`, :class:`StorageFormatError`, :class:`EtcdError`.
@@ -834,9 +835,9 @@ class Manager:
                 return changed.task
             if result.ambiguous:
                 current = self._read_run(namespace, task_id)
-                if current is not None and current.state is not None:
-                    if current.state.token == state.token:
-                        return current.task  # our write, whose response was lost
+                now_state = None if current is None else current.state
+                if current is not None and now_state is not None and now_state.token == state.token:
+                    return current.task  # our write, whose response was lost
         raise EtcdError(  # pragma: no cover - a livelock against other writers
             f"could not change task {namespace}/{task_id}: it kept changing under us"
         )
