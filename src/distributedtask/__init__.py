@@ -19,7 +19,7 @@ from .exceptions import (
     TaskTooFreshError,
 )
 from .manager import Manager
-from .model import Progress, Task, TaskDescriptor, TaskStatus
+from .model import Progress, RunPolicy, Task, TaskDescriptor, TaskStatus
 from .provider import (
     Provider,
     TaskCompletionRecorder,
@@ -41,6 +41,7 @@ __all__ = [
     "NoEligibleNodesError",
     "Progress",
     "Provider",
+    "RunPolicy",
     "Scheduler",
     "StorageFormatError",
     "Task",

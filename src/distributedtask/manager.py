@@ -150,6 +150,17 @@ class KnownRun:
     nodes: frozenset[str]
 
 
+@dataclass(frozen=True)
+class NodeReport:
+    """What one node recorded of a run: completed, and its failed attempts so far (the
+    latest message and when)."""
+
+    done: bool
+    attempts: int = 0
+    error: str = ""
+    at: datetime | None = None
+
+
 class _RunCache:
     """Least-recently-used :class:`KnownRun` by ``(namespace, id, version)``, bounded in entries
     and payload bytes. Thread-safe."""
@@ -644,24 +655,56 @@ class Manager:
         self, node_id: str, runs: Iterable[tuple[str, str, int]]
     ) -> set[tuple[str, str, int]]:
         """Which of ``runs`` ``node_id`` has completed: a read of that node's completion keys,
-        128 to a transaction. Raises :class:`EtcdError`."""
+        64 runs to a transaction. Raises :class:`EtcdError`."""
+        return {run for run, report in self.node_reports(node_id, runs).items() if report.done}
+
+    def node_reports(
+        self, node_id: str, runs: Iterable[tuple[str, str, int]]
+    ) -> dict[tuple[str, str, int], NodeReport]:
+        """What ``node_id`` recorded of each of ``runs``: its completion and failed attempts —
+        a read of that node's own keys, 64 runs to a transaction (runs it never reported on
+        are absent). Unreadable values are skipped (logged, counted). Raises
+        :class:`EtcdError`."""
         wanted = list(runs)
-        ops = [t.get(self.keys.done(ns, tid, node_id)) for ns, tid, _ in wanted]
-        out: set[tuple[str, str, int]] = set()
-        for start in range(0, len(ops), t.MAX_TXN_OPS):
-            batch = ops[start : start + t.MAX_TXN_OPS]
-            result = self.client.txn(success=batch)
-            for index in range(len(batch)):
-                kv = result.range(index).first()
-                run = wanted[start + index]
-                if kv is None:
-                    continue
-                try:
-                    if DoneRecord.decode(kv.value).version == run[2]:
-                        out.add(run)
-                except CorruptRecordError as exc:
-                    self._skip(kv.key, exc)
+        per_txn = t.MAX_TXN_OPS // 2
+        out: dict[tuple[str, str, int], NodeReport] = {}
+        for start in range(0, len(wanted), per_txn):
+            batch = wanted[start : start + per_txn]
+            ops = [
+                op
+                for ns, tid, _ in batch
+                for op in (
+                    t.get(self.keys.done(ns, tid, node_id)),
+                    t.get(self.keys.attempt(ns, tid, node_id)),
+                )
+            ]
+            result = self.client.txn(success=ops)
+            for index, run in enumerate(batch):
+                report = self._report(run, result.range(2 * index), result.range(2 * index + 1))
+                if report is not None:
+                    out[run] = report
         return out
+
+    def _report(
+        self, run: tuple[str, str, int], done: t.RangeResult, attempt: t.RangeResult
+    ) -> NodeReport | None:
+        done_kv, attempt_kv = done.first(), attempt.first()
+        completed = False
+        if done_kv is not None:
+            try:
+                completed = DoneRecord.decode(done_kv.value).version == run[2]
+            except CorruptRecordError as exc:
+                self._skip(done_kv.key, exc)
+        failures, error, at = 0, "", None
+        if attempt_kv is not None:
+            try:
+                record = AttemptRecord.decode(attempt_kv.value)
+                failures, error, at = attempt_kv.version, record.error, record.at
+            except CorruptRecordError as exc:
+                self._skip(attempt_kv.key, exc)
+        if not completed and not failures:
+            return None
+        return NodeReport(completed, failures, error, at)
 
     def node_lists(
         self, runs: Iterable[tuple[str, str, int]]

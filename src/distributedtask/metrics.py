@@ -21,6 +21,10 @@ distributedtask_skipped_records_total                      counter
 distributedtask_members                                    gauge
 distributedtask_record_retries_total                       counter    operation
 distributedtask_watch_events_total                         counter    range
+distributedtask_retries_total                              counter    namespace
+distributedtask_deadline_failures_total                    counter    namespace
+distributedtask_pauses_total                               counter    namespace
+distributedtask_oldest_pause_timestamp_seconds             gauge      namespace
 =========================================================  =========  =======================
 
 prometheus-client collectors are thread-safe; so is this module.
@@ -53,6 +57,10 @@ METRIC_NAMES = (
     "distributedtask_members",
     "distributedtask_record_retries_total",
     "distributedtask_watch_events_total",
+    "distributedtask_retries_total",
+    "distributedtask_deadline_failures_total",
+    "distributedtask_pauses_total",
+    "distributedtask_oldest_pause_timestamp_seconds",
 )
 
 
@@ -140,6 +148,31 @@ class Metrics:
             registry=registry,
         )
 
+        self.retries = Counter(
+            "distributedtask_retries_total",
+            "Failed attempts of this node that its run policy retries",
+            ns,
+            registry=registry,
+        )
+        self.deadline_failures = Counter(
+            "distributedtask_deadline_failures_total",
+            "Runs this node marked FAILED because their deadline passed",
+            ns,
+            registry=registry,
+        )
+        self.pauses = Counter(
+            "distributedtask_pauses_total",
+            "Runs this node terminated because their task was paused",
+            ns,
+            registry=registry,
+        )
+        self.oldest_pause = Gauge(
+            "distributedtask_oldest_pause_timestamp_seconds",
+            "When the longest-paused task of the namespace was paused (Unix time; 0: none)",
+            ns,
+            registry=registry,
+        )
+
     def touch(self, namespaces: Iterable[str]) -> None:
         """Create every labelled series of these namespaces at 0.
 
@@ -152,9 +185,13 @@ class Metrics:
                 self.task_terminations,
                 self.local_cleanups,
                 self.node_loss_failures,
+                self.retries,
+                self.deadline_failures,
+                self.pauses,
             ):
                 counter.labels(namespace=namespace)
             self.tasks_running.labels(namespace=namespace)
+            self.oldest_pause.labels(namespace=namespace)
             self.start_latency.labels(namespace=namespace)
             for operation in PROVIDER_OPERATIONS:
                 self.provider_errors.labels(namespace=namespace, operation=operation)

@@ -92,6 +92,12 @@ class TaskContext:
         self.state_dir = state_dir
         self._recorder = recorder
 
+    @property
+    def attempt(self) -> int:
+        """Which attempt of this run on this node this is: 1, then 2 after a failure its run
+        policy retries, and so on (the Scheduler hands a provider this node's attempts)."""
+        return 1 + max(self.task.attempts.values(), default=0)
+
     def progress(self, fraction: float, message: str = "") -> None:
         """Report progress in [0, 1]; throttled, best effort, never raises."""
         if self._recorder is not None:

@@ -16,7 +16,7 @@ import math
 import random
 from dataclasses import dataclass
 
-__all__ = ["Backoff"]
+__all__ = ["Backoff", "jittered"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,3 +50,10 @@ class Backoff:
     def delay(self, attempt: int) -> float:
         """A random delay in ``[0, window(attempt)]``, in seconds."""
         return random.uniform(0.0, self.window(attempt))
+
+
+def jittered(seconds: float, spread: float = 0.1) -> float:
+    """``seconds`` moved at random by up to ``spread`` of itself either way: a delay that is
+    meant to be waited (a run policy's retry backoff), spread so that nodes failing together
+    do not retry together."""
+    return max(0.0, seconds * random.uniform(1.0 - spread, 1.0 + spread))

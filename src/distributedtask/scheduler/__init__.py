@@ -56,7 +56,7 @@ from datetime import datetime, timedelta
 from prometheus_client import CollectorRegistry
 
 from .._threads import stop_and_join
-from ..etcd.backoff import Backoff
+from ..etcd.backoff import Backoff, jittered
 from ..etcd.lease import LeaseKeeper
 from ..etcd.watch import Changes, RestartReason, ResumableWatch, Snapshot
 from ..exceptions import (
@@ -67,9 +67,9 @@ from ..exceptions import (
     TaskTooFreshError,
 )
 from ..keys import bucket_of, prefix_range_end
-from ..manager import Manager
+from ..manager import Manager, NodeReport
 from ..metrics import Metrics, metrics_for
-from ..model import TaskDescriptor, validate_name
+from ..model import RunPolicy, TaskDescriptor, TaskStatus, validate_name
 from ..provider import Provider, TaskHandle
 from ..records import MemberRecord
 from .calls import ProviderCalls
@@ -161,6 +161,7 @@ class Scheduler:
         self._loss = NodeLoss(None if node_loss_grace is None else node_loss_grace.total_seconds())
         self._skipped_keys: set[bytes] = set()
         self._ttl_armed: set[RunKey] = set()
+        self._deadline_armed: set[tuple[TaskId, int, int]] = set()  # (id, version, state rev)
         self._recorder = NodeRecorder(
             manager,
             self.node_id,
@@ -168,6 +169,7 @@ class Scheduler:
             log=self.log,
             lookup=self._lookup,
             on_recorded=self._on_recorded,
+            on_retry=self._on_retry,
             schedule=self._schedule,
             backoff=self.RETRY_BACKOFF,
             clock=clock,
@@ -177,6 +179,9 @@ class Scheduler:
         self._running: dict[TaskId, _Running] = {}
         self._local: dict[str, set[TaskDescriptor]] = {ns: set() for ns in self.providers}
         self._done_here: dict[TaskId, int] = {}  # the runs this node's completion keys name
+        self._attempts_here: dict[TaskId, tuple[int, int, str]] = {}  # version, count, error
+        self._backing_off: dict[TaskId, int] = {}  # runs waiting for their next attempt
+        self._retried: list[tuple[RunKey, int, str]] = []  # from the recorder, under the lock
         self._done_checked: dict[TaskId, int] = {}  # ... as far as read since the last snapshot
         self._recheck_done = False  # set by a snapshot: read this node's completions again
         self._first_check = True
@@ -280,6 +285,13 @@ class Scheduler:
         if self._lease is not None:
             self._lease.stop()
 
+    def check_timers(self) -> None:
+        """Look at the timers now. The worker sleeps until the earliest timer is due by the
+        clock's own reckoning; with an injected ``clock`` that a test moves forward, call this
+        after moving it."""
+        with self._wake:
+            self._wake.notify_all()
+
     def running(self) -> dict[str, set[TaskDescriptor]]:
         """The runs this node has started and not terminated, by namespace."""
         with self._lock:
@@ -333,6 +345,9 @@ class Scheduler:
             run = self._view.run(task_id)
             if run is not None and run.outcome is not None:
                 self._arm_ttl(run)
+            elif run is not None and run.status is TaskStatus.STARTED:
+                self._arm_deadline(run)
+        self._publish_pauses()
         self._dirty |= touched
         self._decide = True
         self.metrics.members.set(len(self._view.members))
@@ -348,6 +363,38 @@ class Scheduler:
         self._add_timer(
             max(0.0, delay) + 0.005, TimerKind.TTL, task_id=key[:2], version=run.version
         )
+
+    def _arm_deadline(self, run: ViewRun) -> None:
+        """Caller holds the lock. One timer per (run, run state): a pause or resume moves the
+        state's revision, and the new state arms anew."""
+        deadline = run.record.policy.deadline
+        if deadline is None:
+            return
+        key = ((run.namespace, run.task_id), run.version, run.state_revision)
+        if key in self._deadline_armed:
+            return
+        self._deadline_armed.add(key)
+        paused = timedelta(milliseconds=0 if run.state is None else run.state.paused_ms)
+        due = run.record.started_at + deadline + paused
+        self._add_timer(
+            max(0.0, (due - self.manager.now()).total_seconds()) + 0.005,
+            TimerKind.DEADLINE,
+            task_id=key[0],
+            version=run.version,
+            attempt=run.state_revision,
+        )
+
+    def _publish_pauses(self) -> None:
+        """Caller holds the lock: the oldest pause start per namespace (0 when none)."""
+        oldest: dict[str, float] = {}
+        for (namespace, task_id), (_, state) in self._view.states.items():
+            run = self._view.run((namespace, task_id))
+            if state.paused_since is None or run is None or run.outcome is not None:
+                continue
+            since = state.paused_since.timestamp()
+            oldest[namespace] = min(oldest.get(namespace, since), since)
+        for namespace in self.providers:
+            self.metrics.oldest_pause.labels(namespace=namespace).set(oldest.get(namespace, 0))
 
     def _skip(self, key: bytes, exc: Exception) -> None:
         if key not in self._skipped_keys:
@@ -381,6 +428,23 @@ class Scheduler:
             self._dirty.add(run[:2])
             self._wake.notify_all()
 
+    def _on_retry(self, run: RunKey, attempts: int, error: str, policy: RunPolicy) -> None:
+        """A failure of ``run`` here was counted with attempts left: start it again after
+        the backoff (any thread)."""
+        self.metrics.retries.labels(namespace=run[0]).inc()
+        delay = jittered(policy.backoff(attempts).total_seconds())
+        self.log.info(
+            "%s/%s v%d failed (attempt %d of %d): %s; again in %.1fs",
+            *run,
+            attempts,
+            policy.max_attempts,
+            error,
+            delay,
+        )
+        with self._lock:
+            self._retried.append((run, attempts, error))
+            self._add_timer(delay, TimerKind.NEXT_ATTEMPT, task_id=run[:2], version=run[2])
+
     # ---- the worker thread ----------------------------------------------------------------
 
     def _work(self) -> None:
@@ -410,6 +474,10 @@ class Scheduler:
         elif kind is TimerKind.RETRY:
             with self._lock:
                 self._dirty.add(timer.task_id)
+        elif kind is TimerKind.NEXT_ATTEMPT:
+            self._next_attempt(timer)
+        elif kind is TimerKind.DEADLINE:
+            self._deadline(timer)
         elif kind is TimerKind.PROGRESS:
             self._recorder.flush_progress(timer.run)
         elif kind is TimerKind.RECORD:
@@ -451,6 +519,54 @@ class Scheduler:
                     version=key[2],
                     attempt=timer.attempt + 1,
                 )
+
+    def _next_attempt(self, timer: Timer) -> None:
+        """The backoff of a failed attempt is over: the run may start here again."""
+        self._backing_off.pop(timer.task_id, None)
+        self._recorder.forget_record(timer.run)
+        with self._lock:
+            self._dirty.add(timer.task_id)
+
+    def _deadline(self, timer: Timer) -> None:
+        key = (timer.task_id, timer.version, timer.attempt)
+        with self._lock:
+            run = self._view.run(timer.task_id)
+            current = (
+                run is not None
+                and run.version == timer.version
+                and run.state_revision == timer.attempt
+                and run.status is TaskStatus.STARTED
+            )
+            if not current:
+                self._deadline_armed.discard(key)
+                return
+            if not self._is_decider():  # look again later, in case the deciders are gone
+                self._add_timer(
+                    3 * self.member_ttl.total_seconds(),
+                    TimerKind.DEADLINE,
+                    task_id=timer.task_id,
+                    version=timer.version,
+                    attempt=timer.attempt,
+                )
+                return
+            assert run is not None and run.record.policy.deadline is not None
+            deadline = run.record.policy.deadline.total_seconds()
+        try:
+            ended = self.manager.fail_deadline(*timer.run, timer.attempt, deadline)
+        except EtcdError as exc:
+            self.log.info("deadline of %s/%s: %s; retrying", *timer.task_id, exc)
+            with self._lock:
+                self._add_timer(
+                    self.RETRY_BACKOFF.delay(3),
+                    TimerKind.DEADLINE,
+                    task_id=timer.task_id,
+                    version=timer.version,
+                    attempt=timer.attempt,
+                )
+            return
+        if ended is not None:
+            self.metrics.deadline_failures.labels(namespace=timer.task_id[0]).inc()
+            self.log.warning("failed %s/%s v%d: %s", *timer.run, ended.error)
 
     # ---- node loss (deciders) -------------------------------------------------------------
 
@@ -507,6 +623,9 @@ class Scheduler:
 
     def _reconcile_pending(self) -> None:
         with self._lock:
+            for run, count, error in self._retried:
+                self._attempts_here[run[:2]] = (run[2], count, error)
+            self._retried.clear()
             full, self._full_reconcile = self._full_reconcile, False
             dirty = {key for key in self._dirty if key[0] in self.providers}
             self._dirty = set()
@@ -567,7 +686,7 @@ class Scheduler:
         if not unknown:
             return True
         try:
-            done = self.manager.completed_by(self.node_id, unknown)
+            reports = self.manager.node_reports(self.node_id, unknown)
         except EtcdError as exc:
             self.log.info("could not read this node's completions (%s); retrying", exc)
             with self._lock:
@@ -575,17 +694,37 @@ class Scheduler:
                 self._add_timer(self.RETRY_BACKOFF.delay(3), TimerKind.RETRY)
             return False
         self._done_checked.update(((ns, tid), version) for ns, tid, version in unknown)
-        self._done_here.update(((ns, tid), version) for ns, tid, version in done)
-        if self._first_check:  # after a restart: finish what this node's crash left undone
-            for key in sorted(done):
-                self.manager.finish_if_complete(*key)
+        for (ns, tid, version), report in sorted(reports.items()):
+            if report.done:
+                self._done_here[(ns, tid)] = version
+                if self._first_check:  # after a restart: finish what a crash left undone
+                    self.manager.finish_if_complete(ns, tid, version)
+            elif report.attempts:
+                self._resume_backoff((ns, tid, version), report, runs[(ns, tid)])
         self._first_check = False
         return True
 
+    def _resume_backoff(self, run: RunKey, report: NodeReport, view_run: ViewRun | None) -> None:
+        """A run this node failed before (this process or an earlier one): it starts again
+        once the backoff of its last failed attempt is over."""
+        self._attempts_here[run[:2]] = (run[2], report.attempts, report.error)
+        if view_run is None or report.at is None or run[:2] in self._backing_off:
+            return
+        policy = view_run.record.policy
+        due = report.at + policy.backoff(report.attempts)
+        left = (due - self.manager.now()).total_seconds()
+        if left > 0:
+            self._backing_off[run[:2]] = run[2]
+            with self._lock:
+                self._add_timer(left, TimerKind.NEXT_ATTEMPT, task_id=run[:2], version=run[2])
+
     def _wanted(self, run: ViewRun | None) -> bool:
-        if run is None or not self._assigned_here(run):
+        if run is None or not self._assigned_here(run) or run.status is not TaskStatus.STARTED:
             return False
-        if self._done_here.get((run.namespace, run.task_id)) == run.version:
+        task_id = (run.namespace, run.task_id)
+        if self._done_here.get(task_id) == run.version:
+            return False
+        if self._backing_off.get(task_id) == run.version:
             return False
         return not self._recorder.recorded((run.namespace, run.task_id, run.version))
 
@@ -594,8 +733,11 @@ class Scheduler:
         if namespace not in self.providers:
             return
         ok = True
-        if run is None or self._done_here.get(task_id, run.version) != run.version:
-            self._done_here.pop(task_id, None)
+        if run is None:
+            for known in (self._done_here, self._attempts_here, self._backing_off):
+                known.pop(task_id, None)
+        else:
+            self._forget_other_versions(task_id, run.version)
         running = self._running.get(task_id)
         wanted = self._wanted(run)
         # 1. terminate a handle whose run is no longer wanted here
@@ -603,6 +745,8 @@ class Scheduler:
         if running is not None and not keep:
             if self._terminate(namespace, tid, running, count=True):
                 del self._running[task_id]
+                if run is not None and run.status is TaskStatus.PAUSED:
+                    self.metrics.pauses.labels(namespace=namespace).inc()
             else:
                 ok = False
         # 2. clean up local state of runs that are no longer the current one in the cluster
@@ -623,7 +767,9 @@ class Scheduler:
                 ok = False
         # 3. start a run that should run here
         if wanted and run is not None and task_id not in self._running:
-            task = run.task()
+            attempts = self._attempts_here.get(task_id)
+            own = {} if attempts is None else {self.node_id: attempts[1:]}
+            task = run.task(own)
             handle = self._calls.start(task)
             if handle is not None:
                 self._running[task_id] = _Running(run.version, handle)
@@ -640,6 +786,14 @@ class Scheduler:
             attempt = self._attempts[task_id] = self._attempts.get(task_id, 0) + 1
             with self._lock:
                 self._add_timer(self.RETRY_BACKOFF.delay(attempt), TimerKind.RETRY, task_id=task_id)
+
+    def _forget_other_versions(self, task_id: TaskId, version: int) -> None:
+        for known in (self._done_here, self._backing_off):
+            if known.get(task_id, version) != version:
+                del known[task_id]
+        attempts = self._attempts_here.get(task_id)
+        if attempts is not None and attempts[0] != version:
+            del self._attempts_here[task_id]
 
     def _terminate(self, namespace: str, task_id: str, running: _Running, *, count: bool) -> bool:
         if not self._calls.terminate(namespace, task_id, running.handle):

@@ -5,7 +5,8 @@ gives its providers, bound to its node.
   etcd cannot take them (:class:`~distributedtask.exceptions.EtcdError`) they go to an outbox
   and are sent again, with backoff, from the Scheduler's timers, until taken or moot (the run
   ended or was replaced). A run this node has recorded is never started again here, even before
-  etcd confirms it (:meth:`NodeRecorder.recorded`).
+  etcd confirms it (:meth:`NodeRecorder.recorded`) — unless its run policy retries the failure
+  it recorded: ``on_retry`` tells the Scheduler, which starts it again after the backoff.
 - ``record_progress`` is throttled to one write a second per run; the last value is always
   written (by a timer, and before the run's completion or failure).
 - Writes use what the Scheduler's view knows of the run (its record), so a completion is one
@@ -33,6 +34,7 @@ from ..exceptions import (
 )
 from ..manager import KnownRun, Manager
 from ..metrics import Metrics
+from ..model import RunPolicy
 from .timers import Clock, TimerKind
 from .view import ViewRun
 
@@ -78,6 +80,7 @@ class NodeRecorder:
         log: logging.Logger,
         lookup: Callable[[RunKey], ViewRun | None],
         on_recorded: Callable[[RunKey], None],
+        on_retry: Callable[[RunKey, int, str, RunPolicy], None],
         schedule: Callable[[float, TimerKind, RunKey, int], None],
         backoff: Backoff,
         clock: Clock,
@@ -88,6 +91,7 @@ class NodeRecorder:
         self._log = log
         self._lookup = lookup
         self._on_recorded = on_recorded
+        self._on_retry = on_retry
         self._schedule = schedule
         self._backoff = backoff
         self._clock = clock
@@ -126,6 +130,12 @@ class NodeRecorder:
         """Whether this node recorded ``run`` (so it must not start it again)."""
         with self._lock:
             return run in self._recorded
+
+    def forget_record(self, run: RunKey) -> None:
+        """Let ``run`` be started here again: its failed attempt was counted and its
+        backoff is over."""
+        with self._lock:
+            self._recorded.discard(run)
 
     def forget(self, run: RunKey) -> None:
         """Drop what is kept about ``run`` (its local state was cleaned up)."""
@@ -195,10 +205,24 @@ class NodeRecorder:
                     manager.record_node_completion(namespace, task_id, version, node)
                 else:
                     manager.complete(namespace, task_id, version, node, known)
-            elif known is None:
-                manager.record_node_failure(namespace, task_id, version, node, record.error)
             else:
-                manager.fail(namespace, task_id, version, node, record.error)
+                if known is None:
+                    after = manager.record_node_failure(
+                        namespace, task_id, version, node, record.error
+                    )
+                else:
+                    after = manager.fail(
+                        namespace,
+                        task_id,
+                        version,
+                        node,
+                        record.error,
+                        max_attempts=known.record.policy.max_attempts,
+                    )
+                if not after.status.terminal:  # counted, with attempts left: a retry
+                    self._on_retry(
+                        record.run, after.attempts.get(node, 0), record.error, after.policy
+                    )
         except (TaskNotFoundError, TaskNotRunningError) as exc:
             self._log.info("record %s of %s/%s v%d: %s", record.kind.value, *record.run, exc)
         except InvalidTaskError as exc:

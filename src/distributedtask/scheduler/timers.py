@@ -32,6 +32,8 @@ class TimerKind(enum.Enum):
     TTL = "ttl"  # remove a terminal run from the cluster after the TTL
     NODE_LOSS = "node-loss"  # fail the runs still waiting for a node gone for the grace
     RETRY = "retry"  # reconcile a run again after a provider call failed
+    NEXT_ATTEMPT = "next-attempt"  # a failed attempt's backoff is over: start the run again
+    DEADLINE = "deadline"  # fail a run STARTED for longer than its policy's deadline
     PROGRESS = "progress"  # write the throttled progress of a run
     RECORD = "record"  # send again a completion or failure etcd could not take
     LOCAL_TASKS = "local-tasks"  # list the providers' local runs again after a failure

@@ -18,16 +18,16 @@ reported to ``on_skip`` and treated as absent.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..etcd import txn as t
 from ..etcd.watch import Changes, Snapshot
 from ..exceptions import CorruptRecordError
-from ..keys import AssignKey, Keys, MemberKey, OutcomeKey, TaskKey
-from ..model import Task, TaskStatus
-from ..readmodel import build_task, status_of
-from ..records import MemberRecord, NodeList, OutcomeRecord, TaskRecord
+from ..keys import AssignKey, Keys, MemberKey, OutcomeKey, StateKey, TaskKey
+from ..model import FrozenMap, Task, TaskStatus
+from ..readmodel import Attempts, build_task, status_of
+from ..records import MemberRecord, NodeList, OutcomeRecord, RunState, TaskRecord
 
 __all__ = ["ClusterView", "ViewRun"]
 
@@ -38,7 +38,8 @@ SkipHandler = Callable[[bytes, Exception], None]
 @dataclass(frozen=True)
 class ViewRun:
     """The current run of an id as this node sees it; ``assigned`` are the nodes of this
-    node's bucket that must run it (empty when none, or not known yet)."""
+    node's bucket that must run it (empty when none, or not known yet); ``state`` its run
+    state (paused or not) and ``state_revision`` that key's ``mod_revision`` (0: none)."""
 
     namespace: str
     task_id: str
@@ -46,14 +47,18 @@ class ViewRun:
     record: TaskRecord
     outcome: OutcomeRecord | None
     assigned: frozenset[str]
+    state: RunState | None = None
+    state_revision: int = 0
 
     @property
     def status(self) -> TaskStatus:
-        return status_of(self.outcome)
+        return status_of(self.outcome, self.state)
 
-    def task(self) -> Task:
+    def task(self, attempts: Mapping[str, tuple[int, str]] | None = None) -> Task:
         """The run as handed to a provider: ``nodes`` are the nodes of this node's bucket
-        (the full list is ``Manager.get_task``'s), ``finished_nodes`` empty."""
+        (the full list is ``Manager.get_task``'s), ``finished_nodes`` empty, ``attempts`` and
+        ``last_errors`` what this node knows: its own."""
+        items = [(node, count, error) for node, (count, error) in (attempts or {}).items()]
         return build_task(
             self.namespace,
             self.task_id,
@@ -62,6 +67,8 @@ class ViewRun:
             self.assigned,
             (),
             self.outcome,
+            self.state,
+            Attempts.of(items) if items else Attempts(FrozenMap(), FrozenMap()),
         )
 
 
@@ -79,6 +86,7 @@ class ClusterView:
     on_skip: SkipHandler
     records: dict[TaskId, _Record] = field(default_factory=dict)
     outcomes: dict[TaskId, OutcomeRecord] = field(default_factory=dict)
+    states: dict[TaskId, tuple[int, RunState]] = field(default_factory=dict)
     assignments: dict[TaskId, tuple[int, frozenset[str]]] = field(default_factory=dict)
     members: dict[str, MemberRecord] = field(default_factory=dict)
     born: dict[TaskId, int] = field(default_factory=dict)
@@ -91,9 +99,10 @@ class ClusterView:
         """Apply a batch of the ``P/cluster/`` watch; returns the ids it touched."""
         touched: set[TaskId] = set()
         if isinstance(batch, Snapshot):
-            touched = set(self.records) | set(self.outcomes)
+            touched = set(self.records) | set(self.outcomes) | set(self.states)
             self.records.clear()
             self.outcomes.clear()
+            self.states.clear()
             self.members.clear()
             self.born.clear()
             for kv in batch.kvs:
@@ -144,6 +153,15 @@ class ClusterView:
                 except CorruptRecordError as exc:
                     self.on_skip(kv.key, exc)
             return set()
+        if isinstance(parsed, StateKey):
+            task_id = (parsed.namespace, parsed.task_id)
+            self.states.pop(task_id, None)
+            if not deleted:
+                try:
+                    self.states[task_id] = (kv.mod_revision, RunState.decode(kv.value))
+                except CorruptRecordError as exc:
+                    self.on_skip(kv.key, exc)
+            return {task_id}
         if not isinstance(parsed, (TaskKey, OutcomeKey)):
             self.on_skip(kv.key, CorruptRecordError("not a key of ours"))
             return set()
@@ -178,6 +196,7 @@ class ClusterView:
         assigned: frozenset[str] = frozenset()
         if assignment is not None and assignment[0] == stored.mod_revision:
             assigned = assignment[1]
+        state_revision, state = self.states.get(task_id, (0, None))
         return ViewRun(
             task_id[0],
             task_id[1],
@@ -185,6 +204,8 @@ class ClusterView:
             stored.record,
             self.outcomes.get(task_id),
             assigned,
+            state,
+            state_revision,
         )
 
     def runs(self) -> list[ViewRun]:
@@ -192,8 +213,8 @@ class ClusterView:
         return [run for task_id in self.records if (run := self.run(task_id)) is not None]
 
     def started(self) -> list[ViewRun]:
-        """Every STARTED run."""
-        return [run for run in self.runs() if run.outcome is None]
+        """Every STARTED run (not PAUSED, not ended)."""
+        return [run for run in self.runs() if run.status is TaskStatus.STARTED]
 
     def deciders(self, count: int = 3) -> list[str]:
         """The live members that act for the cluster (TTL clean-up, node loss): the first
