@@ -89,7 +89,7 @@ from .model import (
     truncate_ms,
     validate_name,
 )
-from .readmodel import ReadModel, Run, build_task
+from .readmodel import Attempts, ReadModel, Run, build_task
 from .records import (
     FORMAT_MARKER,
     AttemptRecord,
@@ -598,6 +598,7 @@ class Manager:
             success=[
                 t.put(done_key, DoneRecord(version, self.now(), token).encode()),
                 t.get_prefix(self.keys.task_done(namespace, task_id), keys_only=True),
+                *self._extras_reads(namespace, task_id),
             ],
             failure=self._explain_reads(namespace, task_id, node_id),
         )
@@ -606,7 +607,36 @@ class Manager:
         finished = self.read.done_nodes(result.range(1).kvs)
         if len(finished) >= known.record.node_count:
             return self._finish(namespace, task_id, version, known, finished, token, node_id)
-        return build_task(namespace, task_id, known.record, version, known.nodes, finished, None)
+        state, attempts = self._extras(result, 2)
+        return build_task(
+            namespace,
+            task_id,
+            known.record,
+            version,
+            known.nodes,
+            finished,
+            None,
+            state,
+            attempts,
+        )
+
+    def _extras_reads(self, namespace: str, task_id: str) -> list[t.Op]:
+        """Reads of a run's state and attempts, for a transition that returns the run."""
+        return [
+            t.get(self.keys.state(namespace, task_id)),
+            t.get_prefix(self.keys.task_attempts(namespace, task_id)),
+        ]
+
+    def _extras(self, result: t.TxnResult, at: int) -> tuple[RunState | None, Attempts]:
+        """What :meth:`_extras_reads` read at ``at`` (unreadable values count as absent)."""
+        state_kv = result.range(at).first()
+        try:
+            state = None if state_kv is None else RunState.decode(state_kv.value)
+            attempts = self.read.attempts_from(result.range(at + 1).kvs)
+        except CorruptRecordError as exc:
+            self._skip(exc.key or b"", exc)
+            return None, Attempts()
+        return state, attempts
 
     def _finish(
         self,
@@ -622,12 +652,25 @@ class Manager:
         outcome = OutcomeRecord(TaskStatus.FINISHED, self.now(), token)
         result = self.client.txn(
             compare=self._live(namespace, task_id, version),
-            success=[t.put(self.keys.outcome(namespace, task_id), outcome.encode())],
+            success=[
+                t.put(self.keys.outcome(namespace, task_id), outcome.encode()),
+                *self._extras_reads(namespace, task_id),
+            ],
             failure=self._explain_reads(namespace, task_id, node_id),
         )
         if not result.succeeded:
             return self._explain(namespace, task_id, version, result, token, node_id)
-        return build_task(namespace, task_id, known.record, version, known.nodes, finished, outcome)
+        _, attempts = self._extras(result, 1)
+        return build_task(
+            namespace,
+            task_id,
+            known.record,
+            version,
+            known.nodes,
+            finished,
+            outcome,
+            attempts=attempts,
+        )
 
     def finish_if_complete(self, namespace: str, task_id: str, version: int) -> Task | None:
         """Write FINISHED for a STARTED run whose nodes have all completed (a completer died

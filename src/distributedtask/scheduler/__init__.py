@@ -292,6 +292,12 @@ class Scheduler:
         with self._wake:
             self._wake.notify_all()
 
+    def pending_timers(self) -> list[tuple[TimerKind, TaskId, int, float]]:
+        """What this node waits for: ``(kind, (namespace, id), version, seconds left)`` of
+        every pending timer, earliest first (for debugging and tests)."""
+        with self._lock:
+            return self._timers.pending()
+
     def running(self) -> dict[str, set[TaskDescriptor]]:
         """The runs this node has started and not terminated, by namespace."""
         with self._lock:

@@ -99,6 +99,10 @@ class Timers:
             return None
         return max(0.0, self._heap[0].due - self.clock())
 
-    def kinds(self) -> list[TimerKind]:
-        """The kinds of the pending timers (for tests and debugging)."""
-        return [timer.kind for timer in self._heap]
+    def pending(self) -> list[tuple[TimerKind, TaskId, int, float]]:
+        """``(kind, task id, version, seconds left)`` of every pending timer, earliest first."""
+        now = self.clock()
+        return [
+            (timer.kind, timer.task_id, timer.version, timer.due - now)
+            for timer in sorted(self._heap)
+        ]
