@@ -22,6 +22,7 @@ from distributedtask.keys import (
     MemberKey,
     NodesKey,
     OutcomeKey,
+    ParsedKey,
     ProgressKey,
     StateKey,
     TaskKey,
@@ -42,17 +43,6 @@ from distributedtask.records import (
 UTC = timezone.utc
 MAX_VERSION = 2**63 - 1  # versions are etcd revisions: int64
 
-ParsedKey = (
-    TaskKey
-    | OutcomeKey
-    | StateKey
-    | NodesKey
-    | AssignKey
-    | DoneKey
-    | AttemptKey
-    | ProgressKey
-    | MemberKey
-)
 KINDS = ("task", "outcome", "state", "nodes", "assign", "done", "attempt", "progress", "member")
 """The nine kinds of key, in the order of :func:`one_of_each`."""
 

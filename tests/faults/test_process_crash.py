@@ -30,22 +30,17 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
-from tests.support import RecordingProvider, Schedulers, scheduler_threads
+from tests.support import RecordingProvider, Schedulers
 
 import distributedtask as dt
 from distributedtask.providers import CommandProvider
 from distributedtask.testing import wait_until
 
+pytestmark = pytest.mark.usefixtures("no_scheduler_thread_left")
+
 NS = "jobs"
 NODE = "crashy"
 MEMBER_TTL = 1  # seconds, of the node process
-
-
-@pytest.fixture(autouse=True)
-def _no_thread_left_behind() -> Iterator[None]:
-    before = set(scheduler_threads())
-    yield
-    assert set(scheduler_threads()) - before == set()
 
 
 @dataclass

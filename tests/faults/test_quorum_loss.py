@@ -11,7 +11,7 @@ starts on both nodes, a cancel terminates, and runs finish.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -23,18 +23,11 @@ import distributedtask as dt
 from distributedtask.testing import wait_until
 from distributedtask.testing.etcd import EtcdCluster
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("no_scheduler_thread_left")]
 
 NS = "ns"
 TIMEOUT = 1.0  # the clients' request timeout
 BOUND = 2 * TIMEOUT + 2.0  # EtcdClient: "raises at most about 2 * timeout after it began"
-
-
-@pytest.fixture(autouse=True)
-def _no_thread_left_behind() -> Iterator[None]:
-    before = set(scheduler_threads())
-    yield
-    assert set(scheduler_threads()) - before == set()
 
 
 def timed_etcd_error(call: Callable[[], Any]) -> tuple[dt.EtcdError, float]:

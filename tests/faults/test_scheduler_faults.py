@@ -6,7 +6,6 @@ Schedulers run with ``resync_interval`` of one hour: recovery comes from the wat
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -18,15 +17,10 @@ from distributedtask.testing import compact, wait_until
 from distributedtask.testing.etcd import EtcdCluster, EtcdServer
 from distributedtask.testing.proxy import TcpProxy
 
+pytestmark = pytest.mark.usefixtures("no_scheduler_thread_left")
+
 NS = "ns"
 PREFIX = "/dtask-faults"
-
-
-@pytest.fixture(autouse=True)
-def _no_thread_left_behind() -> Iterator[None]:
-    before = set(scheduler_threads())
-    yield
-    assert set(scheduler_threads()) - before == set()
 
 
 @pytest.fixture

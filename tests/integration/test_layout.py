@@ -14,13 +14,15 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry
-from tests.support import RecordingProvider, Schedulers, keys_under, scheduler_threads
+from tests.support import RecordingProvider, Schedulers, keys_under
 
 import distributedtask as dt
 from distributedtask.exceptions import StorageFormatError
 from distributedtask.records import FORMAT_MARKER
 from distributedtask.testing import wait_until
 from distributedtask.testing.etcd import EtcdServer
+
+pytestmark = pytest.mark.usefixtures("no_scheduler_thread_left")
 
 NS = "ns"
 NODE = "n1"
@@ -34,13 +36,6 @@ LAYOUT_1 = {
     b"runs/ns/t/n1": b'{"v":1,"outcome":"completed","at":1767323046000,"token":"x"}',
     b"members/n1": b'{"v":1,"node":"n1","namespaces":["ns"],"startedAt":1767323045000}',
 }
-
-
-@pytest.fixture(autouse=True)
-def _no_thread_left_behind() -> Iterator[None]:
-    before = set(scheduler_threads())
-    yield
-    assert set(scheduler_threads()) - before == set()
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -46,6 +47,8 @@ IDS = ["a", "ab", "a/b"]
 NODES = ["n1", "n2", "n3"]
 STRANGER = "n9"  # never assigned: recording for it is an InvalidTaskError
 TTL = timedelta(seconds=10)
+DEADLINE = 30.0
+POLICIES = {1: None, 2: dt.RunPolicy(max_attempts=2), 3: dt.RunPolicy(max_attempts=3)}
 NOT_FOUND_VERSIONS = [1, 2**62]  # positive, but never the version of one of our runs
 INVALID_VERSIONS = [0, -3]
 
@@ -74,22 +77,40 @@ class Run:
     finished_at: datetime | None = None
     error: str | None = None
     failed_node: str | None = None
+    max_attempts: int = 1
+    paused: bool = False
+    attempts: tuple[tuple[str, int, str], ...] = ()  # (node, failed attempts, last error)
     progress: tuple[tuple[str, float, str, datetime], ...] = ()  # (node, fraction, msg, at)
 
+    @property
+    def live(self) -> bool:
+        return not self.status.terminal
+
     def task(self, key: Key) -> dt.Task:
+        status = dt.TaskStatus.PAUSED if self.paused and self.live else self.status
         return dt.Task(
             namespace=key[0],
             id=key[1],
             version=self.version,
             payload=self.payload,
-            status=self.status,
+            status=status,
             started_at=self.started_at,
             finished_at=self.finished_at,
             error=self.error,
             nodes=self.nodes,
             finished_nodes=self.finished,
             failed_node=self.failed_node,
+            policy=dt.RunPolicy(max_attempts=self.max_attempts),
+            attempts={node: count for node, count, _ in self.attempts},
+            last_errors={node: error for node, _, error in self.attempts},
         )
+
+    def attempts_of(self, node: str) -> int:
+        return next((count for n, count, _ in self.attempts if n == node), 0)
+
+    def with_attempt(self, node: str, error: str) -> Run:
+        kept = tuple(item for item in self.attempts if item[0] != node)
+        return replace(self, attempts=(*kept, (node, self.attempts_of(node) + 1, error)))
 
     def progress_map(self) -> dict[str, dt.Progress]:
         return {node: dt.Progress(f, msg, at) for node, f, msg, at in self.progress}
@@ -109,12 +130,12 @@ def predict(run: Run | None, op: Op, now: datetime) -> Prediction:
     """What API.md says ``op`` does to the current run ``run`` of its id at ``now``."""
     kind = op[0]
     if kind == "add":
-        _, _, _, payload, nodes = op
+        _, _, _, payload, nodes, max_attempts = op
         if not nodes:
             return Prediction(dt.InvalidTaskError, run)
-        if run is not None and run.status is dt.TaskStatus.STARTED:
+        if run is not None and run.live:
             return Prediction(dt.TaskAlreadyRunningError, run)
-        return Prediction(None, Run(NEW, payload, frozenset(nodes), now))
+        return Prediction(None, Run(NEW, payload, frozenset(nodes), now, max_attempts=max_attempts))
     version = op[3]
     node = op[4] if kind in ("complete", "fail", "progress") else None
     if type(version) is not int or version <= 0:
@@ -122,21 +143,39 @@ def predict(run: Run | None, op: Op, now: datetime) -> Prediction:
     if run is None or run.version != version:
         return Prediction(dt.TaskNotFoundError, run)
     if kind == "cleanup":
-        if run.status is dt.TaskStatus.STARTED:
+        if run.live:
             return Prediction(dt.TaskStillRunningError, run)
         assert run.finished_at is not None
         if now - run.finished_at <= TTL:
             return Prediction(dt.TaskTooFreshError, run)
         return Prediction(None, REMOVED, returns_task=False)
-    # complete / fail / cancel / progress of a version that exists
-    if run.status is not dt.TaskStatus.STARTED:
+    # complete / fail / cancel / progress / pause / resume / deadline of a version that exists
+    if kind == "deadline":  # a Scheduler's deadline timer: acts on a STARTED run only
+        if not run.live or run.paused:
+            return Prediction(None, run, returns_task=False)
+        ended = replace(
+            run,
+            status=dt.TaskStatus.FAILED,
+            finished_at=now,
+            error=f"deadline exceeded ({DEADLINE:g}s)",
+        )
+        return Prediction(None, ended)
+    if not run.live:
         return Prediction(dt.TaskNotRunningError, run)
     if node is not None and node not in run.nodes:
         return Prediction(dt.InvalidTaskError, run)
+    if kind in ("pause", "resume"):
+        return Prediction(None, replace(run, paused=kind == "pause"))
     if kind == "cancel":
         return Prediction(None, replace(run, status=dt.TaskStatus.CANCELLED, finished_at=now))
     if kind == "fail":
         message = op[5] or "failed"
+        assert node is not None
+        if run.max_attempts > 1:
+            counted = run.with_attempt(node, message)
+            if counted.attempts_of(node) < run.max_attempts:
+                return Prediction(None, counted)  # a retry: the run goes on
+            run = counted
         finished = run.finished if FAILURE_KEEPS_COMPLETION else run.finished - {node}
         after = replace(
             run,
@@ -164,7 +203,13 @@ def predict(run: Run | None, op: Op, now: datetime) -> Prediction:
 def execute(manager: dt.Manager, op: Op) -> Any:
     kind, ns, tid = op[:3]
     if kind == "add":
-        return manager.add_task(ns, tid, op[3], nodes=op[4])
+        return manager.add_task(ns, tid, op[3], nodes=op[4], policy=POLICIES[op[5]])
+    if kind == "pause":
+        return manager.pause_task(ns, tid, op[3])
+    if kind == "resume":
+        return manager.resume_task(ns, tid, op[3])
+    if kind == "deadline":
+        return _deadline(manager, ns, tid, op[3])
     if kind == "complete":
         return manager.record_node_completion(ns, tid, op[3], op[4])
     if kind == "fail":
@@ -175,6 +220,21 @@ def execute(manager: dt.Manager, op: Op) -> Any:
         return manager.clean_up_task(ns, tid, op[3])
     assert kind == "progress"
     return manager.record_progress(ns, tid, op[3], op[4], op[5], op[6])
+
+
+def _deadline(manager: dt.Manager, ns: str, tid: str, version: object) -> dt.Task | None:
+    """What a Scheduler's deadline timer does: read the run state, then fail the run if it is
+    still STARTED in that state. Returns the run if this call ended it, else None."""
+    if type(version) is not int or version <= 0:
+        raise dt.InvalidTaskError("version", "version")
+    task = manager.get_task(ns, tid)
+    if task is None or task.version != version:
+        raise dt.TaskNotFoundError(ns, tid, version)
+    if task.status is not dt.TaskStatus.STARTED:
+        return None
+    state = manager.client.range(manager.keys.state(ns, tid)).first()
+    revision = 0 if state is None else state.mod_revision
+    return manager.fail_deadline(ns, tid, version, revision, DEADLINE)
 
 
 def call(manager: dt.Manager, op: Op) -> tuple[Any, Exception | None]:
@@ -211,6 +271,7 @@ errors = st.sampled_from(["", "boom", "disk full: /var/ü", "x" * 50])
 fractions = st.sampled_from([0.0, 0.25, 1.0, -0.5, 1.5, 7])
 messages = st.sampled_from(["", "half", "ünï"])
 which = st.sampled_from([0, 1])
+attempt_limits = st.sampled_from([1, 1, 2, 3])
 
 
 def pick(data: Any, items: list[Any]) -> Any:
@@ -331,15 +392,31 @@ def make_machine(cluster: Cluster) -> type[RuleBasedStateMachine]:
         # ---- rules -----------------------------------------------------------------------
 
         @initialize(
-            adds=st.lists(st.tuples(which, keys_st, payloads, node_sets), min_size=1, max_size=3)
+            adds=st.lists(
+                st.tuples(which, keys_st, payloads, node_sets, attempt_limits),
+                min_size=1,
+                max_size=3,
+            )
         )
-        def add_some_tasks(self, adds: list[tuple[int, Key, bytes, frozenset[str]]]) -> None:
-            for m, key, payload, nodes in adds:
-                self.apply(m, ("add", *key, payload, sorted(nodes)))
+        def add_some_tasks(self, adds: list[tuple[int, Key, bytes, frozenset[str], int]]) -> None:
+            for m, key, payload, nodes, limit in adds:
+                self.apply(m, ("add", *key, payload, sorted(nodes), limit))
 
-        @rule(m=which, key=keys_st, payload=payloads, nodes=node_sets)
-        def add_task(self, m: int, key: Key, payload: bytes, nodes: frozenset[str]) -> None:
-            self.apply(m, ("add", *key, payload, sorted(nodes)))
+        @rule(m=which, key=keys_st, payload=payloads, nodes=node_sets, limit=attempt_limits)
+        def add_task(
+            self, m: int, key: Key, payload: bytes, nodes: frozenset[str], limit: int
+        ) -> None:
+            self.apply(m, ("add", *key, payload, sorted(nodes), limit))
+
+        @rule(m=which, data=st.data(), kind=st.sampled_from(["pause", "resume"]))
+        def pause_or_resume(self, m: int, data: Any, kind: str) -> None:
+            key = self.key_for(data)
+            self.apply(m, (kind, *key, self.version_for(data, key)))
+
+        @rule(m=which, data=st.data())
+        def deadline_passes(self, m: int, data: Any) -> None:
+            key = self.key_for(data)
+            self.apply(m, ("deadline", *key, self.version_for(data, key)))
 
         @rule(m=which, data=st.data())
         def record_node_completion(self, m: int, data: Any) -> None:
@@ -387,7 +464,7 @@ def make_machine(cluster: Cluster) -> type[RuleBasedStateMachine]:
                 payload, error = data.draw(payloads), data.draw(errors)
                 node = pick(data, pending)
                 return {
-                    "add": ("add", *key, payload, ["n1"]),
+                    "add": ("add", *key, payload, ["n1"], 1),
                     "complete": ("complete", *key, version, node),
                     "fail": ("fail", *key, version, node, error),
                     "cancel": ("cancel", *key, version),
@@ -491,7 +568,9 @@ def make_machine(cluster: Cluster) -> type[RuleBasedStateMachine]:
             wrote its completion key, the cancel or failure landed before its finishing write,
             and the run ends CANCELLED/FAILED with that node among the finished ones; the
             completion returns that run. One winner, but no serial order gives it (a serial
-            completion would have finished the run); reported, and pinned by a test."""
+            completion would have finished the run); reported, and pinned by a test. A failure
+            with attempts left in that window is counted, returns the run still live with the
+            completer among the finished nodes, and the completion then finishes it."""
             for i, j in ((0, 1), (1, 0)):
                 if (
                     ops[i][0] == "complete"
@@ -503,12 +582,20 @@ def make_machine(cluster: Cluster) -> type[RuleBasedStateMachine]:
                     and run is not None
                     and run.nodes - run.finished == {ops[i][4]}
                 ):
-                    ended = predict(run, ops[j], now).after
-                    assert isinstance(ended, Run)
-                    ended = replace(ended, finished=run.finished | {ops[i][4]})
-                    if actual == ended.task(ops[i][1:3]) and outcomes[j][0] == actual:
+                    key = ops[i][1:3]
+                    after = predict(run, ops[j], now).after
+                    assert isinstance(after, Run)
+                    after = replace(after, finished=run.finished | {ops[i][4]})
+                    if after.live and ops[j][0] == "fail":
+                        # a failure with attempts left, counted in the window: the run goes on
+                        # and the completion then finishes it
+                        ended = replace(after, status=dt.TaskStatus.FINISHED, finished_at=now)
+                        if (outcomes[j][0], actual) == (after.task(key), ended.task(key)):
+                            cluster.deviations.append(f"{ops[i]!r} || {ops[j]!r}")
+                            return ended
+                    elif actual == after.task(key) and outcomes[j][0] == actual:
                         cluster.deviations.append(f"{ops[i]!r} || {ops[j]!r}")
-                        return ended
+                        return after
             return None
 
         # ---- invariants -----------------------------------------------------------------
@@ -563,7 +650,8 @@ def cluster(etcd_endpoint: str, dtask_prefix: str) -> Iterator[Cluster]:
 # example (every call, its expected outcome, each race's results) are printed in full instead.
 MODEL_SETTINGS = settings(
     phases=(Phase.explicit, Phase.generate),
-    max_examples=16,
+    # a longer search by hand: DTASK_MODEL_EXAMPLES=300 pytest <this file>
+    max_examples=int(os.environ.get("DTASK_MODEL_EXAMPLES", "20")),
     stateful_step_count=25,
     deadline=None,
     database=None,

@@ -18,13 +18,14 @@ from tests.support import (
     RecordingProvider,
     Schedulers,
     metric,
-    scheduler_threads,
 )
 
 import distributedtask as dt
 from distributedtask.scheduler.timers import TimerKind
 from distributedtask.testing import wait_until
 from distributedtask.testing.proxy import TcpProxy
+
+pytestmark = pytest.mark.usefixtures("no_scheduler_thread_left")
 
 NS = "ns"
 RETRY3 = dt.RunPolicy(max_attempts=3, retry_backoff=timedelta(seconds=10))
@@ -44,13 +45,6 @@ class Monotonic:
     def advance(self, seconds: float) -> None:
         with self._lock:
             self.now += seconds
-
-
-@pytest.fixture(autouse=True)
-def _no_thread_left_behind() -> Iterator[None]:
-    before = set(scheduler_threads())
-    yield
-    assert set(scheduler_threads()) - before == set()
 
 
 @pytest.fixture

@@ -119,9 +119,7 @@ def test_150_live_schedulers_each_receive_what_concerns_them(
     assert providers[names[0]].starts() == [task.descriptor, marker.descriptor]
 
     # Every node completes: the completions reach no Scheduler; the outcome reaches each once.
-    threads = [
-        threading.Thread(target=providers[name].complete, args=(task,)) for name in names
-    ]
+    threads = [threading.Thread(target=providers[name].complete, args=(task,)) for name in names]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -19,7 +19,6 @@ from tests.support import (
     Schedulers,
     keys_under,
     metric,
-    scheduler_threads,
 )
 
 import distributedtask as dt
@@ -27,19 +26,13 @@ from distributedtask.metrics import METRIC_NAMES
 from distributedtask.testing import wait_until
 from distributedtask.testing.proxy import TcpProxy
 
+pytestmark = pytest.mark.usefixtures("no_scheduler_thread_left")
+
 NS = "ns"
 TTL = timedelta(seconds=1)
 
 
 # ---- fixtures -----------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _no_thread_left_behind() -> Iterator[None]:
-    """Set up first, torn down last: after every Scheduler of the test was stopped."""
-    before = set(scheduler_threads())
-    yield
-    assert set(scheduler_threads()) - before == set()
 
 
 @pytest.fixture

@@ -40,6 +40,8 @@ from distributedtask.testing import wait_until
 from distributedtask.testing.etcd import EtcdServer, prefix_range_end
 from distributedtask.testing.proxy import TcpProxy
 
+pytestmark = pytest.mark.usefixtures("no_scheduler_thread_left")
+
 trustme = pytest.importorskip("trustme")
 
 NS = "ns"
@@ -154,13 +156,6 @@ def proxy(secure: Secure) -> Iterator[TcpProxy]:
 
 def https(proxy: TcpProxy) -> str:
     return f"https://127.0.0.1:{proxy.port}"
-
-
-@pytest.fixture(autouse=True)
-def _no_thread_left_behind() -> Iterator[None]:
-    before = set(scheduler_threads())
-    yield
-    assert set(scheduler_threads()) - before == set()
 
 
 def prefix_of(user: str) -> str:
