@@ -3,6 +3,7 @@ so it is only imported when charts are drawn (not with ``--no-charts``)."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,8 @@ def _fanin(entry: dict[str, Any]) -> Any:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     n = data["n"]
     left.plot(n, data["ours_trips"], "o-", label="ours", color=OURS)
+    if data.get("unseen_trips"):
+        left.plot(n, data["unseen_trips"], "^:", label="ours, run never seen", color=OURS)
     left.plot(n, data["naive_trips"], "s-", label="CAS on one record", color=BASE)
     left.plot(n, [x + 1 for x in n], "--", label="goal: N + 1", color=OTHER)
     left.set_xscale("log", base=2)
@@ -132,7 +135,7 @@ def _fanin(entry: dict[str, Any]) -> Any:
 
 def _bars(ax: Axes, row: dict[str, Any], measured: str, baseline: str) -> None:
     ax.bar([measured, baseline], [row["measured"] or 0, row["baseline"] or 0], color=[OURS, BASE])
-    ax.set_title(row["name"], fontsize=9)
+    ax.set_title(textwrap.fill(row["name"], 32), fontsize=9)
     ax.set_ylabel(row["unit"])
 
 

@@ -242,14 +242,6 @@ class Task:
         """The nodes of this run that have not recorded completion."""
         return self.nodes - self.finished_nodes
 
-    def should_run_on(self, node_id: str) -> bool:
-        """Whether ``node_id`` must be running this run now: STARTED, assigned, not finished."""
-        return (
-            self.status is TaskStatus.STARTED
-            and node_id in self.nodes
-            and node_id not in self.finished_nodes
-        )
-
 
 @dataclass(frozen=True)
 class Progress:

@@ -192,20 +192,6 @@ def test_task_pending_nodes() -> None:
     assert done.pending_nodes == frozenset()
 
 
-def test_task_should_run_on_started_assigned_unfinished_only() -> None:
-    task = make_task(nodes=frozenset({"a", "b"}), finished_nodes=frozenset({"b"}))
-    assert task.should_run_on("a")
-    assert not task.should_run_on("b")  # already finished
-    assert not task.should_run_on("c")  # not assigned
-    assert not task.should_run_on("")
-
-
-@pytest.mark.parametrize("status", [s for s in TaskStatus if s.terminal])
-def test_task_should_not_run_when_terminal(status: TaskStatus) -> None:
-    task = make_task(status=status, finished_at=T1, nodes=frozenset({"a"}))
-    assert not task.should_run_on("a")
-
-
 # ---- Progress ---------------------------------------------------------------------------------
 
 

@@ -59,8 +59,6 @@ class LeaseKeeper:
         self._thread: threading.Thread | None = None
         # Never wait longer between attempts than between refreshes.
         self._backoff = Backoff(initial=0.1, maximum=self.ttl / 3)
-        self.refreshes = 0
-        self.grants = 0
 
     @property
     def lease_id(self) -> int:
@@ -88,7 +86,6 @@ class LeaseKeeper:
             raise
         with self._lock:
             self._lease_id = lease_id
-        self.grants += 1
         return lease_id
 
     def _revoke(self, lease_id: int) -> None:
@@ -112,7 +109,6 @@ class LeaseKeeper:
                 remaining = -1
             if remaining > 0:
                 last_ok, failures = time.monotonic(), 0
-                self.refreshes += 1
                 continue
             log.warning("lease %x is lost; granting a new one and registering again", lease_id)
             if self._on_lost is not None:

@@ -50,15 +50,6 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def unb64(text: object) -> bytes:
-    if not isinstance(text, str):
-        raise EtcdError(f"malformed etcd response: expected base64 text, got {text!r}")
-    try:
-        return binascii.a2b_base64(text)
-    except binascii.Error:
-        raise EtcdError("malformed etcd response: bad base64") from None
-
-
 def as_int(value: object, default: int = 0) -> int:
     """An int64 field of a gateway response (sent as a string, omitted when zero)."""
     if value is None:

@@ -808,9 +808,6 @@ class CommandProvider:
     def set_completion_recorder(self, recorder: TaskCompletionRecorder) -> None:
         self._recorder = recorder
 
-    def _run_dir(self, descriptor: TaskDescriptor) -> Path:
-        return self._dirs.path(descriptor)
-
     def get_local_tasks(self) -> list[TaskDescriptor]:
         """Every run with a directory under ``state_dir`` (running or not), sorted.
         Entries this provider did not make are ignored. Raises :class:`OSError` only if
