@@ -342,6 +342,19 @@ class Keys:
 
     # ---- parser ---------------------------------------------------------------------------
 
+    @staticmethod
+    def name_under(prefix: bytes, key: bytes) -> str | None:
+        """The name of the one segment ``key`` has below ``prefix`` (a prefix ending in
+        ``/`` that this class built), or None: what :meth:`parse` would say of that
+        segment, without parsing the rest of the key again."""
+        if not key.startswith(prefix):
+            return None
+        try:
+            segment = key[len(prefix) :].decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        return None if "/" in segment else _unesc(segment)
+
     def parse(self, key: bytes) -> ParsedKey | None:
         """What ``key`` names, or ``None`` if it is not a key of this schema."""
         if not key.startswith(self.root):

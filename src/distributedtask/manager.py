@@ -604,7 +604,9 @@ class Manager:
         )
         if not result.succeeded:
             return self._explain(namespace, task_id, version, result, token, node_id)
-        finished = self.read.done_nodes(result.range(1).kvs)
+        finished = self.read.done_nodes(
+            result.range(1).kvs, self.keys.task_done(namespace, task_id)
+        )
         if len(finished) >= known.record.node_count:
             return self._finish(namespace, task_id, version, known, finished, token, node_id)
         state, attempts = self._extras(result, 2)

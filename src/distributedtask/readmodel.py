@@ -181,7 +181,9 @@ class ReadModel:
             return None
         outcome_kv = result.range(at + 1).first()
         nodes_kv = result.range(at + 2).first()
-        finished = self.done_nodes(result.range(at + 3).kvs)
+        finished = self.done_nodes(
+            result.range(at + 3).kvs, self.keys.task_done(namespace, task_id)
+        )
         state_kv = result.range(at + 4).first()
         attempts = self.attempts_from(result.range(at + 5).kvs)
         return self.assemble(
@@ -232,10 +234,17 @@ class ReadModel:
                 items.append((parsed.node_id, kv.version, attempt.error))
         return Attempts.of(items)
 
-    def done_nodes(self, kvs: Iterable[t.KeyValue]) -> set[str]:
-        """The node ids named by completion keys (other keys are ignored)."""
+    def done_nodes(self, kvs: Iterable[t.KeyValue], prefix: bytes | None = None) -> set[str]:
+        """The node ids named by completion keys (other keys are ignored); with the run's
+        ``prefix`` (``keys.task_done``), read from the last segment alone — what a completion
+        does for every key of its run."""
         out = set()
         for kv in kvs:
+            if prefix is not None:
+                node = Keys.name_under(prefix, kv.key)
+                if node is not None:
+                    out.add(node)
+                continue
             parsed = self.keys.parse(kv.key)
             if isinstance(parsed, DoneKey):
                 out.add(parsed.node_id)

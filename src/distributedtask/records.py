@@ -153,10 +153,12 @@ class TaskRecord:
             raise CorruptRecordError(f"{what} has no header line")
         data = _load(raw[:end], what)
         version = None if "version" not in data else _positive_int(data, "version", what)
-        try:
-            policy = RunPolicy.from_dict(data.get("policy", {}))
-        except InvalidTaskError as exc:
-            raise CorruptRecordError(f"{what}: {exc}") from None
+        policy = DEFAULT_POLICY
+        if "policy" in data:
+            try:
+                policy = RunPolicy.from_dict(data["policy"])
+            except InvalidTaskError as exc:
+                raise CorruptRecordError(f"{what}: {exc}") from None
         return cls(
             policy=policy,
             payload=raw[end + 1 :] if payload else b"",

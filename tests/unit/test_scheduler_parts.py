@@ -161,11 +161,13 @@ def test_a_decider_waits_for_the_grace_then_names_the_runs_of_the_lost_node() ->
         )
     )
     loss = NodeLoss(grace=30.0)
-    assert loss.unknown_lists(view) == [("ns", "a", 5), ("ns", "b", 6)]
+    loss.note_all(view)
+    assert loss.started and sorted(loss.unknown) == [("ns", "a", 5), ("ns", "b", 6)]
     loss.store_lists({("ns", "a", 5): frozenset({"n1", "n2"})}, [("ns", "a", 5), ("ns", "b", 6)])
-    assert loss.unknown_lists(view) == []  # "b" is gone: an empty list, not read again
+    assert loss.unknown == set()  # "b" is gone: an empty list, not read again
+    assert loss.awaited == {"n1": 1, "n2": 1}
     assert loss.update(view, now=100.0) == ["n2"]  # awaited, no membership
-    assert loss.update(view, now=110.0) == []  # already counting
+    assert loss.update(view, now=110.0) == []  # already counting (and nothing changed)
     assert loss.due("n2", now=120.0) == pytest.approx(10.0)
     assert loss.due("n2", now=131.0) == pytest.approx(-1.0)
     assert loss.victims("n2") == [("ns", "a", 5)]
@@ -173,26 +175,21 @@ def test_a_decider_waits_for_the_grace_then_names_the_runs_of_the_lost_node() ->
     view.apply_cluster(changes(("put", kv(KEYS.member("n2"), member("n2"), 20))))
     assert loss.update(view, now=132.0) == [] and loss.due("n2", now=132.0) is None
     # the run ends: nobody is awaited any more
-    view.apply_cluster(
-        changes(
-            (
-                "put",
-                kv(
-                    KEYS.outcome("ns", "a"),
-                    OutcomeRecord(TaskStatus.FINISHED, T0, "x").encode(),
-                    21,
-                ),
-            )
-        )
-    )
-    loss.update(view, now=133.0)
+    finished = OutcomeRecord(TaskStatus.FINISHED, T0, "x").encode()
+    touched = view.apply_cluster(changes(("put", kv(KEYS.outcome("ns", "a"), finished, 21))))
+    loss.note(view, touched)
     assert loss.node_lists == {("ns", "b", 6): frozenset()}  # "a" ended, "b" names nobody
-    assert loss.victims("n2") == []
+    assert loss.awaited == {} and loss.victims("n2") == []
+    # a new run of an id: a list to read; its replacement forgets the old one
+    touched = view.apply_cluster(changes(("put", kv(KEYS.task("ns", "c"), record(), 30))))
+    loss.note(view, touched)
+    assert loss.unknown == {("ns", "c", 30)}
 
 
 def test_without_a_grace_no_node_is_ever_lost() -> None:
     view, _ = view_with_skips()
     view.apply_cluster(snapshot(10, kv(KEYS.task("ns", "a"), record(), 5)))
     loss = NodeLoss(grace=None)
+    loss.note_all(view)
     loss.store_lists({("ns", "a", 5): frozenset({"gone"})}, [("ns", "a", 5)])
     assert loss.update(view, now=0.0) == [] and loss.due("gone", now=1e9) is None

@@ -84,6 +84,22 @@ TaskId = tuple[str, str]
 RunKey = tuple[str, str, int]
 
 
+def _check_options(
+    providers: Mapping[str, Provider],
+    resync_interval: timedelta,
+    member_ttl: timedelta,
+    node_loss_grace: timedelta | None,
+) -> None:
+    for namespace in providers:
+        validate_name(namespace, "namespace")
+    if resync_interval <= timedelta(0):
+        raise ValueError("resync_interval must be positive")
+    if member_ttl < timedelta(seconds=1):
+        raise ValueError("member_ttl must be at least one second")
+    if node_loss_grace is not None and node_loss_grace < timedelta(0):
+        raise ValueError("node_loss_grace must be >= 0 or None")
+
+
 class _State(enum.Enum):
     NEW = "new"
     STARTING = "starting"
@@ -128,14 +144,7 @@ class Scheduler:
         clock: Clock = time.monotonic,
     ) -> None:
         self.node_id = validate_name(node_id, "node_id")
-        for namespace in providers:
-            validate_name(namespace, "namespace")
-        if resync_interval <= timedelta(0):
-            raise ValueError("resync_interval must be positive")
-        if member_ttl < timedelta(seconds=1):
-            raise ValueError("member_ttl must be at least one second")
-        if node_loss_grace is not None and node_loss_grace < timedelta(0):
-            raise ValueError("node_loss_grace must be >= 0 or None")
+        _check_options(providers, resync_interval, member_ttl, node_loss_grace)
         self.manager = manager
         self.providers = dict(providers)
         self.completed_task_ttl = (
@@ -158,6 +167,7 @@ class Scheduler:
         self._dirty: set[TaskId] = set()
         self._full_reconcile = False
         self._decide = False  # membership or runs changed: look at node loss again
+        self._decide_ids: set[TaskId] = set()  # the ids touched since the last look
         self._loss = NodeLoss(None if node_loss_grace is None else node_loss_grace.total_seconds())
         self._skipped_keys: set[bytes] = set()
         self._ttl_armed: set[RunKey] = set()
@@ -177,7 +187,8 @@ class Scheduler:
 
         # Owned by the worker thread (and by start()/stop() before/after it runs).
         self._running: dict[TaskId, _Running] = {}
-        self._local: dict[str, set[TaskDescriptor]] = {ns: set() for ns in self.providers}
+        # the providers' local runs: namespace -> task id -> versions with local state
+        self._local: dict[str, dict[str, set[int]]] = {ns: {} for ns in self.providers}
         self._done_here: dict[TaskId, int] = {}  # the runs this node's completion keys name
         self._attempts_here: dict[TaskId, tuple[int, int, str]] = {}  # version, count, error
         self._backing_off: dict[TaskId, int] = {}  # runs waiting for their next attempt
@@ -356,6 +367,7 @@ class Scheduler:
         self._publish_pauses()
         self._dirty |= touched
         self._decide = True
+        self._decide_ids |= touched
         self.metrics.members.set(len(self._view.members))
         self._wake.notify_all()
 
@@ -581,10 +593,15 @@ class Scheduler:
             if not self._decide:
                 return
             self._decide = False
+            touched, self._decide_ids = self._decide_ids, set()
             if not self._is_decider() or self.node_loss_grace is None:
                 self._loss.reset()
                 return
-            unknown = self._loss.unknown_lists(self._view)
+            if self._loss.started:
+                self._loss.note(self._view, touched)
+            else:
+                self._loss.note_all(self._view)
+            unknown = sorted(self._loss.unknown)
         lists = {}
         if unknown:
             try:
@@ -640,7 +657,7 @@ class Scheduler:
         if full:
             self._list_local_tasks()
             dirty |= set(self._running)
-            dirty |= {(ns, d.id) for ns, local in self._local.items() for d in local}
+            dirty |= {(ns, tid) for ns, local in self._local.items() for tid in local}
         with self._lock:
             runs = {key: self._view.run(key) for key in dirty}
             born = dict(self._view.born)
@@ -662,7 +679,10 @@ class Scheduler:
             if local is None:
                 failed = True
             else:
-                self._local[namespace] = local
+                by_id: dict[str, set[int]] = {}
+                for descriptor in local:
+                    by_id.setdefault(descriptor.id, set()).add(descriptor.version)
+                self._local[namespace] = by_id
         if failed:  # reconcile everything again, with backoff, once the provider can list
             self._local_failures += 1
             with self._lock:
@@ -735,63 +755,72 @@ class Scheduler:
         return not self._recorder.recorded((run.namespace, run.task_id, run.version))
 
     def _reconcile(self, task_id: TaskId, run: ViewRun | None) -> None:
-        namespace, tid = task_id
-        if namespace not in self.providers:
+        """Bring one id's local runs in line with the cluster's (step 4 of the flow)."""
+        if task_id[0] not in self.providers:
             return
-        ok = True
         if run is None:
             for known in (self._done_here, self._attempts_here, self._backing_off):
                 known.pop(task_id, None)
         else:
             self._forget_other_versions(task_id, run.version)
-        running = self._running.get(task_id)
         wanted = self._wanted(run)
-        # 1. terminate a handle whose run is no longer wanted here
-        keep = wanted and run is not None and running is not None and running.version == run.version
-        if running is not None and not keep:
-            if self._terminate(namespace, tid, running, count=True):
-                del self._running[task_id]
-                if run is not None and run.status is TaskStatus.PAUSED:
-                    self.metrics.pauses.labels(namespace=namespace).inc()
-            else:
-                ok = False
-        # 2. clean up local state of runs that are no longer the current one in the cluster
-        current = run.version if run is not None else None
-        for descriptor in [
-            d for d in self._local[namespace] if d.id == tid and d.version != current
-        ]:
-            if task_id in self._running and self._running[task_id].version == descriptor.version:
-                continue  # its termination failed above; retry both later
-            if self._calls.cleanup(namespace, descriptor):
-                self._local[namespace].discard(descriptor)
-                self.metrics.local_cleanups.labels(namespace=namespace).inc()
-                self.log.info(
-                    "cleaned up local state of %s/%s v%d", namespace, tid, descriptor.version
-                )
-                self._recorder.forget((namespace, tid, descriptor.version))
-            else:
-                ok = False
-        # 3. start a run that should run here
+        ok = self._terminate_unwanted(task_id, run, wanted)
+        ok = self._clean_up_old(task_id, run) and ok
         if wanted and run is not None and task_id not in self._running:
-            attempts = self._attempts_here.get(task_id)
-            own = {} if attempts is None else {self.node_id: attempts[1:]}
-            task = run.task(own)
-            handle = self._calls.start(task)
-            if handle is not None:
-                self._running[task_id] = _Running(run.version, handle)
-                self._local[namespace].add(task.descriptor)
-                self.metrics.task_starts.labels(namespace=namespace).inc()
-                latency = (self.manager.now() - task.started_at).total_seconds()
-                self.metrics.start_latency.labels(namespace=namespace).observe(max(0.0, latency))
-                self.log.info("started %s/%s v%d", namespace, tid, run.version)
-            else:
-                ok = False
+            ok = self._start(task_id, run) and ok
         if ok:
             self._attempts.pop(task_id, None)
         else:
             attempt = self._attempts[task_id] = self._attempts.get(task_id, 0) + 1
             with self._lock:
                 self._add_timer(self.RETRY_BACKOFF.delay(attempt), TimerKind.RETRY, task_id=task_id)
+
+    def _terminate_unwanted(self, task_id: TaskId, run: ViewRun | None, wanted: bool) -> bool:
+        """1. Terminate a handle whose run is no longer wanted here; False if that failed."""
+        running = self._running.get(task_id)
+        if running is None or (wanted and run is not None and running.version == run.version):
+            return True
+        if not self._terminate(*task_id, running, count=True):
+            return False
+        del self._running[task_id]
+        if run is not None and run.status is TaskStatus.PAUSED:
+            self.metrics.pauses.labels(namespace=task_id[0]).inc()
+        return True
+
+    def _clean_up_old(self, task_id: TaskId, run: ViewRun | None) -> bool:
+        """2. Clean up the local state of runs that are no longer the current one."""
+        namespace, tid = task_id
+        local = self._local[namespace].get(tid, set())
+        ok = True
+        for version in sorted(local - {None if run is None else run.version}):
+            if task_id in self._running and self._running[task_id].version == version:
+                continue  # its termination failed above; retry both later
+            if not self._calls.cleanup(namespace, TaskDescriptor(tid, version)):
+                ok = False
+                continue
+            local.discard(version)
+            if not local:
+                self._local[namespace].pop(tid, None)
+            self.metrics.local_cleanups.labels(namespace=namespace).inc()
+            self.log.info("cleaned up local state of %s/%s v%d", namespace, tid, version)
+            self._recorder.forget((namespace, tid, version))
+        return ok
+
+    def _start(self, task_id: TaskId, run: ViewRun) -> bool:
+        """3. Start a run that should run here; False if the provider raised."""
+        namespace, tid = task_id
+        attempts = self._attempts_here.get(task_id)
+        task = run.task({} if attempts is None else {self.node_id: attempts[1:]})
+        handle = self._calls.start(task)
+        if handle is None:
+            return False
+        self._running[task_id] = _Running(run.version, handle)
+        self._local[namespace].setdefault(tid, set()).add(run.version)
+        self.metrics.task_starts.labels(namespace=namespace).inc()
+        latency = (self.manager.now() - task.started_at).total_seconds()
+        self.metrics.start_latency.labels(namespace=namespace).observe(max(0.0, latency))
+        self.log.info("started %s/%s v%d", namespace, tid, run.version)
+        return True
 
     def _forget_other_versions(self, task_id: TaskId, version: int) -> None:
         for known in (self._done_here, self._backing_off):

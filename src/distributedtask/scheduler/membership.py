@@ -28,12 +28,14 @@ Threading: the Scheduler calls :class:`NodeLoss` under its lock (pure bookkeepin
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..exceptions import InvalidTaskError, TaskNotFoundError, TaskNotRunningError
 from ..manager import Manager
 from ..metrics import Metrics
+from ..model import TaskStatus
 from .view import ClusterView, ViewRun
 
 __all__ = ["NodeLoss"]
@@ -48,41 +50,84 @@ def _key(run: ViewRun) -> RunKey:
 
 @dataclass
 class NodeLoss:
-    """The node-loss bookkeeping of one decider (see the module doc)."""
+    """The node-loss bookkeeping of one decider (see the module doc). Incremental: a watch
+    response costs what it touched, not a walk of every run."""
 
     grace: float | None  # seconds; None: wait forever
     node_lists: dict[RunKey, frozenset[str]] = field(default_factory=dict)
+    awaited: Counter[str] = field(default_factory=Counter)  # node -> STARTED runs naming it
     lost_since: dict[str, float] = field(default_factory=dict)
+    unknown: set[RunKey] = field(default_factory=set)  # STARTED runs whose list is not read
+    started: bool = False  # whether it has taken in every run since it became a decider
+    _by_id: dict[TaskId, RunKey] = field(default_factory=dict)
+    _members_seen: int | None = None  # the view's members_version at the last look
+    _stale: bool = True  # the awaited nodes changed since the last look
 
     def reset(self) -> None:
         """Forget everything (this node stopped being a decider)."""
         self.node_lists.clear()
+        self.awaited.clear()
         self.lost_since.clear()
+        self.unknown.clear()
+        self._by_id.clear()
+        self.started = False
+        self._members_seen = None
+        self._stale = True
 
-    def unknown_lists(self, view: ClusterView) -> list[RunKey]:
-        """STARTED runs whose node list this decider has not read yet."""
-        return [key for run in view.started() if (key := _key(run)) not in self.node_lists]
+    def note(self, view: ClusterView, touched: Iterable[TaskId]) -> None:
+        """Take in what a watch response touched: new STARTED runs are to be read, runs that
+        ended, were paused or replaced are no longer awaited."""
+        for task_id in touched:
+            run = view.run(task_id)
+            key = None if run is None or run.status is not TaskStatus.STARTED else _key(run)
+            known = self._by_id.get(task_id)
+            if known is not None and known != key:
+                self._forget(task_id, known)
+            if key is not None and key not in self.node_lists:
+                self.unknown.add(key)
+                self._by_id[task_id] = key
+
+    def note_all(self, view: ClusterView) -> None:
+        """Take in every run (on becoming a decider)."""
+        self.note(view, list(view.records))
+        self.started = True
+
+    def _forget(self, task_id: TaskId, key: RunKey) -> None:
+        del self._by_id[task_id]
+        self.unknown.discard(key)
+        for node in self.node_lists.pop(key, frozenset()):
+            self.awaited[node] -= 1
+            if self.awaited[node] <= 0:
+                del self.awaited[node]
 
     def store_lists(self, lists: dict[RunKey, frozenset[str]], asked: Iterable[RunKey]) -> None:
         """Keep read node lists; a run asked for but not found gets an empty list (gone)."""
         for run in asked:
-            self.node_lists[run] = lists.get(run, frozenset())
+            if run not in self.unknown:
+                continue  # it ended or was replaced while its list was being read
+            self.unknown.discard(run)
+            nodes = lists.get(run, frozenset())
+            self.node_lists[run] = nodes
+            self.awaited.update(nodes)
+            self._stale = True
 
     def update(self, view: ClusterView, now: float) -> list[str]:
-        """Forget ended runs, then note awaited nodes that have no membership; returns the
-        nodes newly found missing (the caller arms their grace timers)."""
-        started = {_key(run) for run in view.started()}
-        for run in [run for run in self.node_lists if run not in started]:
-            del self.node_lists[run]
+        """Note awaited nodes that have no membership (when the members or the awaited
+        nodes changed since the last look); returns the nodes newly found missing (the
+        caller arms their grace timers)."""
         if self.grace is None:
             return []
-        awaited = set().union(*self.node_lists.values()) if self.node_lists else set()
+        if not self._stale and self._members_seen == view.members_version:
+            return []
+        self._members_seen, self._stale = view.members_version, False
         for node in list(self.lost_since):
-            if node in view.members or node not in awaited:
+            if node in view.members or node not in self.awaited:
                 del self.lost_since[node]
-        fresh = [
-            node for node in sorted(awaited - set(view.members)) if node not in self.lost_since
-        ]
+        fresh = sorted(
+            node
+            for node in self.awaited
+            if node not in view.members and node not in self.lost_since
+        )
         for node in fresh:
             self.lost_since[node] = now
         return fresh

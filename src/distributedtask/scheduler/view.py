@@ -89,6 +89,8 @@ class ClusterView:
     states: dict[TaskId, tuple[int, RunState]] = field(default_factory=dict)
     assignments: dict[TaskId, tuple[int, frozenset[str]]] = field(default_factory=dict)
     members: dict[str, MemberRecord] = field(default_factory=dict)
+    members_version: int = 0
+    """Bumped at every change of ``members``."""
     born: dict[TaskId, int] = field(default_factory=dict)
     """Runs (id -> version) created after the cluster snapshot: nothing of theirs predates
     this view."""
@@ -104,6 +106,7 @@ class ClusterView:
             self.outcomes.clear()
             self.states.clear()
             self.members.clear()
+            self.members_version += 1
             self.born.clear()
             for kv in batch.kvs:
                 touched |= self._apply(kv, deleted=False, live=False)
@@ -143,6 +146,7 @@ class ClusterView:
     def _apply(self, kv: t.KeyValue, *, deleted: bool, live: bool) -> set[TaskId]:
         parsed = self.keys.parse(kv.key)
         if isinstance(parsed, MemberKey):
+            self.members_version += 1
             self.members.pop(parsed.node_id, None)
             if not deleted:
                 try:
