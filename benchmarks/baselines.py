@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import requests
 
 from benchmarks.common import b64, range_end, tuned_session
-from distributedtask import Manager, Task, TaskDescriptor
+from distributedtask import Manager, Task, TaskDescriptor, TaskStatus
 from distributedtask.provider import Provider, TaskCompletionRecorder, TaskHandle
 
 
@@ -211,7 +211,8 @@ class PollingScheduler:
             wanted = {
                 (namespace, task.id): task
                 for task in tasks.get(namespace, ())
-                if task.should_run_on(self.node_id)
+                if task.status is TaskStatus.STARTED
+                and self.node_id in task.pending_nodes
             }
             for key in [k for k in self._running if k[0] == namespace]:
                 version, handle = self._running[key]
