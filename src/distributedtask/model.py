@@ -114,6 +114,10 @@ class FrozenMap(Mapping[str, _V]):
 EMPTY: FrozenMap[Any] = FrozenMap()
 
 
+MAX_DURATION = timedelta(seconds=10**9)
+"""The longest backoff or deadline a policy may hold (about 31 years): what its JSON stores."""
+
+
 @dataclass(frozen=True)
 class RunPolicy:
     """How a run is retried and bounded (Kubernetes Job's numbers by default).
@@ -136,15 +140,21 @@ class RunPolicy:
             )
         for name in ("retry_backoff", "retry_backoff_max"):
             value = getattr(self, name)
-            if not isinstance(value, timedelta) or value < timedelta(0):
-                raise InvalidTaskError(f"{name} must be a timedelta >= 0, not {value!r}", "policy")
+            if not isinstance(value, timedelta) or not timedelta(0) <= value <= MAX_DURATION:
+                raise InvalidTaskError(
+                    f"{name} must be a timedelta from 0 to {MAX_DURATION}, not {value!r}",
+                    "policy",
+                )
         if self.retry_backoff_max < self.retry_backoff:
             raise InvalidTaskError("retry_backoff_max must be >= retry_backoff", "policy")
         if self.deadline is not None and (
-            not isinstance(self.deadline, timedelta) or self.deadline <= timedelta(0)
+            not isinstance(self.deadline, timedelta)
+            or not timedelta(0) < self.deadline <= MAX_DURATION
         ):
             raise InvalidTaskError(
-                f"deadline must be a positive timedelta or None, not {self.deadline!r}", "policy"
+                f"deadline must be None or a positive timedelta of at most {MAX_DURATION}, "
+                f"not {self.deadline!r}",
+                "policy",
             )
 
     def backoff(self, attempts: int) -> timedelta:
@@ -186,7 +196,7 @@ class RunPolicy:
                 return default
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise InvalidTaskError(f"policy {key} must be a number of seconds", "policy")
-            if not 0 <= value <= 10**9:
+            if not 0 <= value <= MAX_DURATION.total_seconds():
                 raise InvalidTaskError(f"policy {key} is out of range: {value!r}", "policy")
             return timedelta(seconds=value)
 

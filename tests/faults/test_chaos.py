@@ -3,9 +3,12 @@
 Three Schedulers on a three-member etcd cluster; for ``DURATION`` seconds the fault loop kills
 the leader, kills a follower, pauses a member and cuts ``node-c`` off for longer than its member
 TTL (but shorter than the node-loss grace: no run may fail for node loss), while a client makes
-the full 200 adds (about 30% on an id used before) and cancels about a fifth of the runs. The
-seed is printed (and is in the failure message); set ``DTASK_CHAOS_SEED`` to replay one. The
-long version runs by hand: ``python -m tests.faults.chaos --duration 600 --seed N``.
+the full 200 adds (about 30% on an id used before, about 30% with a run policy: 2-3 attempts,
+some with a deadline of a few seconds), cancels about a fifth of the runs, and pauses about
+a sixth of them (a third of those with a policy), then resumes them (or cancels them while
+PAUSED). The seed is printed (and is in the failure message); set ``DTASK_CHAOS_SEED`` to
+replay one. The long version runs by hand: ``python -m tests.faults.chaos --duration 600
+--seed N``.
 """
 
 from __future__ import annotations
@@ -42,3 +45,7 @@ def test_chaos_keeps_every_invariant(etcd_cluster: EtcdCluster, dtask_prefix: st
     assert report.max_concurrent == 1
     assert report.cut_lapses >= 1
     assert report.loss_failures == 0  # every cut was shorter than the grace
+    # the run policy was exercised: retried attempts, pauses resumed, deadlines enforced
+    assert report.policy_runs > 0 and report.retries > 0, report.summary()
+    assert report.controls["pause ok"] > 0 and report.resume_starts > 0, report.summary()
+    assert report.deadline_failures > 0, report.summary()

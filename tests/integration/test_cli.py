@@ -258,6 +258,10 @@ def test_get_and_cancel_of_an_unknown_task(dtask: Dtask, manager: dt.Manager) ->
         ("get", NS, "no-such-id"),
         ("cancel", "no-such-namespace", "t1"),
         ("cancel", "no-such-namespace", "t1", "--version", "5"),
+        ("pause", "no-such-namespace", "t1"),
+        ("pause", NS, "no-such-id", "--version", "5"),
+        ("resume", "no-such-namespace", "t1"),
+        ("resume", NS, "no-such-id"),
         ("cleanup", "no-such-namespace", "t1"),
         ("wait", "no-such-namespace", "t1"),
     ):
@@ -343,6 +347,216 @@ def test_unreadable_payload_file(dtask: Dtask, manager: dt.Manager, tmp_path: Pa
 def test_payload_and_payload_file_are_exclusive(dtask: Dtask, tmp_path: Path) -> None:
     line = argparse_error(dtask("add", NS, "t1", "--payload", "x", "--payload-file", "-"))
     assert "not allowed with" in line
+
+
+# ---- add with a run policy ------------------------------------------------------------------
+
+
+def test_add_with_a_run_policy(dtask: Dtask, manager: dt.Manager) -> None:
+    out = ok(
+        dtask(
+            "add", NS, "t1", "--nodes", "n1",
+            "--max-attempts", "3", "--retry-backoff", "0.5", "--retry-backoff-max", "4",
+            "--deadline", "90.5",
+        )
+    )  # fmt: skip
+    task = manager.get_task(NS, "t1")
+    assert task is not None and added_version(out) == task.version
+    assert task.policy == dt.RunPolicy(
+        max_attempts=3,
+        retry_backoff=timedelta(seconds=0.5),
+        retry_backoff_max=timedelta(seconds=4),
+        deadline=timedelta(seconds=90.5),
+    )
+    body = orjson.loads(ok(dtask("get", NS, "t1")))
+    assert body["policy"] == {
+        "maxAttempts": 3,
+        "retryBackoff": 0.5,
+        "retryBackoffMax": 4.0,
+        "deadline": 90.5,
+    }
+
+
+def test_add_with_some_policy_flags_keeps_the_other_defaults(
+    dtask: Dtask, manager: dt.Manager
+) -> None:
+    ok(dtask("add", NS, "t1", "--nodes", "n1", "--max-attempts", "2"))
+    ok(dtask("add", NS, "t2", "--nodes", "n1", "--deadline", "5"))
+    # a backoff above the default cap (360 s) raises the cap with it
+    ok(dtask("add", NS, "t3", "--nodes", "n1", "--retry-backoff", "600"))
+    ok(dtask("add", NS, "t4", "--nodes", "n1", "--retry-backoff", "0"))
+    tasks = {t.id: t for t in manager.list_tasks()[NS]}
+    assert tasks["t1"].policy == dt.RunPolicy(max_attempts=2)
+    assert tasks["t2"].policy == dt.RunPolicy(deadline=timedelta(seconds=5))
+    assert tasks["t3"].policy == dt.RunPolicy(
+        retry_backoff=timedelta(seconds=600), retry_backoff_max=timedelta(seconds=600)
+    )
+    assert tasks["t4"].policy == dt.RunPolicy(retry_backoff=timedelta(0))
+    # no flag: the default policy, and a plain task's JSON (no "policy" key)
+    ok(dtask("add", NS, "plain", "--nodes", "n1"))
+    plain = manager.get_task(NS, "plain")
+    assert plain is not None and plain.policy == dt.RunPolicy()
+    assert "policy" not in orjson.loads(ok(dtask("get", NS, "plain")))
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--max-attempts", "0"),
+        ("--max-attempts", "-1"),
+        ("--max-attempts", "1001"),
+        ("--max-attempts", "2.5"),
+        ("--max-attempts", "many"),
+        ("--retry-backoff", "-1"),
+        ("--retry-backoff", "nan"),
+        ("--retry-backoff", "inf"),
+        ("--retry-backoff", "soon"),
+        ("--retry-backoff-max", "-0.5"),
+        ("--retry-backoff-max", "1e10"),
+        ("--deadline", "0"),
+        ("--deadline", "-5"),
+        ("--deadline", "nan"),
+        ("--deadline", "inf"),
+        ("--deadline", "1e10"),
+        ("--deadline", ""),
+    ],
+)
+def test_bad_policy_flags_are_usage_errors_that_write_nothing(
+    dtask: Dtask, manager: dt.Manager, flag: str, value: str
+) -> None:
+    line = argparse_error(dtask("add", NS, "t1", "--nodes", "n1", flag, value))
+    assert line.startswith("dtask add: usage error: "), line
+    assert flag in line, line
+    assert manager.list_tasks() == {}
+
+
+def test_a_backoff_cap_below_the_backoff_is_a_usage_error(
+    dtask: Dtask, manager: dt.Manager
+) -> None:
+    args = ("add", NS, "t1", "--nodes", "n1", "--retry-backoff", "10", "--retry-backoff-max", "5")
+    line = error_line(dtask(*args), EXIT_USAGE)
+    assert "--retry-backoff-max" in line and "--retry-backoff" in line
+    assert manager.list_tasks() == {}
+
+
+def test_bad_policy_flags_are_checked_before_connecting() -> None:
+    # no etcd at all: still a usage error (64), not "etcd unreachable" (3)
+    result = run_dtask(
+        ["--endpoints", f"http://127.0.0.1:{free_port()}", "--timeout", "0.5",
+         "add", NS, "t1", "--max-attempts", "0"],
+        timeout=20,
+    )  # fmt: skip
+    argparse_error(result)
+    result = run_dtask(
+        ["--endpoints", f"http://127.0.0.1:{free_port()}", "--timeout", "0.5",
+         "add", NS, "t1", "--retry-backoff", "9", "--retry-backoff-max", "1"],
+        timeout=20,
+    )  # fmt: skip
+    error_line(result, EXIT_USAGE)
+
+
+# ---- pause and resume ------------------------------------------------------------------------
+
+
+def test_pause_and_resume_the_current_run(dtask: Dtask, manager: dt.Manager) -> None:
+    task = manager.add_task(NS, "t1", nodes=["n1", "n2"])
+    name = f"{NS}/t1 version {task.version}"
+    assert ok(dtask("pause", NS, "t1")) == f"paused {name}\n"
+    paused = manager.get_task(NS, "t1")
+    assert paused is not None and paused.status is dt.TaskStatus.PAUSED
+    assert ok(dtask("pause", NS, "t1")) == f"{name} is already paused\n"
+
+    rows = [line.split() for line in ok(dtask("list")).splitlines()[1:]]
+    assert [row[:5] for row in rows] == [[NS, "t1", str(task.version), "PAUSED", "0/2"]]
+    assert orjson.loads(ok(dtask("get", NS, "t1")))["status"] == "PAUSED"
+    listed = orjson.loads(ok(dtask("list", "--json")))
+    assert listed["tasks"][NS][0]["status"] == "PAUSED"
+    # PAUSED is not terminal: no add over it, no clean-up
+    assert "already running" in error_line(dtask("add", NS, "t1", "--nodes", "n1"))
+    assert "still running" in error_line(dtask("cleanup", NS, "t1", "--ttl", "0"))
+
+    assert ok(dtask("resume", NS, "t1")) == f"resumed {name}\n"
+    resumed = manager.get_task(NS, "t1")
+    assert resumed is not None and resumed.status is dt.TaskStatus.STARTED
+    assert ok(dtask("resume", NS, "t1")) == f"{name} is already running\n"
+    assert [line.split()[3] for line in ok(dtask("list")).splitlines()[1:]] == ["STARTED"]
+
+
+def test_pause_and_resume_a_given_version(dtask: Dtask, manager: dt.Manager) -> None:
+    task = manager.add_task(NS, "t1", nodes=["n1"])
+    for command in ("pause", "resume"):
+        line = error_line(dtask(command, NS, "t1", "--version", str(task.version + 1000)))
+        assert "does not exist" in line and str(task.version + 1000) in line
+    assert manager.get_task(NS, "t1") == task
+    out = ok(dtask("pause", NS, "t1", "--version", str(task.version)))
+    assert out == f"paused {NS}/t1 version {task.version}\n"
+    out = ok(dtask("resume", NS, "t1", "--version", str(task.version)))
+    assert out == f"resumed {NS}/t1 version {task.version}\n"
+
+
+@pytest.mark.parametrize("how", ["cancel", "fail", "finish"])
+def test_pause_and_resume_of_a_terminal_run_fail_like_cancel(
+    dtask: Dtask, manager: dt.Manager, how: str
+) -> None:
+    task = manager.add_task(NS, "t1", nodes=["n1", "n2"])
+    _end(manager, task, how)
+    ended = manager.get_task(NS, "t1")
+    assert ended is not None and ended.status.terminal
+    cancel = dtask("cancel", NS, "t1")
+    cancel_line = error_line(cancel)
+    assert "no longer running" in cancel_line
+    for command in ("pause", "resume"):
+        for args in ((), ("--version", str(task.version))):
+            result = dtask(command, NS, "t1", *args)
+            assert result.returncode == cancel.returncode == EXIT_ERROR
+            line = error_line(result)
+            assert "no longer running" in line and f"{NS}/t1" in line, line
+    assert manager.get_task(NS, "t1") == ended
+
+
+def test_cancel_of_a_paused_run(dtask: Dtask, manager: dt.Manager) -> None:
+    task = manager.add_task(NS, "t1", nodes=["n1"])
+    ok(dtask("pause", NS, "t1"))
+    assert ok(dtask("cancel", NS, "t1")) == f"cancelled {NS}/t1 version {task.version}\n"
+    after = manager.get_task(NS, "t1")
+    assert after is not None and after.status is dt.TaskStatus.CANCELLED
+
+
+# ---- attempts in list and get ----------------------------------------------------------------
+
+
+def test_get_and_list_show_attempts_and_last_errors(dtask: Dtask, manager: dt.Manager) -> None:
+    policy = dt.RunPolicy(max_attempts=3)
+    task = manager.add_task(NS, "t1", nodes=["n1", "n2", "n3"], policy=policy)
+    manager.record_node_failure(NS, "t1", task.version, "n1", "boom")
+    manager.record_node_failure(NS, "t1", task.version, "n1", "bang")
+    manager.record_node_failure(NS, "t1", task.version, "n2", "crash")
+    one = manager.add_task(NS, "t2", nodes=["n1"], policy=policy)
+    manager.record_node_failure(NS, "t2", one.version, "n1", "once")
+    manager.add_task(NS, "t3", nodes=["n1"])
+
+    body = orjson.loads(ok(dtask("get", NS, "t1")))
+    assert body["status"] == "STARTED" and "error" not in body
+    assert body["policy"] == {"maxAttempts": 3}
+    assert body["attempts"] == {"n1": 2, "n2": 1}
+    assert body["lastErrors"] == {"n1": "bang", "n2": "crash"}
+    plain = orjson.loads(ok(dtask("get", NS, "t3")))
+    assert not {"policy", "attempts", "lastErrors"} & set(plain)
+
+    lines = ok(dtask("list")).splitlines()
+    assert lines[0].split() == ["NAMESPACE", "ID", "VERSION", "STATUS", "NODES", "AGE", "ATTEMPTS"]
+    rows = {line.split()[1]: line.split() for line in lines[1:]}
+    assert rows["t1"][3] == "STARTED" and rows["t1"][6:] == ["3", "failed", "on", "2", "nodes"]
+    assert rows["t2"][6:] == ["1", "failed", "on", "n1"]
+    assert rows["t3"][6:] == ["-"]
+
+    # the failure that uses the last attempt ends the run; list and get say so
+    manager.record_node_failure(NS, "t1", task.version, "n1", "final")
+    body = orjson.loads(ok(dtask("get", NS, "t1")))
+    assert body["status"] == "FAILED" and body["error"] == "final"
+    assert body["failedNode"] == "n1" and body["attempts"] == {"n1": 3, "n2": 1}
+    rows = {line.split()[1]: line.split() for line in ok(dtask("list")).splitlines()[1:]}
+    assert rows["t1"][3] == "FAILED" and rows["t1"][6:] == ["4", "failed", "on", "2", "nodes"]
 
 
 # ---- cancel and cleanup ----------------------------------------------------------------------
@@ -458,6 +672,54 @@ def test_wait_for_another_version_fails(dtask: Dtask, manager: dt.Manager) -> No
     assert "does not exist" in line
 
 
+def test_wait_shows_pause_resume_and_retries(
+    background: Callable[..., Background], manager: dt.Manager
+) -> None:
+    policy = dt.RunPolicy(max_attempts=3)
+    task = manager.add_task(NS, "t1", nodes=["n1", "n2"], policy=policy)
+    waiter = background("wait", NS, "t1", "--plain")
+    wait_until(lambda: "n2: running 0%" in waiter.out, timeout=10, message=str(waiter.err))
+
+    def shows(line: str) -> None:
+        wait_until(lambda: line in waiter.out, timeout=10, message=f"{line!r} in {waiter.out}")
+
+    manager.record_progress(NS, "t1", task.version, "n1", 0.25, "first try")
+    shows("n1: running 25% first try")
+    manager.record_node_failure(NS, "t1", task.version, "n1", "boom")
+    shows("n1: retrying 25% (attempt 2 of 3): boom")
+    manager.record_progress(NS, "t1", task.version, "n1", 0.5, "second try")
+    shows("n1: running 50% second try (attempt 2 of 3)")
+    manager.pause_task(NS, "t1", task.version)
+    shows("n1: paused 50% second try (attempt 2 of 3)")
+    shows("n2: paused 0%")
+    manager.resume_task(NS, "t1", task.version)
+    shows("n1: running 50% second try (attempt 2 of 3)")
+    wait_until(lambda: waiter.out.count("n2: running 0%") == 2, timeout=10)
+    manager.record_node_failure(NS, "t1", task.version, "n1", "bang")
+    shows("n1: retrying 50% (attempt 3 of 3): bang")
+    manager.record_node_completion(NS, "t1", task.version, "n2")
+    manager.record_node_failure(NS, "t1", task.version, "n1", "no luck")
+    assert waiter.wait(15) == 1, (waiter.out, waiter.err)
+    assert waiter.err == []
+    assert waiter.out[-1] == f"{NS}/t1 v{task.version} FAILED on n1: no luck"
+    assert "n1: failed 50% no luck" in waiter.out and "n2: done 100%" in waiter.out
+    assert all(re.fullmatch(r"n[12]: \w+ \d+%.*", line) for line in waiter.out[:-1]), waiter.out
+
+
+def test_wait_on_a_paused_task_shows_it_paused(
+    background: Callable[..., Background], manager: dt.Manager
+) -> None:
+    task = manager.add_task(NS, "t1", nodes=["n1"], policy=dt.RunPolicy(max_attempts=2))
+    manager.record_node_failure(NS, "t1", task.version, "n1", "boom")
+    manager.pause_task(NS, "t1", task.version)
+    waiter = background("wait", NS, "t1", "--plain")
+    wait_until(lambda: waiter.out, timeout=10, message=str(waiter.err))
+    assert waiter.out[0] == "n1: paused 0% (attempt 2 of 2): boom"
+    manager.cancel_task(NS, "t1", task.version)
+    assert waiter.wait(15) == 2, (waiter.out, waiter.err)
+    assert waiter.out[1:] == ["n1: cancelled 0%", f"{NS}/t1 v{task.version} CANCELLED"]
+
+
 # ---- watch -----------------------------------------------------------------------------------
 
 
@@ -508,6 +770,32 @@ def test_watch_reports_cancel_removal_and_progress(
         f"{NS}/t1 v{task.version} n1 50% half",
         f"{NS}/t1 CANCELLED",
         f"removed {NS}/t1",
+    ]
+
+
+def test_watch_reports_pause_resume_and_retried_failures(
+    background: Callable[..., Background], manager: dt.Manager
+) -> None:
+    watcher = background("watch", "--count", "7")
+    wait_until(lambda: watcher.out, timeout=10, message=str(watcher.err))
+    task = manager.add_task(NS, "t1", nodes=["n1", "n2"], policy=dt.RunPolicy(max_attempts=2))
+    manager.record_node_failure(NS, "t1", task.version, "n1", "boom")
+    manager.pause_task(NS, "t1", task.version)
+    manager.pause_task(NS, "t1", task.version)  # already paused: nothing written, no line
+    manager.resume_task(NS, "t1", task.version)
+    manager.record_node_failure(NS, "t1", task.version, "n2", "crash")
+    # n1's last attempt: the outcome's line says it, no "attempt 2 failed" line besides
+    manager.record_node_failure(NS, "t1", task.version, "n1", "bang")
+    plain = manager.add_task(NS, "t2", nodes=["n1"])
+    assert watcher.wait(15) == 0, (watcher.out, watcher.err)
+    assert watcher.out[1:] == [
+        f"added {NS}/t1 v{task.version}",
+        f"{NS}/t1 attempt 1 failed on n1: boom",
+        f"{NS}/t1 PAUSED",
+        f"{NS}/t1 resumed",
+        f"{NS}/t1 attempt 1 failed on n2: crash",
+        f"{NS}/t1 FAILED on n1: bang",
+        f"added {NS}/t2 v{plain.version}",
     ]
 
 
@@ -650,6 +938,9 @@ def test_import_of_an_unreadable_file(dtask: Dtask, manager: dt.Manager, tmp_pat
         ["add", NS, "t1", "--payload", "x", "--nodes", "n1"],
         ["add", NS, "t1"],
         ["cancel", NS, "t1"],
+        ["pause", NS, "t1"],
+        ["resume", NS, "t1", "--version", "3"],
+        ["add", NS, "t1", "--nodes", "n1", "--max-attempts", "2", "--deadline", "9"],
         ["cleanup", NS, "t1"],
         ["wait", NS, "t1"],
         ["watch"],
@@ -678,6 +969,9 @@ def test_etcd_unreachable(args: list[str]) -> None:
         (["add", NS, "t1", "--nodes", "bad\x01node"], "node"),
         (["cancel", "", "t1", "--version", "3"], "namespace"),
         (["cancel", "", "t1"], "namespace"),
+        (["pause", "", "t1"], "namespace"),
+        (["resume", NS, ""], "id"),
+        (["pause", NS, "", "--version", "3"], "id"),
         (["wait", "", "t1"], "namespace"),
     ],
 )
@@ -695,6 +989,11 @@ def test_invalid_names(dtask: Dtask, manager: dt.Manager, args: list[str], what:
         ["get", NS],
         ["add"],
         ["cancel", NS, "t1", "--version", "abc"],
+        ["pause", NS],
+        ["resume"],
+        ["pause", NS, "t1", "--version", "abc"],
+        ["resume", NS, "t1", "--version", "1.5"],
+        ["add", NS, "t1", "--max-attempts"],
         ["wait", NS, "t1", "--timeout-after", "soon"],
         ["list", "--bogus"],
         ["--timeout", "abc", "list"],

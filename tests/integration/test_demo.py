@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tempfile
@@ -37,11 +38,28 @@ def test_demo_runs_to_the_end_and_leaves_no_process_or_file() -> None:
         "node-a: shell/migrate",
         "terminated",
         "CANCELLED",
+        # the retried task: node-b's first attempt fails, its second succeeds
+        "added demo/verify version",
+        "failed (attempt 1 of 2): chunk 5: read error (a flaky disk); again in ",
+        "demo/verify v",
+        "1 failed on node-b",
+        # the paused task: paused, each node's run terminated, PAUSED, resumed, finished
+        "paused demo/backup version",
+        "node-a: terminated demo/backup v",
+        "resumed demo/backup version",
         "node-a exited 0, node-b exited 0, node-c exited 0",
         "Stopped the nodes",
         "Everything stopped and removed",
     ):
         assert expected in out, expected
+    for line in (  # node-b's lines in `dtask wait`: backing off, then its second attempt running
+        r"node-b: retrying \d+% \(attempt 2 of 2\): chunk 5: read error \(a flaky disk\)",
+        r"node-b: running \d+% chunk [5-8]/8 \w+ \(attempt 2 of 2\)",
+    ):
+        assert re.search(f"^{line}$", out, re.MULTILINE), line
+    assert re.search(r"^demo +backup +\d+ +PAUSED ", out, re.MULTILINE), out
+    for task in ("verify", "backup"):
+        assert re.search(rf"^demo/{task} v\d+ FINISHED$", out, re.MULTILINE), task
     assert _ours() == []
     assert set(Path(tempfile.gettempdir()).glob("dtask-demo-*")) == before
 
