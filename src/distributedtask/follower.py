@@ -2,10 +2,11 @@
 ``dtask wait`` both stand on.
 
 It watches the run's outcome key (listed together with its record, so a run that is already
-over, removed or replaced is noticed at once) and, on request, the run's completion keys,
-progress keys, run state (paused or not) and failed-attempt counters. These are per-run ranges:
-following a run costs what that run writes, whatever else the cluster does, and a follower with
-no options (``Manager.wait_for_task``'s) watches the outcome key alone. Each range is a
+over, removed or replaced is noticed at once) and its record key (``restore`` replaces a live
+run), and, on request, the run's completion keys, progress keys, run state (paused or not) and
+failed-attempt counters. These are per-run keys: following a run costs what that run writes,
+whatever else the cluster does; a follower with no options (``Manager.wait_for_task``'s)
+watches the two keys alone. Each range is a
 :class:`~distributedtask.etcd.watch.ResumableWatch`, so a follower survives disconnects, etcd
 restarts and compaction like every other watcher.
 
@@ -110,7 +111,10 @@ class RunFollower:
                 outcome + b"\0",
                 self._on_outcome,
                 list_ranges=[(outcome, outcome + b"\0"), (record, record + b"\0")],
-            )
+            ),
+            # A run is removed or replaced after it ended, but ``restore`` replaces a live one:
+            # its record is the only key that says so.
+            self._watch(record, record + b"\0", self._on_record),
         ]
         if completions:
             done = keys.task_done(namespace, task_id)
@@ -220,6 +224,28 @@ class RunFollower:
                         state.outcome = OutcomeRecord.decode(kv.value)
                     except CorruptRecordError:
                         state.gone = True
+            self._notify()
+
+    def _on_record(self, batch: Snapshot | Changes) -> None:
+        with self.lock:
+            state = self.state
+            if isinstance(batch, Snapshot):
+                current = batch.kvs[0] if batch.kvs else None
+                try:
+                    version = (
+                        None
+                        if current is None
+                        else TaskRecord.decode(current.value, payload=False).version_at(
+                            current.mod_revision
+                        )
+                    )
+                except CorruptRecordError:
+                    version = None
+                gone = version != self.version
+            else:
+                gone = bool(batch.events)  # deleted, or a new run of the id
+            if gone and state.outcome is None:
+                state.gone = True
             self._notify()
 
     def _on_done(self, batch: Snapshot | Changes) -> None:

@@ -10,15 +10,17 @@ Scheduler logs, counts and retries with backoff.
 ``ThreadProvider`` runs ``fn(task, context)`` on a thread of its own per run. ``context.cancelled``
 is set by ``terminate()``; ``context.progress(fraction, message)`` reports progress (throttled
 by the recorder). A normal return records completion, an exception records failure with its
-message, and a run that was terminated records nothing. Local state is an in-memory set, or,
+message (:func:`run_outcome`: the rule :class:`~distributedtask.aio.AsyncThreadProvider`
+shares), and a run that was terminated records nothing. Local state is an in-memory set, or,
 with ``state_dir``, one directory per run (``<state_dir>/<escaped id>/<version>``) that the
-function may use and that ``cleanup_task`` removes (the layout of
-:mod:`distributedtask.rundirs`). ``join(timeout)`` waits for every run
-thread to end (after terminating them, a cooperative function returns promptly).
+function may use and that ``cleanup_task`` removes (:class:`~distributedtask.rundirs.LocalRuns`).
+``join(timeout)`` waits for every run thread to end (after terminating them, a cooperative
+function returns promptly).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from .model import Task, TaskDescriptor
-from .rundirs import RunDirs
+from .rundirs import LocalRuns
 
 __all__ = [
     "Provider",
@@ -105,6 +107,27 @@ class TaskContext:
             self._recorder.record_progress(task.namespace, task.id, task.version, fraction, message)
 
 
+def run_outcome(
+    task: Task,
+    recorder: TaskCompletionRecorder | None,
+    *,
+    terminated: bool,
+    error: Exception | None,
+) -> Callable[[], None] | None:
+    """What a function run that ended records, as a call to make: completion when it returned
+    (``error`` None), failure when it raised — the message is ``str(error)``, else the
+    exception's type name — and nothing (None) when it was terminated or has no recorder."""
+    if terminated or recorder is None:
+        return None
+    if error is None:
+        return functools.partial(recorder.record_completion, task.namespace, task.id, task.version)
+    log.info("task %s/%s v%d failed: %s", task.namespace, task.id, task.version, error)
+    message = str(error) or type(error).__name__
+    return functools.partial(
+        recorder.record_failure, task.namespace, task.id, task.version, message
+    )
+
+
 class _ThreadHandle:
     def __init__(self, context: TaskContext, thread: threading.Thread) -> None:
         self.context = context
@@ -126,32 +149,22 @@ class ThreadProvider:
 
     def __init__(self, fn: TaskFunction, *, state_dir: str | Path | None = None) -> None:
         self._fn = fn
-        self._dirs = RunDirs(state_dir) if state_dir is not None else None
+        self._runs = LocalRuns(state_dir)
         self._recorder: TaskCompletionRecorder | None = None
         self._lock = threading.Lock()
-        self._local: set[TaskDescriptor] = set()
         self._handles: list[_ThreadHandle] = []
-        if self._dirs is not None:
-            self._dirs.root.mkdir(parents=True, exist_ok=True)
 
     def set_completion_recorder(self, recorder: TaskCompletionRecorder) -> None:
         self._recorder = recorder
 
     def get_local_tasks(self) -> list[TaskDescriptor]:
-        if self._dirs is not None:
-            return self._dirs.list()
-        with self._lock:
-            return sorted(self._local)
+        return self._runs.list()
 
     def cleanup_task(self, descriptor: TaskDescriptor) -> None:
-        with self._lock:
-            self._local.discard(descriptor)
-        if self._dirs is not None:
-            self._dirs.remove(descriptor)
+        self._runs.remove(descriptor)
 
     def start_task(self, task: Task) -> TaskHandle:
-        run_dir = self._dirs.create(task.descriptor) if self._dirs is not None else None
-        context = TaskContext(task, self._recorder, run_dir)
+        context = TaskContext(task, self._recorder, self._runs.open(task.descriptor))
         thread = threading.Thread(
             target=self._run,
             args=(context,),
@@ -160,26 +173,22 @@ class ThreadProvider:
         )
         handle = _ThreadHandle(context, thread)
         with self._lock:
-            self._local.add(task.descriptor)
             self._handles = [h for h in self._handles if h.thread.is_alive()]
             self._handles.append(handle)
         thread.start()
         return handle
 
     def _run(self, context: TaskContext) -> None:
-        task = context.task
+        error: Exception | None = None
         try:
-            self._fn(task, context)
+            self._fn(context.task, context)
         except Exception as exc:
-            if context.cancelled.is_set():
-                return
-            log.info("task %s/%s v%d failed: %s", task.namespace, task.id, task.version, exc)
-            if self._recorder is not None:
-                message = str(exc) or type(exc).__name__
-                self._recorder.record_failure(task.namespace, task.id, task.version, message)
-            return
-        if not context.cancelled.is_set() and self._recorder is not None:
-            self._recorder.record_completion(task.namespace, task.id, task.version)
+            error = exc
+        record = run_outcome(
+            context.task, self._recorder, terminated=context.cancelled.is_set(), error=error
+        )
+        if record is not None:
+            record()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for every run thread to end; True if all did within ``timeout``."""

@@ -1,4 +1,5 @@
-"""``RunDirs``: one directory per run under a provider's state directory.
+"""``RunDirs``: one directory per run under a provider's state directory; ``LocalRuns``: the runs
+a function provider keeps local state for, in such directories or in memory.
 
 Layout: ``<root>/<escaped task id>/<version>/``. The id is percent-encoded with no safe
 characters (so ``/`` can never escape the root), ``.`` and ``..`` are escaped as ``%2E``, and an
@@ -7,10 +8,11 @@ id whose escape is longer than 200 bytes is stored as ``%~<sha256 of the id>`` w
 the two forms cannot collide. Entries that this layout did not produce are ignored by
 :meth:`RunDirs.list`, so a state directory may hold other files.
 
-Used by :class:`~distributedtask.provider.ThreadProvider` and
+Used by :class:`~distributedtask.provider.ThreadProvider`,
+:class:`~distributedtask.aio.AsyncThreadProvider` (both through :class:`LocalRuns`) and
 :class:`~distributedtask.providers.command.CommandProvider`. Methods raise :class:`OSError`
 only when the file system refuses; they are safe to call from several threads for different
-runs.
+runs (``LocalRuns`` from any threads).
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import contextlib
 import hashlib
 import re
 import shutil
+import threading
 from pathlib import Path
 from urllib.parse import quote, unquote
 
 from .model import TaskDescriptor
 
-__all__ = ["RunDirs"]
+__all__ = ["LocalRuns", "RunDirs"]
 
 ID_FILE = ".id"
 MAX_ESCAPED_ID_BYTES = 200
@@ -112,3 +115,38 @@ class RunDirs:
                     (id_dir / ID_FILE).unlink()
         with contextlib.suppress(OSError):  # not empty: another version of the id is there
             id_dir.rmdir()
+
+
+class LocalRuns:
+    """The runs a provider keeps local state for: with ``state_dir``, a :class:`RunDirs`
+    directory each (which survives a restart); without, an in-memory set."""
+
+    def __init__(self, state_dir: str | Path | None) -> None:
+        self.dirs = RunDirs(state_dir) if state_dir is not None else None
+        self._lock = threading.Lock()
+        self._runs: set[TaskDescriptor] = set()
+        if self.dirs is not None:
+            self.dirs.root.mkdir(parents=True, exist_ok=True)
+
+    def open(self, descriptor: TaskDescriptor) -> Path | None:
+        """Note that the run has local state; its directory (created), or None without one."""
+        if self.dirs is not None:
+            return self.dirs.create(descriptor)
+        with self._lock:
+            self._runs.add(descriptor)
+        return None
+
+    def list(self) -> list[TaskDescriptor]:
+        """Every run with local state, sorted."""
+        if self.dirs is not None:
+            return self.dirs.list()
+        with self._lock:
+            return sorted(self._runs)
+
+    def remove(self, descriptor: TaskDescriptor) -> None:
+        """Forget the run's local state (remove its directory). Idempotent."""
+        if self.dirs is not None:
+            self.dirs.remove(descriptor)
+            return
+        with self._lock:
+            self._runs.discard(descriptor)

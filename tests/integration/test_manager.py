@@ -292,8 +292,29 @@ def test_wait_for_task_watches_instead_of_polling(
         manager.record_node_completion(NS, "t1", task.version, node)
     thread.join(30)
     assert result and result[0].status is dt.TaskStatus.FINISHED
-    # one list, one watch stream, one final read: however long it waited
-    assert etcd_proxy.requests == 3
+    # for the outcome and for the record: one list and one watch stream each, then one final
+    # read, however long it waited
+    assert etcd_proxy.requests == 5
+
+
+def test_wait_for_task_sees_a_live_run_replaced_by_a_restore(manager: dt.Manager) -> None:
+    task = manager.add_task(NS, "t1", nodes=["n1"])
+    snapshot = manager.snapshot()
+    failures: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            manager.wait_for_task(NS, "t1", task.version, timeout=20)
+        except BaseException as exc:
+            failures.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    manager.restore(snapshot)  # the STARTED run comes back with a new version
+    waiter.join(30)
+    assert len(failures) == 1 and isinstance(failures[0], dt.TaskNotFoundError)
+    restored = manager.get_task(NS, "t1")
+    assert restored is not None and restored.version > task.version
 
 
 def test_twelve_nodes_completing_at_once_finish_once(
