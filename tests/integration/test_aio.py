@@ -150,7 +150,8 @@ def test_wait_for_task_returns_when_the_run_ends_and_holds_no_thread(
             waiters = [
                 asyncio.create_task(m.wait_for_task(NS, t.id, t.version, timeout=30)) for t in tasks
             ]
-            await eventually(lambda: len(follow_threads()) == 5, what="five followers")
+            # each follower watches the run's outcome and its record: two threads
+            await eventually(lambda: len(follow_threads()) == 10, what="five followers")
             assert not any(w.done() for w in waiters)
             for task in tasks:
                 await m.record_node_completion(NS, task.id, task.version, "a")
