@@ -60,7 +60,7 @@ import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 
 from .etcd import txn as t
@@ -92,6 +92,7 @@ from .model import (
 from .readmodel import Attempts, ReadModel, Run, build_task
 from .records import (
     FORMAT_MARKER,
+    INLINE_NODES,
     AttemptRecord,
     DoneRecord,
     MemberRecord,
@@ -431,14 +432,18 @@ class Manager:
         keys = self.keys
         key = keys.task(namespace, task_id)
         outcome_key = keys.outcome(namespace, task_id)
-        writes = [
-            t.put(key, record.encode()),
-            t.put(keys.nodes(namespace, task_id), NodeList(nodes).encode()),
-            *(
-                t.put(keys.assign(bucket, namespace, task_id), part.encode())
-                for bucket, part in sorted(NodeList.by_bucket(nodes).items())
-            ),
-        ]
+        if len(nodes) <= INLINE_NODES:
+            record = replace(record, nodes=nodes)
+            writes = [t.put(key, record.encode())]
+        else:
+            writes = [
+                t.put(key, replace(record, nodes=None).encode()),
+                t.put(keys.nodes(namespace, task_id), NodeList(nodes).encode()),
+                *(
+                    t.put(keys.assign(bucket, namespace, task_id), part.encode())
+                    for bucket, part in sorted(NodeList.by_bucket(nodes).items())
+                ),
+            ]
         if outcome is not None:
             writes.append(t.put(outcome_key, outcome.encode()))
         for _ in range(_RACE_ATTEMPTS):

@@ -205,11 +205,14 @@ class ReadModel:
         record = TaskRecord.decode(record_kv.value)
         outcome = None if outcome_kv is None else OutcomeRecord.decode(outcome_kv.value)
         state = None if state_kv is None else RunState.decode(state_kv.value)
-        if nodes_kv is None:
+        if record.nodes is not None:
+            nodes = record.nodes
+        elif nodes_kv is None:
             raise CorruptRecordError("a task record without its node list", record_kv.key)
-        nodes = NodeList.decode(nodes_kv.value).nodes
-        if len(nodes) != record.node_count:
-            raise CorruptRecordError("a node list that does not match its record", nodes_kv.key)
+        else:
+            nodes = NodeList.decode(nodes_kv.value).nodes
+            if len(nodes) != record.node_count:
+                raise CorruptRecordError("a node list that does not match its record", nodes_kv.key)
         task = build_task(
             namespace,
             task_id,

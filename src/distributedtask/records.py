@@ -38,6 +38,7 @@ from .model import (
 __all__ = [
     "FORMAT_MARKER",
     "FORMAT_VERSION",
+    "INLINE_NODES",
     "AttemptRecord",
     "CorruptRecordError",
     "DoneRecord",
@@ -50,6 +51,10 @@ __all__ = [
     "decode_progress",
     "encode_progress",
 ]
+
+INLINE_NODES = 16
+"""A run of at most this many nodes carries their names in its record: its add is one key
+(and one watch event per Scheduler), and no reader needs another read to know its nodes."""
 
 FORMAT_VERSION = 2
 """The layout this library reads and writes; stored in ``P/format`` and in every value."""
@@ -107,6 +112,18 @@ def _optional_name(data: Mapping[str, Any], key: str, what: str) -> str | None:
         raise CorruptRecordError(f"{what}: {exc}") from None
 
 
+def _node_names(values: object, what: str) -> frozenset[str]:
+    if not isinstance(values, list):
+        raise CorruptRecordError(f"{what}: field 'nodes' is missing or has the wrong type")
+    try:
+        nodes = frozenset(validate_name(v, "node_id") for v in values)
+    except InvalidTaskError as exc:
+        raise CorruptRecordError(f"{what}: {exc}") from None
+    if not nodes:
+        raise CorruptRecordError(f"{what}: no nodes")
+    return nodes
+
+
 def _positive_int(data: Mapping[str, Any], key: str, what: str) -> int:
     value = data.get(key)
     if type(value) is not int or not 0 < value < 2**63:  # etcd revisions are int64
@@ -118,7 +135,9 @@ def _positive_int(data: Mapping[str, Any], key: str, what: str) -> int:
 class TaskRecord:
     """The stored form of ``P/cluster/tasks/<ns>/<id>``: what a run is, written once.
 
-    ``node_count`` is how many nodes the run has (their names are in ``P/nodes``);
+    ``node_count`` is how many nodes the run has; a run of at most :data:`INLINE_NODES` nodes
+    carries their names in ``nodes`` (then there is no ``P/nodes`` or ``P/assign`` key for it),
+    a larger one has ``nodes=None`` and its names in ``P/nodes`` and ``P/assign``.
     ``version`` is stored only for a run restored from a snapshot in a terminal state (it keeps
     the version it had); otherwise the version is the record's ``mod_revision``.
     """
@@ -129,6 +148,7 @@ class TaskRecord:
     token: str
     version: int | None = None
     policy: RunPolicy = DEFAULT_POLICY
+    nodes: frozenset[str] | None = None
 
     def encode(self) -> bytes:
         header: dict[str, Any] = {
@@ -142,6 +162,8 @@ class TaskRecord:
         policy = self.policy.to_dict()
         if policy:
             header["policy"] = policy
+        if self.nodes is not None:
+            header["nodes"] = sorted(self.nodes)
         return orjson.dumps(header) + b"\n" + self.payload
 
     @classmethod
@@ -159,7 +181,13 @@ class TaskRecord:
                 policy = RunPolicy.from_dict(data["policy"])
             except InvalidTaskError as exc:
                 raise CorruptRecordError(f"{what}: {exc}") from None
+        nodes = None
+        if "nodes" in data:
+            nodes = _node_names(data["nodes"], what)
+            if len(nodes) != data.get("nodeCount"):
+                raise CorruptRecordError(f"{what}: its nodes do not match its node count")
         return cls(
+            nodes=nodes,
             policy=policy,
             payload=raw[end + 1 :] if payload else b"",
             started_at=_ms(data, "startedAt", what),
@@ -186,14 +214,7 @@ class NodeList:
     @classmethod
     def decode(cls, raw: bytes) -> NodeList:
         what = "node list"
-        values = _get(_load(raw, what), "nodes", list, what)
-        try:
-            nodes = frozenset(validate_name(v, "node_id") for v in values)
-        except InvalidTaskError as exc:
-            raise CorruptRecordError(f"{what}: {exc}") from None
-        if not nodes:
-            raise CorruptRecordError(f"{what}: no nodes")
-        return cls(nodes)
+        return cls(_node_names(_load(raw, what).get("nodes"), what))
 
     @staticmethod
     def by_bucket(nodes: Iterable[str]) -> dict[int, NodeList]:

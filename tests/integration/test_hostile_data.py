@@ -31,6 +31,7 @@ from distributedtask.exceptions import CorruptRecordError
 from distributedtask.keys import BUCKETS, bucket_of
 from distributedtask.model import Progress
 from distributedtask.records import (
+    INLINE_NODES,
     DoneRecord,
     MemberRecord,
     NodeList,
@@ -43,6 +44,7 @@ from distributedtask.testing.proxy import TcpProxy
 
 NS = "ns"
 NODE = "node-1"
+FILLER = [f"filler-{i:02d}" for i in range(INLINE_NODES)]  # makes a run too big to be inline
 GHOST = "ghost"  # a node that never joins
 BUCKET = bucket_of(NODE)  # the assignment bucket NODE's Scheduler watches
 OTHER_BUCKET = (BUCKET + 1) % BUCKETS
@@ -276,7 +278,8 @@ def plant(manager: dt.Manager, client: dt.EtcdClient, *, big_payload: bytes = b"
         planted.listing_skips.add((keys.nodes if task_id in reported else keys.task)(NS, task_id))
         planted.unreadable_ids.append(task_id)
     for task_id, value in CORRUPT_ASSIGNMENTS.items():
-        planted.unassigned.append(manager.add_task(NS, task_id, nodes=[NODE]))
+        # more nodes than a record carries: the Scheduler learns its nodes from assignments
+        planted.unassigned.append(manager.add_task(NS, task_id, nodes=[NODE, *FILLER]))
         client.put(keys.assign(BUCKET, NS, task_id), value)
         planted.scheduler_skips.add(keys.assign(BUCKET, NS, task_id))
         planted.listed.append(task_id)
@@ -412,9 +415,9 @@ def test_transitions_of_good_tasks_work_next_to_garbage(
         assert mgr.get_task(NS, task_id) == fresh
     # A run whose assignment is garbage is a valid run to the Manager.
     unassigned = planted.unassigned[0]
-    assert mgr.record_node_completion(NS, unassigned.id, unassigned.version, NODE).status is (
-        dt.TaskStatus.FINISHED
-    )
+    for node in [*FILLER, NODE]:
+        done = mgr.record_node_completion(NS, unassigned.id, unassigned.version, node)
+    assert done.status is dt.TaskStatus.FINISHED
 
 
 def test_a_corrupt_completion_value_counts_by_its_key_and_is_skipped_where_it_is_read(
@@ -672,7 +675,9 @@ def test_a_scheduler_reports_a_corrupt_assignment_once_on_its_own_counter(
     caplog.set_level(logging.WARNING)
     other = "other"
     assert bucket_of(other) != BUCKET
-    task = mgr.add_task(NS, "bad-assign", nodes=[NODE, other])
+    task = mgr.add_task(NS, "bad-assign", nodes=[NODE, other, *FILLER])
+    for node in FILLER:
+        mgr.record_node_completion(NS, "bad-assign", task.version, node)
     bad_key = mgr.keys.assign(BUCKET, NS, "bad-assign")
     client.put(bad_key, b"junk")
     good = mgr.add_task(NS, "good", nodes=[NODE])
@@ -688,7 +693,7 @@ def test_a_scheduler_reports_a_corrupt_assignment_once_on_its_own_counter(
     later = mgr.add_task(NS, "later", nodes=[NODE])
     wait_until(lambda: later.descriptor in provider.starts(), message="later started")
     # A new run of the id writes a readable assignment: NODE runs it.
-    again = mgr.add_task(NS, "bad-assign", nodes=[NODE, other])
+    again = mgr.add_task(NS, "bad-assign", nodes=[NODE, other, *FILLER])
     wait_until(lambda: again.descriptor in provider.starts(), message="the new run started")
     lines = [
         r

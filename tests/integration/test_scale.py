@@ -16,7 +16,6 @@ from prometheus_client import CollectorRegistry
 from tests.support import RecordingProvider, Schedulers, metric
 
 import distributedtask as dt
-from distributedtask.keys import bucket_of
 from distributedtask.testing import wait_until
 from distributedtask.testing.proxy import TcpProxy
 
@@ -112,9 +111,9 @@ def test_150_live_schedulers_each_receive_what_concerns_them(
     # Scheduler has its record, anything written before it would have arrived too.
     for i in range(20):
         manager.record_progress(NS, "all", task.version, names[i], i / 20, "working")
+    # (a run of few nodes carries them in its record: one event per Scheduler, no assignment)
     marker = manager.add_task(NS, "marker", nodes=[names[0]])
-    same_bucket = sum(1 for name in names if bucket_of(name) == bucket_of(names[0]))
-    expected = (cluster0 + 2 * k, assign0 + k + same_bucket)
+    expected = (cluster0 + 2 * k, assign0 + k)
     wait_until(lambda: _events(registry) == expected, timeout=10)
     assert providers[names[0]].starts() == [task.descriptor, marker.descriptor]
 

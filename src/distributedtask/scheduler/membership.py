@@ -11,15 +11,15 @@ computes the same three from the same members), not by every node: at a thousand
 three attempts instead of a thousand. A node that is not a decider does nothing for it; when
 deciders change, the new ones pick the work up from their own view.
 
-**Node loss** (:class:`NodeLoss`, deciders only). A decider reads the node list of each STARTED
-run (``P/nodes``, once per run) and so knows which nodes the cluster waits for. A node it waits
-for that has no membership starts a grace period (``node_loss_grace``); when the grace ends
-and the node is still missing, the decider reads that node's completion keys for the runs
-that name it — a read of the lost node's own work, not of every node's — and fails each run it
-has not completed, with ``failed_node`` set to it and the error ``"node lost: ..."``. A run it
-had completed while the cluster still shows it STARTED is one whose finishing write was lost
-with its completer: the decider finishes it (``Manager.finish_if_complete``). Runs while PAUSED
-are not failed (a later issue).
+**Node loss** (:class:`NodeLoss`, deciders only). A decider knows the nodes of each STARTED
+run — from its record for a small run, else by reading ``P/nodes`` once — and so which nodes
+the cluster waits for. A node it waits for that has no membership starts a grace period
+(``node_loss_grace``); when the grace ends and the node is still missing, the decider reads
+that node's completion keys for the runs that name it — a read of the lost node's own work,
+not of every node's — and fails each run it has not completed, with ``failed_node`` set to it
+and the error ``"node lost: ..."``. A run it had completed while the cluster still shows it
+STARTED is one whose finishing write was lost with its completer: the decider finishes it
+(``Manager.finish_if_complete``). PAUSED runs are not awaited: their grace starts at resume.
 
 Threading: the Scheduler calls :class:`NodeLoss` under its lock (pure bookkeeping) except
 :meth:`NodeLoss.act`, which talks to etcd and runs on the worker thread without the lock.
@@ -84,8 +84,11 @@ class NodeLoss:
             if known is not None and known != key:
                 self._forget(task_id, known)
             if key is not None and key not in self.node_lists:
-                self.unknown.add(key)
                 self._by_id[task_id] = key
+                self.unknown.add(key)
+                assert run is not None
+                if run.record.nodes is not None:  # a small run: its record names its nodes
+                    self.store_lists({key: run.record.nodes}, [key])
 
     def note_all(self, view: ClusterView) -> None:
         """Take in every run (on becoming a decider)."""

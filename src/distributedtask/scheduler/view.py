@@ -37,8 +37,9 @@ SkipHandler = Callable[[bytes, Exception], None]
 
 @dataclass(frozen=True)
 class ViewRun:
-    """The current run of an id as this node sees it; ``assigned`` are the nodes of this
-    node's bucket that must run it (empty when none, or not known yet); ``state`` its run
+    """The current run of an id as this node sees it; ``assigned`` are the nodes that must run
+    it that this node knows of — all of them for a run small enough to carry them in its
+    record, else those of this node's bucket (empty when none, or not known yet); ``state`` its run
     state (paused or not) and ``state_revision`` that key's ``mod_revision`` (0: none)."""
 
     namespace: str
@@ -55,8 +56,9 @@ class ViewRun:
         return status_of(self.outcome, self.state)
 
     def task(self, attempts: Mapping[str, tuple[int, str]] | None = None) -> Task:
-        """The run as handed to a provider: ``nodes`` are the nodes of this node's bucket
-        (the full list is ``Manager.get_task``'s), ``finished_nodes`` empty, ``attempts`` and
+        """The run as handed to a provider: ``nodes`` are :attr:`assigned` (every node of a
+        small run; of a large one, those of this node's bucket: the full list is
+        ``Manager.get_task``'s), ``finished_nodes`` empty, ``attempts`` and
         ``last_errors`` what this node knows: its own."""
         items = [(node, count, error) for node, (count, error) in (attempts or {}).items()]
         return build_task(
@@ -196,10 +198,13 @@ class ClusterView:
         stored = self.records.get(task_id)
         if stored is None:
             return None
-        assignment = self.assignments.get(task_id)
         assigned: frozenset[str] = frozenset()
-        if assignment is not None and assignment[0] == stored.mod_revision:
-            assigned = assignment[1]
+        if stored.record.nodes is not None:
+            assigned = stored.record.nodes  # a small run: every node, in its record
+        else:
+            assignment = self.assignments.get(task_id)
+            if assignment is not None and assignment[0] == stored.mod_revision:
+                assigned = assignment[1]
         state_revision, state = self.states.get(task_id, (0, None))
         return ViewRun(
             task_id[0],
