@@ -26,8 +26,8 @@ the bytes etcd sends grow with the number of Schedulers, not with its square. Co
 The add transaction writes the record — which names the nodes of a run of at most
 ``records.INLINE_NODES`` nodes, so that is all it writes for one — and for a larger run the node
 list and one assignment per bucket that has a node (at most :data:`BUCKETS`): a bounded number
-of operations whatever the number of nodes, so no cap from etcd's ``--max-txn-ops``. Per-node keys (``done``, ``attempts``, ``progress``) are
-written lazily by the node that reports.
+of operations whatever the number of nodes, so no cap from etcd's ``--max-txn-ops``. Per-node
+keys (``done``, ``attempts``, ``progress``) are written lazily by the node that reports.
 
 Every name segment is percent-encoded (``urllib.parse.quote`` with no safe characters), so a
 ``/`` inside a namespace, id or node id can never forge another key, and every prefix we range
