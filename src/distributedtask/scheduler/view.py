@@ -18,6 +18,7 @@ reported to ``on_skip`` and treated as absent.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -93,6 +94,7 @@ class ClusterView:
     members: dict[str, MemberRecord] = field(default_factory=dict)
     members_version: int = 0
     """Bumped at every change of ``members``."""
+    _deciders: tuple[tuple[int, int], list[str]] | None = None
     born: dict[TaskId, int] = field(default_factory=dict)
     """Runs (id -> version) created after the cluster snapshot: nothing of theirs predates
     this view."""
@@ -228,4 +230,10 @@ class ClusterView:
     def deciders(self, count: int = 3) -> list[str]:
         """The live members that act for the cluster (TTL clean-up, node loss): the first
         ``count`` by node id, the same on every node that sees the same members."""
-        return sorted(self.members)[:count]
+        cached = self._deciders
+        if cached is None or cached[0] != (self.members_version, count):
+            cached = self._deciders = (
+                (self.members_version, count),
+                heapq.nsmallest(count, self.members),
+            )
+        return list(cached[1])
