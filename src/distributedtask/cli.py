@@ -8,12 +8,14 @@ Every subcommand connects with the same options, each also read from the environ
 command line is visible to every user of the machine).
 
 Exit status: 0 success; for ``wait``, 0 FINISHED, 1 FAILED, 2 CANCELLED; 3 for an error of
-ours (etcd unreachable, no such task, task still running, task no longer running...), printed
+ours (etcd unreachable, no such task, task still running, task no longer running, the port of
+``ui`` in use, its ``ui`` extra not installed...), printed
 as one line ``dtask: error: ...`` on stderr, never a traceback; 64 for bad usage; 130 when
 interrupted.
 
-Threading: the CLI is single-threaded except where it follows a watch (``wait``, ``watch``,
-``node``, ``demo``), whose threads are stopped and joined before it exits.
+Threading: the CLI is single-threaded except where it follows a watch or serves (``wait``,
+``watch``, ``node``, ``ui``, ``demo``), whose threads are stopped and joined before it exits.
+``node`` and ``ui`` stop on SIGTERM or SIGINT and exit 0.
 """
 
 from __future__ import annotations
@@ -29,34 +31,21 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import orjson
 
+from .describe import describe_changes, failed_attempts, node_state
 from .etcd.client import EtcdClient
 from .etcd.watch import Changes, ResumableWatch, Snapshot
 from .exceptions import DistributedTaskError, InvalidTaskError, TaskNotFoundError
 from .follower import FollowedRun, RunFollower
-from .keys import (
-    AttemptKey,
-    DoneKey,
-    MemberKey,
-    OutcomeKey,
-    ProgressKey,
-    StateKey,
-    TaskKey,
-    prefix_range_end,
-)
+from .keys import prefix_range_end
 from .manager import Manager
 from .model import DEFAULT_POLICY, RunPolicy, Task, TaskStatus, format_time, task_to_dict
-from .records import (
-    AttemptRecord,
-    CorruptRecordError,
-    MemberRecord,
-    OutcomeRecord,
-    RunState,
-    decode_progress,
-)
+
+if TYPE_CHECKING:
+    from .console import ConsoleServer
 
 __all__ = ["main"]
 
@@ -68,6 +57,10 @@ WAIT_EXIT = {TaskStatus.FINISHED: 0, TaskStatus.FAILED: 1, TaskStatus.CANCELLED:
 
 class UsageError(Exception):
     """Bad command-line usage: exit 64."""
+
+
+class MissingExtraError(Exception):
+    """A command needs an optional extra that is not installed: exit 3."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -115,6 +108,13 @@ def _seconds(*, zero: bool) -> Callable[[str], float]:
 
     parse.__name__ = "seconds"  # argparse names the type in its message: "invalid seconds value"
     return parse
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, not {value}")
+    return value
 
 
 def _name(text: str) -> str:
@@ -262,7 +262,29 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat decla
     p.add_argument("--log-level", default="info")
     p.set_defaults(run=cmd_node)
 
+    p = sub.add_parser(
+        "ui", help="the web console: tasks, one task, members, live (needs the ui extra)"
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only)",
+    )
+    p.add_argument("--port", type=_port, default=8080, help="port to listen on (default 8080)")
+    p.add_argument(
+        "--allow-writes",
+        action="store_true",
+        help="let the pages cancel, pause and resume tasks (each asks for a confirmation)",
+    )
+    p.set_defaults(run=cmd_ui)
+
     p = sub.add_parser("demo", help="the guided demo on an embedded etcd and three nodes")
+    p.add_argument(
+        "--ui",
+        action="store_true",
+        help="open the web console on the demo's etcd, and leave it open after the demo",
+    )
+    p.add_argument("--ui-port", type=_port, default=8080, help="the console's port (default 8080)")
     p.set_defaults(run=cmd_demo)
     return parser
 
@@ -372,18 +394,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     if any(task.attempts for task in listed):  # a column only when some node failed an attempt
         headers.append("ATTEMPTS")
         for row, task in zip(rows, listed, strict=True):
-            row.append(_failed_attempts(task))
+            row.append(failed_attempts(task))
     _table(rows, headers, sys.stdout)
     return 0
-
-
-def _failed_attempts(task: Task) -> str:
-    """The ATTEMPTS cell of ``dtask list``: ``-``, ``2 failed on n1``, ``5 failed on 3 nodes``."""
-    failed = {node: count for node, count in task.attempts.items() if count > 0}
-    if not failed:
-        return "-"
-    where = next(iter(failed)) if len(failed) == 1 else f"{len(failed)} nodes"
-    return f"{sum(failed.values())} failed on {where}"
 
 
 def cmd_get(args: argparse.Namespace) -> int:
@@ -559,45 +572,6 @@ def _follow(
     return watch
 
 
-def describe_event(manager: Manager, kind: str, kv: Any, progress: bool) -> str | None:
-    """One human line for a watch event, or None for events not worth a line."""
-    parsed = manager.keys.parse(kv.key)
-    try:
-        if isinstance(parsed, TaskKey):
-            name = f"{parsed.namespace}/{parsed.task_id}"
-            return f"added {name} v{kv.mod_revision}" if kind == "put" else f"removed {name}"
-        if isinstance(parsed, OutcomeKey) and kind == "put":
-            outcome = OutcomeRecord.decode(kv.value)
-            error = f": {outcome.error}" if outcome.error else ""
-            on = f" on {outcome.node}" if outcome.node else ""
-            return f"{parsed.namespace}/{parsed.task_id} {outcome.status.value}{on}{error}"
-        if isinstance(parsed, DoneKey) and kind == "put":
-            return f"{parsed.namespace}/{parsed.task_id} completed on {parsed.node_id}"
-        if isinstance(parsed, StateKey) and kind == "put":
-            paused = RunState.decode(kv.value).paused_since is not None
-            return f"{parsed.namespace}/{parsed.task_id} {'PAUSED' if paused else 'resumed'}"
-        if isinstance(parsed, AttemptKey) and kind == "put":
-            attempt = AttemptRecord.decode(kv.value)
-            return (
-                f"{parsed.namespace}/{parsed.task_id} attempt {kv.version} failed on "
-                f"{parsed.node_id}: {attempt.error}"
-            )
-        if isinstance(parsed, ProgressKey) and kind == "put" and progress:
-            p = decode_progress(kv.value)
-            return (
-                f"{parsed.namespace}/{parsed.task_id} v{parsed.version} {parsed.node_id} "
-                f"{p.fraction:.0%} {p.message}".rstrip()
-            )
-        if isinstance(parsed, MemberKey):
-            if kind == "delete":
-                return f"member {parsed.node_id} left"
-            member = MemberRecord.decode(kv.value)
-            return f"member {member.node_id} joined ({', '.join(sorted(member.namespaces))})"
-    except CorruptRecordError as exc:
-        return f"unreadable value at {kv.key!r}: {exc}"
-    return None
-
-
 def cmd_watch(args: argparse.Namespace) -> int:
     _, manager = connect(args)
     done = threading.Event()
@@ -609,24 +583,10 @@ def cmd_watch(args: argparse.Namespace) -> int:
             if batch.reason != "initial":
                 print(f"(relisted at revision {batch.revision}: {batch.reason})", flush=True)
             return
-        # The failure that uses a node's last attempt also counts it, in the transaction
-        # that writes the outcome: the outcome's line says it, the attempt's would repeat it.
-        ended = {
-            (event.kv.mod_revision, parsed.namespace, parsed.task_id)
-            for event in batch.events
-            if event.kind == "put"
-            and isinstance(parsed := manager.keys.parse(event.kv.key), OutcomeKey)
-        }
-        for event in batch.events:
-            parsed = manager.keys.parse(event.kv.key)
-            if isinstance(parsed, AttemptKey) and (
-                (event.kv.mod_revision, parsed.namespace, parsed.task_id) in ended
-            ):
-                continue
-            line = describe_event(manager, event.kind, event.kv, args.progress)
-            if line is None or done.is_set():
-                continue
-            print(line, flush=True)
+        for change in describe_changes(manager.keys, batch.events, args.progress):
+            if done.is_set():
+                return
+            print(change.line, flush=True)
             printed += 1
             if args.count is not None and printed >= args.count:
                 done.set()
@@ -711,7 +671,7 @@ class _PlainRenderer:
 
     def update(self, state: FollowedRun) -> None:
         for node in sorted(self.task.nodes):
-            line = _node_line(state, node, self.task.policy.max_attempts)
+            line = node_state(state, node, self.task.policy.max_attempts)
             if self.seen.get(node) != line:
                 self.seen[node] = line
                 fraction, label, message = line
@@ -721,33 +681,6 @@ class _PlainRenderer:
 
     def stop(self) -> None:
         pass
-
-
-def _node_line(state: FollowedRun, node: str, max_attempts: int) -> tuple[float, str, str]:
-    """``(fraction, label, message)`` of one node in ``dtask wait``."""
-    progress = state.progress.get(node)
-    fraction = progress.fraction if progress else 0.0
-    message = progress.message if progress else ""
-    finished = state.outcome is not None and state.outcome.status is TaskStatus.FINISHED
-    if node in state.completed or finished:  # FINISHED: every node completed
-        return 1.0, "done", message
-    if state.outcome is not None and state.outcome.node == node:
-        return fraction, "failed", state.outcome.error or "failed"
-    if state.outcome is not None:  # ended elsewhere: this node's run was stopped
-        label = "cancelled" if state.outcome.status is TaskStatus.CANCELLED else "stopped"
-        return fraction, label, message
-    failed = state.attempts.get(node)
-    if failed is not None and failed.count > 0:
-        attempt = f"attempt {failed.count + 1} of {max(max_attempts, failed.count + 1)}"
-        # The next attempt runs once the node reports after its failure (one node's clock).
-        reported = (
-            progress is not None and failed.at is not None and progress.updated_at > failed.at
-        )
-        message = f"{message} ({attempt})".lstrip() if reported else f"({attempt}): {failed.error}"
-        if state.paused:
-            return fraction, "paused", message
-        return fraction, "running" if reported else "retrying", message
-    return fraction, "paused" if state.paused else "running", message
 
 
 class _RichRenderer:
@@ -780,7 +713,7 @@ class _RichRenderer:
         # column of the table for one long message (a retry's error, say).
         limit = max(10, min(60, self.bars.console.width - self.OTHER_COLUMNS))
         for node, bar in self.ids.items():
-            fraction, label, message = _node_line(state, node, self.max_attempts)
+            fraction, label, message = node_state(state, node, self.max_attempts)
             if len(message) > limit:
                 message = message[: limit - 1] + "…"
             self.bars.update(bar, completed=fraction, label=label, message=self.escape(message))
@@ -831,12 +764,48 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def _console_server() -> type[ConsoleServer]:
+    """The console's server class; raises MissingExtraError without the ``ui`` extra."""
+    try:
+        from .console import ConsoleServer
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"the web console needs the 'ui' extra: pip install 'distributedtask[ui]' ({exc})"
+        ) from None
+    return ConsoleServer
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    server_class = _console_server()
+    _, manager = connect(args)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    server = server_class(manager, host=args.host, port=args.port, allow_writes=args.allow_writes)
+    server.start()
+    try:
+        mode = "writes allowed" if args.allow_writes else "read-only"
+        print(f"console of {manager.prefix} at {server.url} ({mode}); Ctrl-C stops it", flush=True)
+        if not server.loopback:
+            print(
+                f"dtask: warning: listening on {args.host}: whoever reaches it sees every task"
+                + (" and can cancel, pause and resume them" if args.allow_writes else ""),
+                file=sys.stderr,
+                flush=True,
+            )
+        _wait_interruptibly(stop)
+    finally:
+        server.stop()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main  # lazily: only ``dtask demo`` needs it
 
+    console = _console_server() if args.ui else None
     # The demo runs its ``dtask`` commands in this process through the entry point it is
     # given, so it never imports this module back (no cli <-> demo cycle).
-    return demo_main(main)
+    return demo_main(main, console=console, console_port=args.ui_port)
 
 
 # ---- entry point -----------------------------------------------------------------------------
@@ -853,7 +822,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"dtask: usage error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except InvalidTaskError as exc:
+    except (InvalidTaskError, MissingExtraError) as exc:
         print(f"dtask: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except DistributedTaskError as exc:

@@ -28,6 +28,9 @@ temporary file: it leaves no process and no file behind, whatever happens. Exit 
 every step went as described, 1 otherwise, 130 when interrupted (Ctrl-C, or a ``dtask`` command
 of the demo interrupted).
 
+With ``--ui`` (:func:`main`'s ``console``), the web console of the demo's etcd is open from the
+start and stays open after the last step until Ctrl-C.
+
 Threading: the demo runs in the calling thread (the main thread: Ctrl-C is a KeyboardInterrupt
 there); a watch thread lives only inside ``_wait_for_keys`` and is joined before it returns.
 """
@@ -47,6 +50,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .embedded import EmbeddedEtcd, EmbeddedEtcdError
 from .etcd.client import EtcdClient
@@ -57,6 +61,9 @@ from .manager import Manager
 from .model import Task, TaskStatus
 from .provider import TaskContext, ThreadProvider
 from .providers.command import CommandProvider
+
+if TYPE_CHECKING:
+    from .console import ConsoleServer
 
 NODES = ("node-a", "node-b", "node-c")
 NAMESPACE = "shell"
@@ -388,17 +395,63 @@ def run(endpoint: str, workdir: Path, command: Command) -> None:
         _expect(manager.live_members() == [], "a node is still registered")
 
 
-def main(command: Command) -> int:
+VIEWER_WAIT = 10.0  # seconds the demo waits for a page to open the console before step 1
+
+
+def _open_console(
+    server_class: type[ConsoleServer], endpoint: str, port: int, stack: contextlib.ExitStack
+) -> ConsoleServer:
+    """Start the web console on the demo's etcd (read-only: the demo's own steps decide how
+    its tasks end), stopped when ``stack`` closes."""
+    client = stack.enter_context(EtcdClient(endpoint, timeout=5.0))
+    console = server_class(Manager(client, prefix=PREFIX), port=port)
+    try:
+        console.start()
+    except OSError as exc:  # the port is taken, most likely
+        raise DemoError(f"the web console cannot listen on port {port}: {exc}") from None
+    stack.callback(console.stop)
+    _say(f"web console: {console.url}")
+    _say(f"  open it now; the demo starts once a page is open (or in {VIEWER_WAIT:g} s)")
+    console.wait_for_viewer(VIEWER_WAIT)
+    return console
+
+
+def _keep_console_open(console: ConsoleServer) -> None:
+    """After the steps: the console stays until Ctrl-C (then the demo ends as usual)."""
+    _say(f"\nThe web console stays open at {console.url}: Ctrl-C stops it and ends the demo.")
+    try:
+        threading.Event().wait()  # interrupted by Ctrl-C (a lock wait is, on POSIX)
+    except KeyboardInterrupt:
+        _say("")
+
+
+def main(
+    command: Command,
+    *,
+    console: type[ConsoleServer] | None = None,
+    console_port: int = 8080,
+) -> int:
     """Run the demo, its ``dtask`` commands through ``command``, and return its exit status: 0
     when every step went as described, 1 when not (printed with the tail of each node's log),
-    130 when interrupted."""
+    130 when interrupted.
+
+    With ``console`` (the :class:`~distributedtask.console.ConsoleServer` class: ``dtask demo
+    --ui``), the web console of the demo's etcd is served on ``console_port`` from the start;
+    the steps wait for a page to open it (at most :data:`VIEWER_WAIT` s), and after them it
+    stays open until Ctrl-C, which then ends the demo with 0.
+    """
     started = time.monotonic()
     _say("distributedtask demo: three nodes coordinated through etcd")
     workdir = Path(tempfile.mkdtemp(prefix="dtask-demo-"))
     try:
-        with EmbeddedEtcd(name="demo") as etcd:
+        with EmbeddedEtcd(name="demo") as etcd, contextlib.ExitStack() as stack:
             _say(f"etcd {etcd.endpoint} (embedded, temporary data dir)")
+            server = None
+            if console is not None:
+                server = _open_console(console, etcd.endpoint, console_port, stack)
             run(etcd.endpoint, workdir, command)
+            if server is not None:
+                _keep_console_open(server)
     except KeyboardInterrupt:
         _say("\ndemo interrupted; everything it started is stopped")
         return INTERRUPTED

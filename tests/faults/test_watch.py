@@ -23,6 +23,11 @@ class View:
         self.puts: list[bytes] = []
         self.snapshots: list[str] = []
         self.restarts: list[str] = []
+        self.lives = 0  # streams etcd confirmed (on_live)
+
+    def live(self) -> None:
+        with self.lock:
+            self.lives += 1
 
     def __call__(self, batch: Snapshot | Changes) -> None:
         with self.lock:
@@ -54,7 +59,12 @@ def watched(etcd_client: dt.EtcdClient, dtask_prefix: str) -> Iterator[tuple[byt
 
 def start_watch(client: dt.EtcdClient, prefix: bytes, view: View) -> ResumableWatch:
     watch = ResumableWatch(
-        client, prefix, prefix_range_end(prefix), view, on_restart=view.restarts.append
+        client,
+        prefix,
+        prefix_range_end(prefix),
+        view,
+        on_restart=view.restarts.append,
+        on_live=view.live,
     )
     watch.start()
     return watch
@@ -134,8 +144,12 @@ def test_survives_an_etcd_restart(etcd_private: EtcdServer) -> None:
         try:
             client.put(prefix + b"a", b"1")
             wait_until(lambda: view.puts == [b"1"], timeout=10)
+            assert view.lives == 1  # the first stream, confirmed
             etcd_private.kill()
+            wait_until(lambda: "connect" in view.restarts, timeout=10)
             etcd_private.restart()
+            # told once etcd confirms the new stream, before any change comes through it
+            wait_until(lambda: view.lives >= 2, timeout=20)
             client.put(prefix + b"a", b"2")
             client.put(prefix + b"b", b"3")
             wait_until(lambda: view.puts == [b"1", b"2", b"3"], timeout=20)

@@ -9,6 +9,8 @@ certificates made in the test with trustme) and auth enabled, users limited to o
   TcpProxy (TLS passes through it; the proxy cannot read requests inside TLS, so etcd's own gRPC
   counters tell how many requests reached it);
 - a user limited to one prefix can neither read nor write another (one request each, refused);
+- ``dtask ui`` connects like every command (its console serves what the user may read; a wrong
+  password is one error line, and nothing is served);
 - no password or token appears in any log record (DEBUG over a whole run, urllib3 included),
   exception or ``repr``.
 """
@@ -33,7 +35,7 @@ from pathlib import Path
 import pytest
 import requests
 from prometheus_client import CollectorRegistry
-from tests.support import RecordingProvider, scheduler_threads
+from tests.support import DtaskProcess, RecordingProvider, scheduler_threads
 
 import distributedtask as dt
 from distributedtask.testing import wait_until
@@ -472,3 +474,38 @@ def test_a_user_limited_to_one_prefix_cannot_read_or_write_another(secure: Secur
         assert bob.get_task(NS, "intruder") is None
         with pytest.raises(dt.EtcdError, match="permission denied"):
             dt.Manager(bob_client, prefix=ALICE_PREFIX + "x").list_tasks()
+
+
+# ---- the web console --------------------------------------------------------------------------
+
+
+def test_dtask_ui_connects_with_tls_and_auth_like_every_command(
+    secure: Secure, tmp_path: Path
+) -> None:
+    pytest.importorskip("starlette", reason="dtask ui needs the ui extra")
+    prefix = prefix_of("alice")
+    with secure.client("alice") as client:
+        dt.Manager(client, prefix=prefix).add_task(NS, "job", nodes=["node-1"])
+    password_file = tmp_path / "password"
+    password_file.write_text(secure.passwords["alice"])
+    args = [*conn_args(secure, prefix=prefix, password_file=password_file), "ui", "--port", "0"]
+    process = DtaskProcess(args)
+    try:
+
+        def url() -> str | None:
+            found = [re.search(r" at (http://\S+/) ", line) for line in process.out]
+            assert process.proc.poll() is None, process.err
+            return next((match.group(1) for match in found if match), None)
+
+        served = wait_until(url, timeout=30, message="the console's URL")
+        tasks = requests.get(f"{served}api/tasks", timeout=5).json()["tasks"]
+        assert [(task["namespace"], task["ID"]) for task in tasks] == [(NS, "job")]
+        process.proc.terminate()
+        assert process.wait(20) == 0, process.err
+        assert_no_secret("\n".join([*process.out, *process.err]), secure)
+    finally:
+        process.kill()
+
+    password_file.write_text("not-the-password")
+    line = one_error_line(dtask(args), secure)
+    assert "authentication failed" in line

@@ -130,3 +130,13 @@ def test_the_demo_does_not_import_the_test_harness() -> None:
             todo.extend(EDGES[module])
     harness = sorted(m for m in seen if m.startswith(f"{PACKAGE}.testing"))
     assert harness == [], f"the demo imports the test harness: {harness}"
+
+
+def test_only_dtask_ui_and_the_demo_import_the_console_and_only_when_run() -> None:
+    # Its extra (starlette, uvicorn) is optional: nothing outside it imports it at import time.
+    console = f"{PACKAGE}.console"
+    outside = [module for module in MODULES if not module.startswith(console)]
+    eager = sorted(m for m in outside if any(t.startswith(console) for t in GRAPH[m][0]))
+    lazy = sorted(m for m in outside if any(t.startswith(console) for t in GRAPH[m][1]))
+    assert eager == []
+    assert lazy == [f"{PACKAGE}.cli"]  # the demo is handed the server class by `dtask demo`

@@ -127,10 +127,11 @@ class ResumableWatch:
     """Follow ``[key, range_end)`` from a snapshot of ``list_ranges`` (default: the same range).
 
     ``on_restart(reason)`` is called on the watch thread each time the stream is re-established,
-    with a :class:`RestartReason`. Between failed streams the loop backs off (jittered,
-    exponential, at most ``max_backoff`` seconds). ``start()`` returns once the first snapshot
-    was delivered, or raises :class:`EtcdError` if it could not be listed within the client's
-    timeout.
+    with a :class:`RestartReason`; ``on_live()`` each time etcd confirms a stream (the first
+    one and every re-established one): from then on, changes reach the handler again. Between
+    failed streams the loop backs off (jittered, exponential, at most ``max_backoff`` seconds).
+    ``start()`` returns once the first snapshot was delivered, or raises :class:`EtcdError` if
+    it could not be listed within the client's timeout.
     """
 
     def __init__(
@@ -143,6 +144,7 @@ class ResumableWatch:
         list_ranges: Sequence[tuple[bytes, bytes]] | None = None,
         name: str = "distributedtask-watch",
         on_restart: Callable[[RestartReason], None] | None = None,
+        on_live: Callable[[], None] | None = None,
         max_backoff: float = 2.0,
     ) -> None:
         self._client = client
@@ -152,6 +154,7 @@ class ResumableWatch:
         self._list_ranges = list(list_ranges) if list_ranges else [(key, range_end)]
         self._name = name
         self._on_restart = on_restart
+        self._on_live = on_live
         self._backoff = Backoff(initial=0.05, maximum=max_backoff)
         self._stop = threading.Event()
         self._stream_lock = threading.Lock()
@@ -300,7 +303,10 @@ class ResumableWatch:
             last = parsed[-1].kv.mod_revision
             self._handler(Changes(last, parsed))
             self.revision = max(self.revision, last)
-        elif not result.get("created"):
+        elif result.get("created"):
+            if self._on_live is not None:
+                self._on_live()
+        else:
             # A progress notification: etcd sends them only to caught-up watchers.
             self.revision = max(self.revision, t.header_revision(result))
 
