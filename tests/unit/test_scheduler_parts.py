@@ -180,6 +180,20 @@ def test_a_decider_waits_for_the_grace_then_names_the_runs_of_the_lost_node() ->
     loss.note(view, touched)
     assert loss.node_lists == {("ns", "b", 6): frozenset()}  # "a" ended, "b" names nobody
     assert loss.awaited == {} and loss.victims("n2") == []
+    # a node that stops being awaited while missing loses its grace; awaited again, it starts
+    # a fresh one
+    view.apply_cluster(changes(("delete", kv(KEYS.member("n2"), b"", 22))))
+    touched = view.apply_cluster(changes(("put", kv(KEYS.task("ns", "d"), record(), 23))))
+    loss.note(view, touched)
+    loss.store_lists({("ns", "d", 23): frozenset({"n2"})}, [("ns", "d", 23)])
+    assert loss.update(view, now=140.0) == ["n2"]
+    touched = view.apply_cluster(changes(("delete", kv(KEYS.task("ns", "d"), b"", 24))))
+    loss.note(view, touched)
+    assert loss.update(view, now=150.0) == [] and loss.due("n2", now=150.0) is None
+    touched = view.apply_cluster(changes(("put", kv(KEYS.task("ns", "e"), record(), 25))))
+    loss.note(view, touched)
+    loss.store_lists({("ns", "e", 25): frozenset({"n2"})}, [("ns", "e", 25)])
+    assert loss.update(view, now=160.0) == ["n2"] and loss.due("n2", now=160.0) == 30.0
     # a new run of an id: a list to read; its replacement forgets the old one
     touched = view.apply_cluster(changes(("put", kv(KEYS.task("ns", "c"), record(), 30))))
     loss.note(view, touched)

@@ -102,6 +102,7 @@ class NodeLoss:
             self.awaited[node] -= 1
             if self.awaited[node] <= 0:
                 del self.awaited[node]
+                self._stale = True  # a node no longer awaited: its grace ends (and restarts)
 
     def store_lists(self, lists: dict[RunKey, frozenset[str]], asked: Iterable[RunKey]) -> None:
         """Keep read node lists; a run asked for but not found gets an empty list (gone)."""
