@@ -21,8 +21,8 @@ from tests.faults.chaos import ChaosConfig, run_chaos
 
 from distributedtask.testing.etcd import EtcdCluster
 
-DURATION = 55.0
-TASKS = 200
+DURATION = 40.0
+TASKS = 150
 
 
 @pytest.mark.cluster
