@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, unquote_to_bytes
 
@@ -213,6 +214,19 @@ ParsedKey = (
     | MemberKey
 )
 
+_BY_ID: dict[str, Callable[[str, str], ParsedKey]] = {
+    "cluster/tasks": TaskKey,
+    "cluster/outcomes": OutcomeKey,
+    "cluster/states": StateKey,
+    "nodes": NodesKey,
+}
+"""The kinds of key named by (namespace, task id), by their place under the prefix."""
+_BY_NODE: dict[str, Callable[[str, str, str], ParsedKey]] = {
+    "done": DoneKey,
+    "attempts": AttemptKey,
+}
+"""The kinds of key named by (namespace, task id, node id)."""
+
 LAYOUT_SEGMENTS = frozenset(
     {"format", "cluster", "assign", "nodes", "done", "attempts", "progress", "units"}
 )
@@ -372,23 +386,14 @@ class Keys:
                 node = _unesc(parts[1]) if len(parts) == 2 else None
                 return MemberKey(node) if node else None
         names = [_unesc(p) for p in parts[1:]]
-        by_id = {
-            "cluster/tasks": TaskKey,
-            "cluster/outcomes": OutcomeKey,
-            "cluster/states": StateKey,
-            "nodes": NodesKey,
-        }
-        kind_of_id = by_id.get(kind)
+        kind_of_id = _BY_ID.get(kind)
         if kind_of_id is not None and len(names) == 2:
             ns, tid = names
-            return kind_of_id(ns, tid) if ns and tid else None  # type: ignore[return-value]
-        by_node = {"done": DoneKey, "attempts": AttemptKey}
-        kind_of_node = by_node.get(kind)
+            return kind_of_id(ns, tid) if ns and tid else None
+        kind_of_node = _BY_NODE.get(kind)
         if kind_of_node is not None and len(names) == 3:
             ns, tid, node = names
-            if ns and tid and node:
-                return kind_of_node(ns, tid, node)  # type: ignore[return-value]
-            return None
+            return kind_of_node(ns, tid, node) if ns and tid and node else None
         if kind == "assign" and len(parts) == 4 and names[1] and names[2]:
             bucket = parts[1]
             hexadecimal = len(bucket) == 2 and all(c in "0123456789abcdef" for c in bucket)

@@ -399,7 +399,7 @@ class Scheduler:
             TimerKind.DEADLINE,
             task_id=key[0],
             version=run.version,
-            attempt=run.state_revision,
+            revision=run.state_revision,
         )
 
     def _publish_pauses(self) -> None:
@@ -545,42 +545,42 @@ class Scheduler:
         with self._lock:
             self._dirty.add(timer.task_id)
 
+    def _rearm(self, timer: Timer, delay: float) -> None:
+        """Schedule ``timer`` again, as it is, in ``delay`` seconds; caller holds the lock."""
+        self._add_timer(
+            delay,
+            timer.kind,
+            task_id=timer.task_id,
+            version=timer.version,
+            node=timer.node,
+            attempt=timer.attempt,
+            revision=timer.revision,
+        )
+
     def _deadline(self, timer: Timer) -> None:
-        key = (timer.task_id, timer.version, timer.attempt)
+        key = (timer.task_id, timer.version, timer.revision)
         with self._lock:
             run = self._view.run(timer.task_id)
             current = (
                 run is not None
                 and run.version == timer.version
-                and run.state_revision == timer.attempt
+                and run.state_revision == timer.revision
                 and run.status is TaskStatus.STARTED
             )
             if not current:
                 self._deadline_armed.discard(key)
                 return
             if not self._is_decider():  # look again later, in case the deciders are gone
-                self._add_timer(
-                    3 * self.member_ttl.total_seconds(),
-                    TimerKind.DEADLINE,
-                    task_id=timer.task_id,
-                    version=timer.version,
-                    attempt=timer.attempt,
-                )
+                self._rearm(timer, 3 * self.member_ttl.total_seconds())
                 return
             assert run is not None and run.record.policy.deadline is not None
             deadline = run.record.policy.deadline.total_seconds()
         try:
-            ended = self.manager.fail_deadline(*timer.run, timer.attempt, deadline)
+            ended = self.manager.fail_deadline(*timer.run, timer.revision, deadline)
         except EtcdError as exc:
             self.log.info("deadline of %s/%s: %s; retrying", *timer.task_id, exc)
             with self._lock:
-                self._add_timer(
-                    self.RETRY_BACKOFF.delay(3),
-                    TimerKind.DEADLINE,
-                    task_id=timer.task_id,
-                    version=timer.version,
-                    attempt=timer.attempt,
-                )
+                self._rearm(timer, self.RETRY_BACKOFF.delay(3))
             return
         if ended is not None:
             self.metrics.deadline_failures.labels(namespace=timer.task_id[0]).inc()

@@ -51,6 +51,7 @@ class Timer:
     version: int = field(compare=False, default=0)
     node: str = field(compare=False, default="")
     attempt: int = field(compare=False, default=0)
+    revision: int = field(compare=False, default=0)  # DEADLINE: the run state it was armed for
 
     @property
     def run(self) -> tuple[str, str, int]:
@@ -77,10 +78,18 @@ class Timers:
         version: int = 0,
         node: str = "",
         attempt: int = 0,
+        revision: int = 0,
     ) -> bool:
         """Schedule ``kind`` in ``delay`` seconds; True when it is now the earliest timer."""
         timer = Timer(
-            self.clock() + max(0.0, delay), next(self._seq), kind, task_id, version, node, attempt
+            self.clock() + max(0.0, delay),
+            next(self._seq),
+            kind,
+            task_id,
+            version,
+            node,
+            attempt,
+            revision,
         )
         heapq.heappush(self._heap, timer)
         return self._heap[0] is timer
