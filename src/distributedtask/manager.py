@@ -2,22 +2,28 @@
 
 A run is stored in the keys of layout 2 (keys.py has the schema, readmodel.py the rules that
 turn them into a :class:`~distributedtask.model.Task`): the task record, written once when the
-run is added and never rewritten while it exists, so its ``mod_revision`` *is* the version; the
-node list and its per-bucket assignments; one completion key per node that completed; and the
-outcome key, which exists once the run has ended. "Version V is STARTED" is therefore two
-compares, ``mod(task) == V`` and ``create(outcome) == 0``, and every transition is guarded by
-them::
+run is added and never rewritten while it exists, so its ``mod_revision`` *is* the version (it
+names the nodes of a run of at most 16; a larger run has a node list and per-bucket
+assignments); one completion key per node that completed; one attempt key per node that
+failed with attempts left; the run state, once paused; and the outcome key, which exists once
+the run has ended. "Version V is live" (STARTED or PAUSED), written ``live(V)`` below, is
+therefore two compares, ``mod(task) == V`` and ``create(outcome) == 0``, and every transition is
+guarded by them::
 
     add            IF create(task) == 0 AND format is ours                          1 trip
-                   THEN put record, node list, an assignment per bucket (<= 64)
-                   ELSE range record, outcome, format
+                   THEN put record (and, over 16 nodes, node list and an assignment
+                   per bucket, <= 64) ELSE range record, outcome, format
     add over a     the above; then IF mod(task) == observed AND mod(outcome) ==      3 trips
      terminal run  observed THEN delete the old run; then the create again
-    complete       IF started(V) THEN put done/node, range done/ (keys only)        1 trip
+    complete       IF live(V) THEN put done/node, range done/ (keys only)           1 trip
                    ... and when that range holds every node:
-                   IF started(V) THEN put outcome FINISHED                          +1 trip
-    fail           IF started(V) THEN put outcome FAILED (error verbatim, node)     1 trip
-    cancel         IF started(V) THEN put outcome CANCELLED                         1 trip
+                   IF live(V) THEN put outcome FINISHED                             +1 trip
+    fail           IF live(V) THEN put outcome FAILED (error verbatim, node)        1 trip
+                   (with retries: nested, IF version(attempts/node) < max - 1
+                   THEN put attempts/node ELSE put attempts/node and the outcome)
+    cancel         IF live(V) THEN put outcome CANCELLED                            1 trip
+    pause, resume  range the run; IF live(V) AND mod(state) == observed           2 trips
+                   THEN put state
     clean up       range the run; IF mod(task) == observed AND exists(outcome)      2 trips
                    THEN delete the run's keys
 
@@ -26,10 +32,11 @@ whatever the node count (no cap from etcd's 128 operations per transaction), com
 written lazily by each node, and deciding FINISHED needs no contended key. Each completer writes
 its own key and reads the completion keys of the run in the same transaction; etcd orders the
 transactions, so exactly one completer sees every node (the last), and it writes FINISHED
-guarded by "still STARTED" — one winner among finish, cancel and failure. Fan-in is N + 1 round
+guarded by "still live" — one winner among finish, cancel and failure. Fan-in is N + 1 round
 trips for N nodes. A completer that dies between the two leaves every node completed and the run
 STARTED: :meth:`Manager.finish_if_complete` repairs that, and Schedulers call it when they see
-such a run (at start, at resync, and when they look at a lost node's work).
+such a run (the restarted completer at its start, the deciders when they look at a lost node's
+work).
 
 Whether a node is one of a run's nodes is checked against the node list before anything is
 written (etcd cannot compare a value with a list): the list of a version never changes, so the
