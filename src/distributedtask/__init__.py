@@ -17,9 +17,19 @@ from .exceptions import (
     TaskNotRunningError,
     TaskStillRunningError,
     TaskTooFreshError,
+    UnitClaimError,
 )
 from .manager import Manager
-from .model import Progress, RunPolicy, Task, TaskDescriptor, TaskStatus
+from .model import (
+    Progress,
+    RunPolicy,
+    Task,
+    TaskDescriptor,
+    TaskStatus,
+    Unit,
+    UnitSpec,
+    UnitStatus,
+)
 from .provider import (
     Provider,
     TaskCompletionRecorder,
@@ -56,4 +66,8 @@ __all__ = [
     "TaskStillRunningError",
     "TaskTooFreshError",
     "ThreadProvider",
+    "Unit",
+    "UnitClaimError",
+    "UnitSpec",
+    "UnitStatus",
 ]

@@ -9,6 +9,7 @@ Every error the library raises on purpose derives from :class:`DistributedTaskEr
      ├─ TaskStillRunningError    clean_up_task on a STARTED task
      ├─ TaskTooFreshError        clean_up_task before the TTL has passed
      ├─ InvalidTaskError         (also ValueError) bad namespace/id/node id/payload
+     │   └─ UnitClaimError       a unit recorded by a node that does not hold its claim
      ├─ NoEligibleNodesError     add_task without nodes= and no live node serves the namespace
      ├─ CorruptRecordError       a value under the prefix that cannot be read (corrupt, foreign)
      ├─ StorageFormatError       the prefix holds another storage layout (0.1's, or a newer one)
@@ -33,6 +34,7 @@ __all__ = [
     "TaskNotRunningError",
     "TaskStillRunningError",
     "TaskTooFreshError",
+    "UnitClaimError",
 ]
 
 
@@ -123,6 +125,22 @@ class InvalidTaskError(DistributedTaskError, ValueError):
     def __init__(self, message: str, field: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+class UnitClaimError(InvalidTaskError):
+    """A unit was recorded by a node that does not hold its claim (another node claimed it,
+    or it is not claimed at all). Nothing was written. ``unit_id`` and ``node_id`` name the
+    unit and the caller; ``holder`` is the unit's current claimant (None if unclaimed).
+    """
+
+    def __init__(self, unit_id: str, node_id: str, holder: str | None, detail: str = "") -> None:
+        held = f"claimed by {holder!r}" if holder else "not claimed"
+        super().__init__(
+            f"node {node_id!r} does not hold unit {unit_id!r} ({held}{detail})", "unit_id"
+        )
+        self.unit_id = unit_id
+        self.node_id = node_id
+        self.holder = holder
 
 
 class NoEligibleNodesError(DistributedTaskError):

@@ -13,6 +13,20 @@ Under a prefix ``P`` (``"/distributedtask"`` by default)::
     P/done/<ns>/<id>/<node>                 a node's completion of the current run
     P/attempts/<ns>/<id>/<node>             a node's failed attempts (the key's etcd version)
     P/progress/<ns>/<id>/<version>/<node>   a node's latest progress report on a run
+    P/units/decl/<ns>/<id>                  a unit task's declared units (compressed, one key)
+    P/units/run/<ns>/<id>/...               the state of a unit task's units (see below)
+    P/cluster/pool/<ns>/<id>/<unit>         a unit given back to the pool (a retry, a lost
+                                            node's unit): claimable again
+    P/cluster/groups/<ns>/<id>/<=group>     a group whose units are all COMPLETED
+
+Under ``P/units/run/<ns>/<id>/`` (one range, deleted with the run): ``claim/<unit>`` (a unit's
+claim: its status, claimant, attempts), ``ticket`` (the shared counter that hands out the
+units without affinity: its etcd version), ``aticket/<node>`` (the same, per node, for the
+units with affinity to it), ``held/<node>/<unit>`` (the units a node holds IN_PROGRESS),
+``count`` and ``gcount/<=group>`` (completed units, in all and per group: etcd versions),
+``progress/<unit>`` and ``acks/<node>/<=group>`` (the ``group_completed`` calls a node made).
+No Scheduler watches ``P/units/``: a unit transition reaches only the etcd member that serves
+it. A group segment is ``=`` and the escaped group name (``=`` alone: the group ``""``).
 
 The layout follows one rule: *each watcher receives what concerns it*. Every Scheduler watches
 ``P/cluster/`` — task records, outcomes, run states and members, whose size does not grow
@@ -54,13 +68,18 @@ __all__ = [
     "AssignKey",
     "AttemptKey",
     "DoneKey",
+    "GroupKey",
     "Keys",
     "MemberKey",
     "NodesKey",
     "OutcomeKey",
+    "PoolKey",
     "ProgressKey",
     "StateKey",
     "TaskKey",
+    "UnitClaimKey",
+    "UnitDeclKey",
+    "UnitRunKey",
     "bucket_of",
     "prefix_range_end",
 ]
@@ -107,6 +126,32 @@ def _version_segment(segment: str) -> int | None:
         and 0 < int(segment) < 2**63
     )
     return int(segment) if canonical else None
+
+
+def _group_segment(group: str) -> str:
+    return "=" + _esc(group)
+
+
+def _group_of(segment: str) -> str | None:
+    """The group a group segment names, or None when it is not one."""
+    if not segment.startswith("="):
+        return None
+    return "" if segment == "=" else _unesc(segment[1:])
+
+
+_UNIT_RUN_SHAPES = {
+    "claim": 1,
+    "ticket": 0,
+    "aticket": 1,
+    "held": 2,
+    "count": 0,
+    "gcount": 1,
+    "progress": 1,
+    "acks": 2,
+}
+"""The kinds of key under ``P/units/run/<ns>/<id>/`` and how many segments follow each."""
+_GROUP_LAST = frozenset({"gcount", "acks"})
+"""The kinds whose last segment is a group."""
 
 
 def prefix_range_end(prefix: bytes) -> bytes:
@@ -202,8 +247,59 @@ class MemberKey:
     node_id: str
 
 
+@dataclass(frozen=True)
+class UnitDeclKey:
+    """``P/units/decl/<namespace>/<task_id>``."""
+
+    namespace: str
+    task_id: str
+
+
+@dataclass(frozen=True)
+class UnitClaimKey:
+    """``P/units/run/<namespace>/<task_id>/claim/<unit_id>``."""
+
+    namespace: str
+    task_id: str
+    unit_id: str
+
+
+@dataclass(frozen=True)
+class UnitRunKey:
+    """Any other key under ``P/units/run/<namespace>/<task_id>/``: ``kind`` is its first
+    segment there and ``names`` the names after it (groups without their ``=``)."""
+
+    namespace: str
+    task_id: str
+    kind: str
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    """``P/cluster/pool/<namespace>/<task_id>/<unit_id>``."""
+
+    namespace: str
+    task_id: str
+    unit_id: str
+
+
+@dataclass(frozen=True)
+class GroupKey:
+    """``P/cluster/groups/<namespace>/<task_id>/<=group>``."""
+
+    namespace: str
+    task_id: str
+    group: str
+
+
 ParsedKey = (
     TaskKey
+    | UnitDeclKey
+    | UnitClaimKey
+    | UnitRunKey
+    | PoolKey
+    | GroupKey
     | OutcomeKey
     | StateKey
     | NodesKey
@@ -219,11 +315,13 @@ _BY_ID: dict[str, Callable[[str, str], ParsedKey]] = {
     "cluster/outcomes": OutcomeKey,
     "cluster/states": StateKey,
     "nodes": NodesKey,
+    "units/decl": UnitDeclKey,
 }
 """The kinds of key named by (namespace, task id), by their place under the prefix."""
 _BY_NODE: dict[str, Callable[[str, str, str], ParsedKey]] = {
     "done": DoneKey,
     "attempts": AttemptKey,
+    "cluster/pool": PoolKey,
 }
 """The kinds of key named by (namespace, task id, node id)."""
 
@@ -266,6 +364,10 @@ class Keys:
         self._nodes = self.root + b"nodes/"
         self._done = self.root + b"done/"
         self._progress = self.root + b"progress/"
+        self._decls = self.root + b"units/decl/"
+        self._unit_runs = self.root + b"units/run/"
+        self._pool = self.cluster + b"pool/"
+        self._groups = self.cluster + b"groups/"
         self.legacy = tuple(self.root + name.encode() + b"/" for name in sorted(LEGACY_SEGMENTS))
         """The ranges the 0.1 layout wrote (its records, outcomes, runs and members)."""
 
@@ -349,6 +451,90 @@ class Keys:
     def progress(self, namespace: str, task_id: str, version: int, node_id: str) -> bytes:
         return self.version_progress(namespace, task_id, version) + _esc(node_id).encode()
 
+    # ---- units ----
+
+    def unit_decl(self, namespace: str, task_id: str) -> bytes:
+        return self._decls + self._id(namespace, task_id)
+
+    def all_unit_decls(self) -> bytes:
+        return self._decls
+
+    def unit_run(self, namespace: str, task_id: str) -> bytes:
+        """Prefix of every per-unit key of the current run of (ns, id)."""
+        return self._unit_runs + self._id(namespace, task_id) + b"/"
+
+    def all_unit_runs(self) -> bytes:
+        return self._unit_runs
+
+    def unit_claims(self, namespace: str, task_id: str) -> bytes:
+        return self.unit_run(namespace, task_id) + b"claim/"
+
+    def unit_claim(self, namespace: str, task_id: str, unit_id: str) -> bytes:
+        return self.unit_claims(namespace, task_id) + _esc(unit_id).encode()
+
+    def unit_ticket(self, namespace: str, task_id: str) -> bytes:
+        return self.unit_run(namespace, task_id) + b"ticket"
+
+    def unit_node_ticket(self, namespace: str, task_id: str, node_id: str) -> bytes:
+        return self.unit_run(namespace, task_id) + b"aticket/" + _esc(node_id).encode()
+
+    def units_held(self, namespace: str, task_id: str, node_id: str) -> bytes:
+        """Prefix of the units ``node_id`` holds IN_PROGRESS."""
+        return self.unit_run(namespace, task_id) + b"held/" + _esc(node_id).encode() + b"/"
+
+    def unit_held(self, namespace: str, task_id: str, node_id: str, unit_id: str) -> bytes:
+        return self.units_held(namespace, task_id, node_id) + _esc(unit_id).encode()
+
+    def units_completed(self, namespace: str, task_id: str) -> bytes:
+        return self.unit_run(namespace, task_id) + b"count"
+
+    def group_counts(self, namespace: str, task_id: str) -> bytes:
+        return self.unit_run(namespace, task_id) + b"gcount/"
+
+    def group_count(self, namespace: str, task_id: str, group: str) -> bytes:
+        return self.group_counts(namespace, task_id) + _group_segment(group).encode()
+
+    def unit_progresses(self, namespace: str, task_id: str) -> bytes:
+        return self.unit_run(namespace, task_id) + b"progress/"
+
+    def unit_progress(self, namespace: str, task_id: str, unit_id: str) -> bytes:
+        return self.unit_progresses(namespace, task_id) + _esc(unit_id).encode()
+
+    def group_acks(self, namespace: str, task_id: str, node_id: str) -> bytes:
+        return self.unit_run(namespace, task_id) + b"acks/" + _esc(node_id).encode() + b"/"
+
+    def group_ack(self, namespace: str, task_id: str, node_id: str, group: str) -> bytes:
+        return self.group_acks(namespace, task_id, node_id) + _group_segment(group).encode()
+
+    def task_pool(self, namespace: str, task_id: str) -> bytes:
+        return self._pool + self._id(namespace, task_id) + b"/"
+
+    def pool(self, namespace: str, task_id: str, unit_id: str) -> bytes:
+        return self.task_pool(namespace, task_id) + _esc(unit_id).encode()
+
+    def all_pool(self) -> bytes:
+        return self._pool
+
+    def task_groups(self, namespace: str, task_id: str) -> bytes:
+        return self._groups + self._id(namespace, task_id) + b"/"
+
+    def group(self, namespace: str, task_id: str, group: str) -> bytes:
+        return self.task_groups(namespace, task_id) + _group_segment(group).encode()
+
+    def all_groups(self) -> bytes:
+        return self._groups
+
+    @staticmethod
+    def group_under(prefix: bytes, key: bytes) -> str | None:
+        """The group of a key one group segment below ``prefix``, or None."""
+        if not key.startswith(prefix):
+            return None
+        try:
+            segment = key[len(prefix) :].decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        return None if "/" in segment else _group_of(segment)
+
     def member(self, node_id: str) -> bytes:
         return self._members + _esc(node_id).encode()
 
@@ -370,6 +556,32 @@ class Keys:
             return None
         return None if "/" in segment else _unesc(segment)
 
+    @staticmethod
+    def _parse_group(parts: list[str]) -> GroupKey | None:
+        if len(parts) != 4:
+            return None
+        ns, tid, group = _unesc(parts[1]), _unesc(parts[2]), _group_of(parts[3])
+        return GroupKey(ns, tid, group) if ns and tid and group is not None else None
+
+    @staticmethod
+    def _parse_unit_run(parts: list[str]) -> UnitClaimKey | UnitRunKey | None:
+        # parts: ["run", ns, id, kind, *rest]
+        if len(parts) < 4:
+            return None
+        ns, tid, kind, rest = _unesc(parts[1]), _unesc(parts[2]), parts[3], parts[4:]
+        if not ns or not tid or _UNIT_RUN_SHAPES.get(kind) != len(rest):
+            return None
+        names: list[str] = []
+        for index, segment in enumerate(rest):
+            last_is_group = kind in _GROUP_LAST and index == len(rest) - 1
+            name = _group_of(segment) if last_is_group else _unesc(segment)
+            if name is None:
+                return None
+            names.append(name)
+        if kind == "claim":
+            return UnitClaimKey(ns, tid, names[0])
+        return UnitRunKey(ns, tid, kind, tuple(names))
+
     def parse(self, key: bytes) -> ParsedKey | None:
         """What ``key`` names, or ``None`` if it is not a key of this schema."""
         if not key.startswith(self.root):
@@ -380,11 +592,15 @@ class Keys:
             return None
         parts = rest.split("/")
         kind = parts[0]
-        if kind == "cluster" and len(parts) >= 2:
-            kind, parts = f"cluster/{parts[1]}", parts[1:]
+        if kind in ("cluster", "units") and len(parts) >= 2:
+            kind, parts = f"{kind}/{parts[1]}", parts[1:]
             if kind == "cluster/members":
                 node = _unesc(parts[1]) if len(parts) == 2 else None
                 return MemberKey(node) if node else None
+            if kind == "cluster/groups":
+                return self._parse_group(parts)
+            if kind == "units/run":
+                return self._parse_unit_run(parts)
         names = [_unesc(p) for p in parts[1:]]
         kind_of_id = _BY_ID.get(kind)
         if kind_of_id is not None and len(names) == 2:

@@ -91,9 +91,12 @@ from .model import (
     RunPolicy,
     Task,
     TaskStatus,
+    Unit,
+    UnitSpec,
     tasks_from_payload,
     tasks_to_payload,
     truncate_ms,
+    unit_specs,
     validate_name,
 )
 from .readmodel import Attempts, ReadModel, Run, build_task
@@ -107,9 +110,11 @@ from .records import (
     OutcomeRecord,
     RunState,
     TaskRecord,
+    UnitDecl,
     decode_progress,
     encode_progress,
 )
+from .units import UnitTransitions
 
 __all__ = ["Manager"]
 
@@ -152,10 +157,17 @@ def _batches(ops: Sequence[t.Op]) -> Iterable[Sequence[t.Op]]:
 
 @dataclass(frozen=True)
 class KnownRun:
-    """What never changes about one version of a run: its record and nodes."""
+    """What never changes about one version of a run: its record, nodes and, for a unit task,
+    its declared units."""
 
     record: TaskRecord
     nodes: frozenset[str]
+    decl: UnitDecl | None = None
+
+    @property
+    def size(self) -> int:
+        """Roughly what it holds, in bytes (for the cache's bound)."""
+        return len(self.record.payload) + (0 if self.decl is None else 200 * len(self.decl.units))
 
 
 @dataclass(frozen=True)
@@ -186,18 +198,18 @@ class _RunCache:
             return run
 
     def put(self, key: tuple[str, str, int], run: KnownRun) -> None:
-        size = len(run.record.payload)
-        if size > _CACHE_PAYLOAD_BYTES // 8:
+        size = run.size
+        if size > _CACHE_PAYLOAD_BYTES // 4:
             return
         with self._lock:
             old = self._runs.pop(key, None)
             if old is not None:
-                self._bytes -= len(old.record.payload)
+                self._bytes -= old.size
             self._runs[key] = run
             self._bytes += size
             while len(self._runs) > _CACHE_RUNS or self._bytes > _CACHE_PAYLOAD_BYTES:
                 _, evicted = self._runs.popitem(last=False)
-                self._bytes -= len(evicted.record.payload)
+                self._bytes -= evicted.size
 
 
 class Manager:
@@ -233,6 +245,8 @@ class Manager:
         self.skipped_records = 0  # corrupt or foreign values met while reading (logged)
         self._skip_lock = threading.Lock()
         self._known = _RunCache()
+        self.units = UnitTransitions(self)
+        """The unit transitions (units.py): what the unit methods below and Schedulers use."""
 
     def __repr__(self) -> str:
         return f"Manager({self.client!r}, prefix={self.prefix!r})"
@@ -322,11 +336,11 @@ class Manager:
         result = self._read([*self.read.run_ops(namespace, task_id), *extra])
         run = self.read.run_from(namespace, task_id, result)
         if run is not None:
-            self._remember(run.task, run.record)
+            self._remember(run.task, run.record, run.decl)
         return run
 
-    def _remember(self, task: Task, record: TaskRecord) -> None:
-        self._known.put((task.namespace, task.id, task.version), KnownRun(record, task.nodes))
+    def _remember(self, task: Task, record: TaskRecord, decl: UnitDecl | None = None) -> None:
+        self._known.put((task.namespace, task.id, task.version), KnownRun(record, task.nodes, decl))
 
     def get_task(self, namespace: str, task_id: str) -> Task | None:
         """The current run of ``(namespace, task_id)``, or ``None``. One round trip.
@@ -388,15 +402,18 @@ class Manager:
         *,
         nodes: Iterable[str] | None = None,
         policy: RunPolicy | None = None,
+        units: Iterable[UnitSpec | str] | None = None,
     ) -> Task:
         """Add a new STARTED run of ``(namespace, task_id)`` and return it.
 
         ``nodes=None`` assigns the run to the nodes whose live Scheduler serves ``namespace``
         now. ``policy`` says how the run is retried and bounded (default: one attempt, no
-        deadline: the behaviour and JSON of a plain task). A terminal run of the same id is
-        replaced, with a higher version. There is no fixed bound on the number of nodes; the
-        add must fit in one etcd request (by default 1.5 MiB: the payload plus twice the node
-        ids).
+        deadline: the behaviour and JSON of a plain task). ``units`` splits the run into
+        units (:class:`UnitSpec` or plain ids; see :meth:`claim_unit`): it is FINISHED when
+        every unit is COMPLETED, and its nodes record units, not completions. A terminal run
+        of the same id is replaced, with a higher version. There is no fixed bound on the
+        number of nodes or units; the add must fit in one etcd request (by default 1.5 MiB:
+        the payload, twice the node ids and the compressed declaration of the units).
 
         Raises :class:`InvalidTaskError` (nothing written), :class:`NoEligibleNodesError`,
         :class:`TaskAlreadyRunningError`, :class:`StorageFormatError`, :class:`EtcdError`.
@@ -417,14 +434,22 @@ class Manager:
             assigned = self._nodes(eligible)
         else:
             assigned = self._nodes(nodes)
+        decl = None
+        if units is not None:
+            decl = UnitDecl(unit_specs(units, assigned))
+            if not decl.units:
+                raise InvalidTaskError(
+                    "units must not be empty (omit it for a plain task)", "units"
+                )
         record = TaskRecord(
             payload=data,
             started_at=self.now(),
             node_count=len(assigned),
             token=_new_token(),
             policy=policy,
+            unit_count=0 if decl is None else len(decl.units),
         )
-        return self._create(namespace, task_id, record, assigned)
+        return self._create(namespace, task_id, record, assigned, decl=decl)
 
     def _create(
         self,
@@ -433,9 +458,12 @@ class Manager:
         record: TaskRecord,
         nodes: frozenset[str],
         outcome: OutcomeRecord | None = None,
+        *,
+        decl: UnitDecl | None = None,
     ) -> Task:
-        """Write a run — record, node list, assignments, and ``outcome`` if given — replacing a
-        terminal (or unreadable) one, and return it. See :meth:`add_task`."""
+        """Write a run — record, node list, assignments, declared units, and ``outcome`` if
+        given — replacing a terminal (or unreadable) one, and return it. See
+        :meth:`add_task`."""
         keys = self.keys
         key = keys.task(namespace, task_id)
         outcome_key = keys.outcome(namespace, task_id)
@@ -451,6 +479,8 @@ class Manager:
                     for bucket, part in sorted(NodeList.by_bucket(nodes).items())
                 ),
             ]
+        if decl is not None:
+            writes.append(t.put(keys.unit_decl(namespace, task_id), decl.encode()))
         if outcome is not None:
             writes.append(t.put(outcome_key, outcome.encode()))
         for _ in range(_RACE_ATTEMPTS):
@@ -460,8 +490,10 @@ class Manager:
                 failure=[t.get(key), t.get(outcome_key), t.get(keys.format)],
             )
             if result.succeeded:
-                task = build_task(namespace, task_id, record, result.revision, nodes, (), outcome)
-                self._remember(task, record)
+                task = build_task(
+                    namespace, task_id, record, result.revision, nodes, (), outcome, decl=decl
+                )
+                self._remember(task, record, decl)
                 return task
             marker = result.range(2).first()
             if marker is None or marker.value != FORMAT_MARKER:
@@ -480,9 +512,9 @@ class Manager:
             else:
                 if existing.token == record.token:  # our own write, whose response was lost
                     task = build_task(
-                        namespace, task_id, record, kv.mod_revision, nodes, (), outcome
+                        namespace, task_id, record, kv.mod_revision, nodes, (), outcome, decl=decl
                     )
-                    self._remember(task, record)
+                    self._remember(task, record, decl)
                     return task
                 if outcome_kv is None:
                     raise TaskAlreadyRunningError(
@@ -495,9 +527,13 @@ class Manager:
         )
 
     def _delete_run_ops(self, namespace: str, task_id: str) -> list[t.Op]:
-        """Delete every key of a run: a bounded number of operations (71) whatever its size."""
+        """Delete every key of a run: a bounded number of operations (75) whatever its size."""
         keys = self.keys
         return [
+            t.delete(keys.unit_decl(namespace, task_id)),
+            t.delete_prefix(keys.unit_run(namespace, task_id)),
+            t.delete_prefix(keys.task_pool(namespace, task_id)),
+            t.delete_prefix(keys.task_groups(namespace, task_id)),
             t.delete(keys.task(namespace, task_id)),
             t.delete(keys.outcome(namespace, task_id)),
             t.delete(keys.nodes(namespace, task_id)),
@@ -530,7 +566,7 @@ class Manager:
             run = self._read_run(namespace, task_id)
             if run is None or run.task.version != version:
                 raise TaskNotFoundError(namespace, task_id, version)
-            known = KnownRun(run.record, run.task.nodes)
+            known = KnownRun(run.record, run.task.nodes, run.decl)
         if node_id is not None and node_id not in known.nodes:
             # A terminal or replaced run says so first, as a transition's compares would.
             run = self._read_run(namespace, task_id)
@@ -592,10 +628,17 @@ class Manager:
         writes FINISHED). Idempotent for a node while the run is STARTED. Returns the run
         after the call. Raises :class:`TaskNotFoundError` (no such id or another version),
         :class:`TaskNotRunningError` (that version is terminal), :class:`InvalidTaskError`
-        (``node_id`` is not one of the task's nodes; nothing written), :class:`EtcdError`.
+        (``node_id`` is not one of the task's nodes, or the task is made of units; nothing
+        written), :class:`EtcdError`.
         """
         version = self._check_run_args(namespace, task_id, version, node_id)
         known = self.known_run(namespace, task_id, version, node_id)
+        if known.decl is not None:
+            raise InvalidTaskError(
+                f"task {namespace}/{task_id} is made of units: record unit completions "
+                "(record_unit_completion), not node completions",
+                "task_id",
+            )
         return self.complete(namespace, task_id, version, node_id, known)
 
     def complete(
@@ -1058,6 +1101,106 @@ class Manager:
                 self._skip(kv.key, exc)
         return out
 
+    # ---- units ----------------------------------------------------------------------------
+
+    def _unit_run(
+        self, namespace: str, task_id: str, version: object, node_id: str, unit_id: str | None
+    ) -> tuple[int, KnownRun]:
+        version = self._check_run_args(namespace, task_id, version, node_id)
+        if unit_id is not None:
+            validate_name(unit_id, "unit_id")
+        known = self.known_run(namespace, task_id, version, node_id)
+        if known.decl is None:
+            raise InvalidTaskError(f"task {namespace}/{task_id} has no units", "task_id")
+        if unit_id is not None and unit_id not in known.decl.by_id:
+            raise InvalidTaskError(f"task {namespace}/{task_id} has no unit {unit_id!r}", "unit_id")
+        return version, known
+
+    def claim_unit(self, namespace: str, task_id: str, version: int, node_id: str) -> Unit | None:
+        """Claim for ``node_id`` one PENDING unit it may take (no affinity, or affinity to it)
+        and return it IN_PROGRESS under its name; None when nothing is claimable now (every
+        unit it could take is claimed, or waits for its retry backoff). Two claimants of one
+        unit: one wins. Units are handed out in declaration order (see units.py); a unit given
+        back to the pool (a retry, a lost node's unit) is taken first.
+
+        Raises :class:`InvalidTaskError` (``node_id`` not one of the task's nodes, or not a
+        unit task; nothing written), :class:`TaskNotFoundError`, :class:`TaskNotRunningError`,
+        :class:`EtcdError`.
+        """
+        version, known = self._unit_run(namespace, task_id, version, node_id, None)
+        claim = self.units.claim(namespace, task_id, version, node_id, known)
+        return None if claim is None else claim.unit(node_id)
+
+    def record_unit_completion(
+        self, namespace: str, task_id: str, version: int, unit_id: str, node_id: str
+    ) -> Task:
+        """Record that ``node_id``, the unit's claimant, completed ``unit_id``; the run is
+        FINISHED, in the same transaction, when it was the last unit. Recording the same
+        completion again is a no-op. Returns the run after the call.
+
+        Raises :class:`UnitClaimError` (``node_id`` does not hold the unit; nothing written),
+        :class:`InvalidTaskError`, :class:`TaskNotFoundError`, :class:`TaskNotRunningError`,
+        :class:`EtcdError`.
+        """
+        version, known = self._unit_run(namespace, task_id, version, node_id, unit_id)
+        return self.units.complete(namespace, task_id, version, unit_id, node_id, known)
+
+    def record_unit_failure(
+        self,
+        namespace: str,
+        task_id: str,
+        version: int,
+        unit_id: str,
+        node_id: str,
+        error: str,
+    ) -> Task:
+        """Record a failed attempt of ``unit_id`` by its claimant ``node_id``. With attempts
+        left (``policy.max_attempts``, per unit) the unit goes back to PENDING, claimable by
+        any eligible node after ``policy.backoff``; the last attempt makes the unit FAILED and
+        the run FAILED with ``error`` verbatim, ``failed_node`` and ``failed_unit``. Returns
+        the run after the call.
+
+        Raises :class:`UnitClaimError`, :class:`InvalidTaskError` (also for an ``error``
+        that is not a str), :class:`TaskNotFoundError`, :class:`TaskNotRunningError`,
+        :class:`EtcdError`.
+        """
+        if not isinstance(error, str):
+            raise InvalidTaskError(f"error must be a str, not {type(error).__name__}", "error")
+        version, known = self._unit_run(namespace, task_id, version, node_id, unit_id)
+        return self.units.fail(namespace, task_id, version, unit_id, node_id, _clip(error), known)
+
+    def record_unit_progress(
+        self,
+        namespace: str,
+        task_id: str,
+        version: int,
+        unit_id: str,
+        node_id: str,
+        fraction: float,
+        message: str = "",
+    ) -> None:
+        """Store the latest progress of ``unit_id`` (one round trip; ``fraction`` clamped to
+        [0, 1]). No Scheduler watches it: :meth:`get_units`, ``dtask units`` and the console
+        read it.
+
+        Raises :class:`InvalidTaskError`, :class:`TaskNotFoundError`,
+        :class:`TaskNotRunningError`, :class:`EtcdError`.
+        """
+        _check_progress(fraction, message)
+        version, _ = self._unit_run(namespace, task_id, version, node_id, unit_id)
+        progress = Progress(min(1.0, max(0.0, float(fraction))), _clip(message), self.now())
+        self.units.progress(namespace, task_id, version, unit_id, node_id, progress)
+
+    def get_units(self, namespace: str, task_id: str, version: int) -> dict[str, Unit]:
+        """Every unit of ``version``, in declaration order, read at one revision: status,
+        claimant, failed attempts, latest error and progress.
+
+        Raises :class:`InvalidTaskError` (bad arguments, or not a unit task),
+        :class:`TaskNotFoundError`, :class:`StorageFormatError`, :class:`EtcdError`.
+        """
+        version = self._check_run_args(namespace, task_id, version)
+        return self.units.get_units(namespace, task_id, version)
+
     # ---- clean-up -------------------------------------------------------------------------
 
     def clean_up_task(
@@ -1150,6 +1293,10 @@ class Manager:
                     keys.all_assignments(),
                     keys.all_done(),
                     keys.all_progress(),
+                    keys.all_unit_decls(),
+                    keys.all_unit_runs(),
+                    keys.all_pool(),
+                    keys.all_groups(),
                 )
             ]
         )
@@ -1164,7 +1311,9 @@ class Manager:
         outcome = None
         if status.terminal:
             assert finished_at is not None
-            outcome = OutcomeRecord(status, finished_at, token, task.error, task.failed_node)
+            outcome = OutcomeRecord(
+                status, finished_at, token, task.error, task.failed_node, task.failed_unit
+            )
         record = TaskRecord(
             payload=task.payload,
             started_at=task.started_at,
@@ -1172,8 +1321,10 @@ class Manager:
             token=token,
             version=task.version if status.terminal else None,
             policy=task.policy,
+            unit_count=len(task.units),
         )
-        created = self._create(task.namespace, task.id, record, task.nodes, outcome)
+        decl = UnitDecl(task.units) if task.units else None
+        created = self._create(task.namespace, task.id, record, task.nodes, outcome, decl=decl)
         keys, ns, tid = self.keys, task.namespace, task.id
         if status is TaskStatus.PAUSED:
             state = RunState(self.now(), 0, token)

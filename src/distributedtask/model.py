@@ -37,6 +37,9 @@ __all__ = [
     "Task",
     "TaskDescriptor",
     "TaskStatus",
+    "Unit",
+    "UnitSpec",
+    "UnitStatus",
     "format_time",
     "parse_time",
     "task_from_json",
@@ -215,6 +218,92 @@ class RunPolicy:
 DEFAULT_POLICY = RunPolicy()
 
 
+class UnitStatus(str, enum.Enum):
+    """Where one unit of a unit task stands."""
+
+    PENDING = "PENDING"
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """One unit of a task as declared: ``id`` (a name, unique in its task), ``group`` (units
+    of a group form a barrier: ``""`` or a name) and ``node`` (affinity: only that node may
+    claim it; ``None``: any node of the task).
+
+    Raises :class:`InvalidTaskError` (field ``"units"``) for a bad id, group or node.
+    """
+
+    id: str
+    group: str = ""
+    node: str | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            validate_name(self.id, "unit_id")
+            if self.group != "":
+                validate_name(self.group, "group")
+            if self.node is not None:
+                validate_name(self.node, "node_id")
+        except InvalidTaskError as exc:
+            raise InvalidTaskError(f"unit {self.id!r}: {exc}", "units") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"id", "group", "node"}`` (the JSON of a declared unit)."""
+        return {"id": self.id, "group": self.group, "node": self.node}
+
+    @classmethod
+    def from_dict(cls, data: object) -> UnitSpec:
+        """Decode ``{"id", "group"?, "node"?}``. Raises :class:`InvalidTaskError`."""
+        if not isinstance(data, dict) or not isinstance(data.get("id"), str):
+            raise InvalidTaskError("a unit must be an object with a string 'id'", "units")
+        group = data.get("group") or ""
+        node = data.get("node") or None
+        if not isinstance(group, str) or not (node is None or isinstance(node, str)):
+            raise InvalidTaskError(f"unit {data['id']!r}: group and node must be strings", "units")
+        unknown = set(data) - {"id", "group", "node"}
+        if unknown:
+            raise InvalidTaskError(
+                f"unit {data['id']!r}: unknown field {sorted(unknown)[0]!r}", "units"
+            )
+        return cls(data["id"], group, node)
+
+
+def unit_specs(units: object, nodes: frozenset[str] | None = None) -> tuple[UnitSpec, ...]:
+    """Check a declaration of units — :class:`UnitSpec` values or plain string ids — and
+    return it as a tuple: ids unique, affinities within ``nodes`` when given. Raises
+    :class:`InvalidTaskError` (field ``"units"``)."""
+    if isinstance(units, (str, bytes)) or not isinstance(units, Iterable):
+        raise InvalidTaskError("units must be a collection of UnitSpec or str ids", "units")
+    out: list[UnitSpec] = []
+    seen: set[str] = set()
+    for item in units:
+        if isinstance(item, str):
+            spec = UnitSpec(item)
+        elif isinstance(item, UnitSpec):
+            spec = item
+        else:
+            raise InvalidTaskError(
+                f"a unit must be a UnitSpec or a str, not {type(item).__name__}", "units"
+            )
+        if spec.id in seen:
+            raise InvalidTaskError(f"unit {spec.id!r} is declared twice", "units")
+        if nodes is not None and spec.node is not None and spec.node not in nodes:
+            raise InvalidTaskError(
+                f"unit {spec.id!r} has affinity to node {spec.node!r}, "
+                "which is not one of the task's nodes",
+                "units",
+            )
+        seen.add(spec.id)
+        out.append(spec)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Task:
     """One run of a task as the cluster sees it.
@@ -224,7 +313,9 @@ class Task:
     completion of this version. ``error`` is the failing node's message verbatim (as in
     Weaviate) and ``failed_node`` that node (``None`` unless a node's failure ended the run).
     ``policy`` is how the run is retried and bounded; ``attempts`` the failed attempts so far
-    by node (absent: none) and ``last_errors`` each node's latest failure message.
+    by node (absent: none) and ``last_errors`` each node's latest failure message. ``units``
+    is the declaration of a unit task (``()`` for a plain one) and ``failed_unit`` the unit
+    whose last failed attempt made the run FAILED.
     """
 
     namespace: str
@@ -241,6 +332,8 @@ class Task:
     policy: RunPolicy = DEFAULT_POLICY
     attempts: Mapping[str, int] = EMPTY
     last_errors: Mapping[str, str] = EMPTY
+    units: tuple[UnitSpec, ...] = ()
+    failed_unit: str | None = None
 
     @property
     def descriptor(self) -> TaskDescriptor:
@@ -260,6 +353,21 @@ class Progress:
     fraction: float
     message: str
     updated_at: datetime
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of a unit task as the cluster sees it: ``node`` is its current (or last)
+    claimant, ``attempts`` its failed attempts so far, ``error`` the latest failure message,
+    ``progress`` the latest progress its claimant reported on it."""
+
+    id: str
+    group: str
+    node: str | None
+    status: UnitStatus
+    attempts: int = 0
+    error: str | None = None
+    progress: Progress | None = None
 
 
 def validate_name(value: object, field: str) -> str:
@@ -385,6 +493,10 @@ def task_to_dict(task: Task) -> dict[str, Any]:
         out["attempts"] = {node: task.attempts[node] for node in sorted(task.attempts)}
     if task.last_errors:
         out["lastErrors"] = {node: task.last_errors[node] for node in sorted(task.last_errors)}
+    if task.units:
+        out["units"] = [unit.to_dict() for unit in task.units]
+    if task.failed_unit:
+        out["failedUnit"] = task.failed_unit
     return out
 
 
@@ -468,6 +580,16 @@ def task_from_dict(data: object) -> Task:
         task_id = validate_name(_field(data, "ID", str), "task_id")
     except InvalidTaskError as exc:
         raise InvalidTaskError(f"task JSON: {exc}", "data") from None
+    units_data = data.get("units") or []
+    if not isinstance(units_data, list):
+        raise InvalidTaskError("task JSON: 'units' must be a list", "data")
+    failed_unit = data.get("failedUnit") or None
+    try:
+        units = unit_specs((UnitSpec.from_dict(item) for item in units_data), nodes)
+        if failed_unit is not None:
+            failed_unit = validate_name(failed_unit, "unit_id")
+    except InvalidTaskError as exc:
+        raise InvalidTaskError(f"task JSON: {exc}", "data") from None
     return Task(
         namespace=namespace,
         id=task_id,
@@ -483,6 +605,8 @@ def task_from_dict(data: object) -> Task:
         policy=RunPolicy.from_dict(data.get("policy") or {}),
         attempts=FrozenMap(_per_node(data, "attempts", int)),
         last_errors=FrozenMap(_per_node(data, "lastErrors", str)),
+        units=units,
+        failed_unit=failed_unit,
     )
 
 

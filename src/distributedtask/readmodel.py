@@ -13,6 +13,8 @@ One place for the rules every reader shares — the Manager, the Scheduler, ``dt
 - ``finished_nodes`` are the nodes with a completion key, within ``nodes``; ``attempts`` of a
   node is the etcd version of its attempt key (one write per failed attempt), ``last_errors``
   that key's message.
+- A unit task's record counts its units; their declaration is ``P/units/decl`` (``Task.units``),
+  and a unit task has no ``finished_nodes``: its units are what completes.
 - The layout marker (``P/format``) must be ours; without one, keys of the 0.1 layout under the
   prefix mean another layout (:class:`~distributedtask.exceptions.StorageFormatError`).
 
@@ -28,7 +30,16 @@ from dataclasses import dataclass, field
 
 from .etcd import txn as t
 from .exceptions import CorruptRecordError, StorageFormatError
-from .keys import AttemptKey, DoneKey, Keys, NodesKey, OutcomeKey, StateKey, TaskKey
+from .keys import (
+    AttemptKey,
+    DoneKey,
+    Keys,
+    NodesKey,
+    OutcomeKey,
+    StateKey,
+    TaskKey,
+    UnitDeclKey,
+)
 from .model import FrozenMap, Task, TaskStatus
 from .records import (
     FORMAT_MARKER,
@@ -38,6 +49,7 @@ from .records import (
     OutcomeRecord,
     RunState,
     TaskRecord,
+    UnitDecl,
     decode_format,
 )
 
@@ -87,6 +99,7 @@ def build_task(
     outcome: OutcomeRecord | None,
     state: RunState | None = None,
     attempts: Attempts = NO_ATTEMPTS,
+    decl: UnitDecl | None = None,
 ) -> Task:
     """A :class:`Task` from its decoded parts (see the module doc for the rules)."""
     return Task(
@@ -104,6 +117,8 @@ def build_task(
         policy=record.policy,
         attempts=attempts.counts,
         last_errors=attempts.errors,
+        units=() if decl is None else decl.units,
+        failed_unit=None if outcome is None else outcome.unit,
     )
 
 
@@ -118,6 +133,7 @@ class Run:
     state_kv: t.KeyValue | None
     state: RunState | None
     task: Task
+    decl: UnitDecl | None = None
 
 
 class ReadModel:
@@ -155,8 +171,8 @@ class ReadModel:
     # ---- one run --------------------------------------------------------------------------
 
     def run_ops(self, namespace: str, task_id: str) -> list[t.Op]:
-        """``[record, outcome, node list, completions (keys only), state, attempts]`` of one
-        id."""
+        """``[record, outcome, node list, completions (keys only), state, attempts, unit
+        declaration]`` of one id."""
         return [
             t.get(self.keys.task(namespace, task_id)),
             t.get(self.keys.outcome(namespace, task_id)),
@@ -164,9 +180,10 @@ class ReadModel:
             t.get_prefix(self.keys.task_done(namespace, task_id), keys_only=True),
             t.get(self.keys.state(namespace, task_id)),
             t.get_prefix(self.keys.task_attempts(namespace, task_id)),
+            t.get(self.keys.unit_decl(namespace, task_id)),
         ]
 
-    RUN_OPS = 6
+    RUN_OPS = 7
     """How many operations :meth:`run_ops` returns."""
 
     def run_from(
@@ -186,8 +203,17 @@ class ReadModel:
         )
         state_kv = result.range(at + 4).first()
         attempts = self.attempts_from(result.range(at + 5).kvs)
+        decl_kv = result.range(at + 6).first()
         return self.assemble(
-            namespace, task_id, record_kv, outcome_kv, nodes_kv, finished, state_kv, attempts
+            namespace,
+            task_id,
+            record_kv,
+            outcome_kv,
+            nodes_kv,
+            finished,
+            state_kv,
+            attempts,
+            decl_kv,
         )
 
     def assemble(
@@ -200,9 +226,20 @@ class ReadModel:
         finished: Iterable[str],
         state_kv: t.KeyValue | None = None,
         attempts: Attempts = NO_ATTEMPTS,
+        decl_kv: t.KeyValue | None = None,
     ) -> Run:
         """Decode a run from its key-values. Raises :class:`CorruptRecordError`."""
         record = TaskRecord.decode(record_kv.value)
+        decl = None
+        if record.unit_count:
+            if decl_kv is None:
+                raise CorruptRecordError("a unit task without its declaration", record_kv.key)
+            decl = UnitDecl.decode(decl_kv.value)
+            if len(decl.units) != record.unit_count:
+                raise CorruptRecordError(
+                    "a declaration that does not match its record", decl_kv.key
+                )
+            finished = ()
         outcome = None if outcome_kv is None else OutcomeRecord.decode(outcome_kv.value)
         state = None if state_kv is None else RunState.decode(state_kv.value)
         if record.nodes is not None:
@@ -223,8 +260,9 @@ class ReadModel:
             outcome,
             state,
             attempts,
+            decl,
         )
-        return Run(record_kv, record, outcome_kv, outcome, state_kv, state, task)
+        return Run(record_kv, record, outcome_kv, outcome, state_kv, state, task, decl)
 
     def attempts_from(self, kvs: Iterable[t.KeyValue]) -> Attempts:
         """The attempts of the attempt key-values of one run (others ignored). Raises
@@ -265,6 +303,7 @@ class ReadModel:
             t.get_prefix(keys.all_done(), keys_only=True),
             t.get_prefix(keys.all_states()),
             t.get_prefix(keys.all_attempts()),
+            t.get_prefix(keys.all_unit_decls()),
         ]
 
     def tasks_from(
@@ -272,7 +311,7 @@ class ReadModel:
     ) -> dict[str, list[Task]]:
         """Every task read by :meth:`list_ops` at ``at``, by namespace, sorted by id.
         Unreadable values go to ``on_skip`` and their run is left out."""
-        kvs = [kv for i in range(6) for kv in result.range(at + i).kvs]
+        kvs = [kv for i in range(7) for kv in result.range(at + i).kvs]
         return self.tasks_from_kvs(kvs, on_skip)
 
     def tasks_from_kvs(
@@ -285,6 +324,7 @@ class ReadModel:
         done: dict[TaskId, set[str]] = {}
         states: dict[TaskId, t.KeyValue] = {}
         attempts: dict[TaskId, list[t.KeyValue]] = {}
+        decls: dict[TaskId, t.KeyValue] = {}
         parse = self.keys.parse
         for kv in kvs:
             parsed = parse(kv.key)
@@ -300,6 +340,8 @@ class ReadModel:
                 states[(parsed.namespace, parsed.task_id)] = kv
             elif isinstance(parsed, AttemptKey):
                 attempts.setdefault((parsed.namespace, parsed.task_id), []).append(kv)
+            elif isinstance(parsed, UnitDeclKey):
+                decls[(parsed.namespace, parsed.task_id)] = kv
             elif parsed is None:
                 on_skip(kv.key, CorruptRecordError("not a key of ours"))
         out: dict[str, list[Task]] = {}
@@ -314,6 +356,7 @@ class ReadModel:
                     done.get((ns, tid), ()),
                     states.get((ns, tid)),
                     self.attempts_from(attempts.get((ns, tid), ())),
+                    decls.get((ns, tid)),
                 )
             except CorruptRecordError as exc:
                 on_skip(exc.key or kv.key, exc)

@@ -16,9 +16,11 @@ functions; thread-safe.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 import orjson
@@ -30,6 +32,8 @@ from .model import (
     Progress,
     RunPolicy,
     TaskStatus,
+    UnitSpec,
+    UnitStatus,
     from_epoch_ms,
     to_epoch_ms,
     validate_name,
@@ -42,11 +46,15 @@ __all__ = [
     "AttemptRecord",
     "CorruptRecordError",
     "DoneRecord",
+    "GroupMark",
     "MemberRecord",
     "NodeList",
     "OutcomeRecord",
+    "PoolEntry",
     "RunState",
     "TaskRecord",
+    "UnitClaim",
+    "UnitDecl",
     "decode_format",
     "decode_progress",
     "encode_progress",
@@ -140,6 +148,8 @@ class TaskRecord:
     a larger one has ``nodes=None`` and its names in ``P/nodes`` and ``P/assign``.
     ``version`` is stored only for a run restored from a snapshot in a terminal state (it keeps
     the version it had); otherwise the version is the record's ``mod_revision``.
+    ``unit_count`` is the number of declared units of a unit task (0: a plain task); the
+    declaration itself is in ``P/units/decl`` (:class:`UnitDecl`).
     """
 
     payload: bytes
@@ -149,6 +159,7 @@ class TaskRecord:
     version: int | None = None
     policy: RunPolicy = DEFAULT_POLICY
     nodes: frozenset[str] | None = None
+    unit_count: int = 0
 
     def encode(self) -> bytes:
         header: dict[str, Any] = {
@@ -157,6 +168,8 @@ class TaskRecord:
             "nodeCount": self.node_count,
             "token": self.token,
         }
+        if self.unit_count:
+            header["units"] = self.unit_count
         if self.version is not None:
             header["version"] = self.version
         policy = self.policy.to_dict()
@@ -187,6 +200,7 @@ class TaskRecord:
             if len(nodes) != data.get("nodeCount"):
                 raise CorruptRecordError(f"{what}: its nodes do not match its node count")
         return cls(
+            unit_count=0 if "units" not in data else _positive_int(data, "units", what),
             nodes=nodes,
             policy=policy,
             payload=raw[end + 1 :] if payload else b"",
@@ -238,6 +252,7 @@ class OutcomeRecord:
     token: str
     error: str | None = None
     node: str | None = None
+    unit: str | None = None
 
     def encode(self) -> bytes:
         body: dict[str, Any] = {
@@ -250,6 +265,8 @@ class OutcomeRecord:
             body["error"] = self.error
         if self.node is not None:
             body["node"] = self.node
+        if self.unit is not None:
+            body["unit"] = self.unit
         return orjson.dumps(body)
 
     @classmethod
@@ -271,6 +288,7 @@ class OutcomeRecord:
             token=_get(data, "token", str, what),
             error=error,
             node=_optional_name(data, "node", what),
+            unit=_optional_name(data, "unit", what),
         )
 
 
@@ -439,3 +457,215 @@ class MemberRecord:
             namespaces=frozenset(namespaces),
             started_at=_ms(data, "startedAt", what),
         )
+
+
+# ---- units ----------------------------------------------------------------------------------
+
+MAX_DECL_BYTES = 64 * 1024 * 1024
+"""The most a declaration may inflate to when read (a guard against a hostile value)."""
+
+
+@dataclass(frozen=True)
+class UnitDecl:
+    """The stored form of ``P/units/decl/<ns>/<id>``: the declared units of a unit task, in
+    order, as zlib-compressed JSON (ids of a task are alike: shard names compress well).
+
+    The order is the order of the declaration; units are handed out in it: those without
+    affinity through the shared ticket (:attr:`free`), those with affinity to a node through
+    that node's ticket (:meth:`of_node`).
+    """
+
+    units: tuple[UnitSpec, ...]
+    by_id: dict[str, UnitSpec] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "by_id", {unit.id: unit for unit in self.units})
+
+    def encode(self) -> bytes:
+        rows = [
+            [u.id, u.group, u.node] if u.node is not None else [u.id, u.group] for u in self.units
+        ]
+        return zlib.compress(orjson.dumps({"v": FORMAT_VERSION, "units": rows}), 6)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> UnitDecl:
+        what = "unit declaration"
+        try:
+            inflater = zlib.decompressobj()
+            body = inflater.decompress(raw, MAX_DECL_BYTES)
+            if inflater.unconsumed_tail:
+                raise CorruptRecordError(f"{what} inflates to more than {MAX_DECL_BYTES} bytes")
+        except zlib.error:
+            raise CorruptRecordError(f"{what} is not zlib data") from None
+        rows = _get(_load(body, what), "units", list, what)
+        try:
+            units = []
+            for row in rows:
+                if not isinstance(row, list) or len(row) not in (2, 3):
+                    raise CorruptRecordError(f"{what}: a unit is not [id, group, node?]")
+                units.append(UnitSpec(*row))
+        except (InvalidTaskError, TypeError) as exc:
+            raise CorruptRecordError(f"{what}: {exc}") from None
+        decl = cls(tuple(units))
+        if len(decl.by_id) != len(units):
+            raise CorruptRecordError(f"{what}: a unit id appears twice")
+        return decl
+
+    @cached_property
+    def free(self) -> tuple[UnitSpec, ...]:
+        """The units without affinity, in order."""
+        return tuple(unit for unit in self.units if unit.node is None)
+
+    @cached_property
+    def _by_node(self) -> dict[str, tuple[UnitSpec, ...]]:
+        out: dict[str, list[UnitSpec]] = {}
+        for unit in self.units:
+            if unit.node is not None:
+                out.setdefault(unit.node, []).append(unit)
+        return {node: tuple(units) for node, units in out.items()}
+
+    def of_node(self, node_id: str) -> tuple[UnitSpec, ...]:
+        """The units with affinity to ``node_id``, in order."""
+        return self._by_node.get(node_id, ())
+
+    @cached_property
+    def group_sizes(self) -> dict[str, int]:
+        """How many units each group has."""
+        out: dict[str, int] = {}
+        for unit in self.units:
+            out[unit.group] = out.get(unit.group, 0) + 1
+        return out
+
+
+@dataclass(frozen=True)
+class UnitClaim:
+    """The stored form of ``P/units/run/<ns>/<id>/claim/<unit>``: where a unit of run
+    ``version`` stands. Absent: PENDING, never claimed. ``node`` is the current (or last)
+    claimant, ``attempts`` the failed attempts so far, ``error`` the latest failure message.
+    """
+
+    version: int
+    status: UnitStatus
+    node: str | None
+    attempts: int
+    token: str
+    error: str | None = None
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {
+            "v": FORMAT_VERSION,
+            "version": self.version,
+            "status": self.status.value,
+            "attempts": self.attempts,
+            "token": self.token,
+        }
+        if self.node is not None:
+            body["node"] = self.node
+        if self.error is not None:
+            body["error"] = self.error
+        return orjson.dumps(body)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> UnitClaim:
+        what = "unit claim"
+        data = _load(raw, what)
+        try:
+            status = UnitStatus(_get(data, "status", str, what))
+        except ValueError:
+            raise CorruptRecordError(f"{what}: unknown status") from None
+        attempts = data.get("attempts")
+        if type(attempts) is not int or attempts < 0:
+            raise CorruptRecordError(f"{what}: bad attempts")
+        error = data.get("error")
+        if error is not None and not isinstance(error, str):
+            raise CorruptRecordError(f"{what}: bad error")
+        return cls(
+            version=_positive_int(data, "version", what),
+            status=status,
+            node=_optional_name(data, "node", what),
+            attempts=attempts,
+            token=_get(data, "token", str, what),
+            error=error,
+        )
+
+
+@dataclass(frozen=True)
+class PoolEntry:
+    """The stored form of ``P/cluster/pool/<ns>/<id>/<unit>``: a unit of run ``version`` given
+    back (a failed attempt with attempts left, a lost claimant's unit, a lost hand-out),
+    claimable by ``node`` (its affinity) or any node of the run, after ``delay_ms``
+    (the retry backoff; ``not_before`` is the same moment on the writer's clock), with its
+    failed ``attempts`` so far.
+
+    The entry is written in the same transaction as the unit's PENDING claim, so its
+    ``mod_revision`` is the claim's: a claim from the pool compares it.
+    """
+
+    version: int
+    delay_ms: int
+    not_before: datetime
+    node: str | None = None
+    attempts: int = 0
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {
+            "v": FORMAT_VERSION,
+            "version": self.version,
+            "delayMs": self.delay_ms,
+            "notBefore": to_epoch_ms(self.not_before),
+            "attempts": self.attempts,
+        }
+        if self.node is not None:
+            body["node"] = self.node
+        return orjson.dumps(body)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> PoolEntry:
+        what = "pool entry"
+        data = _load(raw, what)
+        delay, attempts = data.get("delayMs"), data.get("attempts")
+        if type(delay) is not int or delay < 0:
+            raise CorruptRecordError(f"{what}: bad delayMs")
+        if type(attempts) is not int or attempts < 0:
+            raise CorruptRecordError(f"{what}: bad attempts")
+        return cls(
+            version=_positive_int(data, "version", what),
+            delay_ms=delay,
+            not_before=_ms(data, "notBefore", what),
+            node=_optional_name(data, "node", what),
+            attempts=attempts,
+        )
+
+
+@dataclass(frozen=True)
+class GroupMark:
+    """The stored form of ``P/cluster/groups/<ns>/<id>/<=group>`` (every unit of the group
+    of run ``version`` is COMPLETED) and of a node's acknowledgement of it
+    (``P/units/run/<ns>/<id>/acks/<node>/<=group>``)."""
+
+    version: int
+    at: datetime
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {"v": FORMAT_VERSION, "version": self.version, "at": to_epoch_ms(self.at)}
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> GroupMark:
+        what = "group mark"
+        data = _load(raw, what)
+        return cls(version=_positive_int(data, "version", what), at=_ms(data, "at", what))
+
+
+def encode_unit_progress(progress: Progress, node_id: str) -> bytes:
+    """The stored form of ``P/units/run/<ns>/<id>/progress/<unit>``."""
+    return orjson.dumps(
+        {
+            "v": FORMAT_VERSION,
+            "fraction": progress.fraction,
+            "message": progress.message,
+            "at": to_epoch_ms(progress.updated_at),
+            "node": node_id,
+        }
+    )

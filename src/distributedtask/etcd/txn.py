@@ -36,6 +36,7 @@ __all__ = [
     "nested_txn",
     "put",
     "value_equals",
+    "version_equals",
     "version_less",
 ]
 
@@ -108,6 +109,11 @@ def create_equals(key: bytes, revision: int, *, range_end: bytes | None = None) 
 def version_less(key: bytes, version: int) -> Compare:
     """The key's ``version`` (writes since its creation; 0 when absent) is below ``version``."""
     return {"key": b64(key), "target": "VERSION", "result": "LESS", "version": version}
+
+
+def version_equals(key: bytes, version: int) -> Compare:
+    """The key's ``version`` (writes since its creation; 0 when absent) equals ``version``."""
+    return {"key": b64(key), "target": "VERSION", "result": "EQUAL", "version": version}
 
 
 def value_equals(key: bytes, value: bytes) -> Compare:
@@ -262,6 +268,17 @@ class TxnResult:
             responses=responses,
             ambiguous=ambiguous,
         )
+
+    def nested(self, index: int) -> TxnResult:
+        """The result of the ``request_txn`` at ``index`` of the branch that ran."""
+        try:
+            body = self.responses[index]["response_txn"]
+        except (IndexError, KeyError, TypeError):
+            raise EtcdError(f"malformed etcd response: no txn result at {index}") from None
+        responses = body.get("responses") or []
+        if not isinstance(responses, list):
+            raise EtcdError("malformed etcd response: responses is not a list")
+        return TxnResult(bool(body.get("succeeded", False)), self.revision, responses)
 
     def range(self, index: int) -> RangeResult:
         """The result of the ``request_range`` at ``index`` of the branch that ran."""

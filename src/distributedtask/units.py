@@ -1,0 +1,963 @@
+"""Unit transitions: how the units of a unit task are handed out, claimed, completed, failed,
+given back and counted — each an etcd transaction on per-unit keys (keys.py, ``P/units/``).
+
+A unit task declares its units once, in one key written by the add (``P/units/decl``: nothing
+per unit in the add transaction). Per-unit keys are written lazily by the nodes that claim
+them, under ``P/units/run/<ns>/<id>/``, which no Scheduler watches: a unit transition reaches
+the etcd member that serves it and nobody else. What every node must learn — a unit given
+back, a group completed — goes to ``P/cluster/`` (the pool and the group marks), and is rare.
+
+Handing out without contention. Units are handed out in declaration order through **tickets**:
+a ticket is the etcd *version* of a counter key, so ``put(counter); range(counter)`` in one
+transaction returns a number no other caller gets, without a compare that could fail. The
+units without affinity share one counter; the units with affinity to a node have a counter of
+that node. Ticket *k* names the *k*-th unit of its list, and the node claims it::
+
+    ticket         IF live(V) THEN put counter, range counter (its version: k)        1 trip
+    claim          IF live(V) AND create(claim) == 0 THEN put claim IN_PROGRESS,      1 trip
+                   put held/<node>/<unit>
+    claim from     IF live(V) AND mod(claim) == mod(pool entry) == r THEN put claim   1 trip
+     the pool      IN_PROGRESS, put held, delete the pool entry
+    complete       IF live(V) AND mod(claim) == r THEN put claim COMPLETED, delete     1 trip
+                   held, put count, put gcount/<group>;
+                   nested: IF version(count) == units - 1 THEN put outcome FINISHED;
+                   nested: IF version(gcount) == group size - 1 THEN put group mark
+    fail, attempts IF live(V) AND mod(claim) == r THEN put claim PENDING, delete held, 1 trip
+     left          put pool entry (claimable after the backoff)
+    fail, last     IF live(V) AND mod(claim) == r THEN put claim FAILED, delete held,  1 trip
+                   put outcome FAILED (error verbatim, node, unit)
+    give back      IF live(V) AND mod(claim) == mod(held) THEN put claim PENDING,      1 trip
+     (lost node)   delete held, put pool entry
+
+So a unit costs three round trips (ticket, claim, completion), whatever the number of units or
+nodes, and no two claimants ever compete for a counter. Nested compares are evaluated against
+the state before the transaction (etcd), so exactly one completion sees ``units - 1`` earlier
+ones: FINISHED is written once, in the same transaction as the last completion, and so is each
+group's mark. ``r`` is the revision of the caller's own claim: only the claimant records a
+unit (:class:`~distributedtask.exceptions.UnitClaimError` otherwise).
+
+Lost hand-outs. A ticket whose claim never follows (the node died between the two, or the
+ticket's response was lost and it took another) leaves a unit that nobody holds. Every claim
+key comes from a ticket, so ``count(claims) == tickets handed out`` (clamped to the list
+lengths) exactly when nothing is lost: :meth:`UnitTransitions.check_handouts` compares the two
+in one small read, and a node with nothing left to claim runs it; when a second look still
+finds units handed out and never claimed, it gives them to the pool. A claim still in flight
+then loses its compare and its node takes another ticket: no unit is lost, none claimed twice.
+
+Retried requests: every claim carries the call's random token, so a call whose response was
+lost recognises its own write. Threading: thread-safe (small locked caches); every method may
+raise :class:`~distributedtask.exceptions.EtcdError`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from .etcd import txn as t
+from .exceptions import (
+    CorruptRecordError,
+    InvalidTaskError,
+    TaskNotFoundError,
+    TaskNotRunningError,
+    UnitClaimError,
+)
+from .keys import Keys
+from .model import Progress, Task, TaskStatus, Unit, UnitSpec, UnitStatus, validate_name
+from .readmodel import build_task
+from .records import (
+    GroupMark,
+    OutcomeRecord,
+    PoolEntry,
+    RunState,
+    UnitClaim,
+    UnitDecl,
+    decode_progress,
+    encode_unit_progress,
+)
+
+if TYPE_CHECKING:
+    from .manager import KnownRun, Manager
+
+__all__ = ["Claim", "PoolItem", "UnitTransitions"]
+
+_CACHE = 65536
+_BATCH = t.MAX_TXN_OPS - 4
+
+
+def _unit_key(run: tuple[str, str, int], unit: str) -> tuple[str, str, int, str]:
+    return (run[0], run[1], run[2], unit)
+
+
+def _token() -> str:
+    return secrets.token_hex(8)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A unit a node holds IN_PROGRESS: its declaration, the ``revision`` of its claim (what
+    its completion compares) and its failed attempts so far."""
+
+    spec: UnitSpec
+    revision: int
+    attempts: int = 0
+
+    def unit(self, node_id: str) -> Unit:
+        return Unit(self.spec.id, self.spec.group, node_id, UnitStatus.IN_PROGRESS, self.attempts)
+
+
+@dataclass(frozen=True)
+class PoolItem:
+    """A unit in the pool (``P/cluster/pool``), as a reader saw it: ``revision`` is its
+    entry's ``mod_revision``, which is also its PENDING claim's."""
+
+    unit_id: str
+    entry: PoolEntry
+    revision: int
+
+    def eligible(self, node_id: str) -> bool:
+        return self.entry.node is None or self.entry.node == node_id
+
+
+@dataclass
+class _Hand:
+    """Where one node stands in handing out one run's units (this process)."""
+
+    own_exhausted: bool = False
+    free_exhausted: bool = False
+
+
+class UnitTransitions:
+    """The unit transitions of one :class:`~distributedtask.manager.Manager` (see the module
+    doc). Reached as ``manager.units``."""
+
+    def __init__(self, manager: Manager) -> None:
+        self.m = manager
+        self.keys: Keys = manager.keys
+        self._lock = threading.Lock()
+        self._hands: OrderedDict[tuple[str, str, int, str], _Hand] = OrderedDict()
+        self._claims: OrderedDict[tuple[str, str, int, str], tuple[str, int, int]] = (
+            OrderedDict()
+        )  # (ns, id, version, unit) -> (node, claim revision, attempts): claims made here
+
+    # ---- small helpers --------------------------------------------------------------------
+
+    def _hand(self, namespace: str, task_id: str, version: int, node_id: str) -> _Hand:
+        key = (namespace, task_id, version, node_id)
+        with self._lock:
+            hand = self._hands.get(key)
+            if hand is None:
+                hand = self._hands[key] = _Hand()
+                while len(self._hands) > _CACHE:
+                    self._hands.popitem(last=False)
+            else:
+                self._hands.move_to_end(key)
+            return hand
+
+    def _remember(self, run: tuple[str, str, int], unit: str, held: tuple[str, int, int]) -> None:
+        with self._lock:
+            self._claims[_unit_key(run, unit)] = held
+            while len(self._claims) > _CACHE:
+                self._claims.popitem(last=False)
+
+    def _forget(self, run: tuple[str, str, int], unit: str) -> None:
+        with self._lock:
+            self._claims.pop(_unit_key(run, unit), None)
+
+    def _held_here(self, run: tuple[str, str, int], unit: str) -> tuple[str, int, int] | None:
+        with self._lock:
+            return self._claims.get(_unit_key(run, unit))
+
+    @staticmethod
+    def decl_of(known: KnownRun, namespace: str, task_id: str) -> UnitDecl:
+        if known.decl is None:
+            raise InvalidTaskError(f"task {namespace}/{task_id} has no units", "task_id")
+        return known.decl
+
+    def _why_reads(self, namespace: str, task_id: str, unit_id: str) -> list[t.Op]:
+        """What a failed unit transaction reads to explain itself: [record (keys only),
+        outcome, claim]."""
+        return [
+            t.get(self.keys.task(namespace, task_id), keys_only=True),
+            t.get(self.keys.outcome(namespace, task_id)),
+            t.get(self.keys.unit_claim(namespace, task_id, unit_id)),
+        ]
+
+    def _check_live(self, namespace: str, task_id: str, version: int, result: t.TxnResult) -> None:
+        """Raise why ``version`` is not live, from :meth:`_why_reads` (at 0); return if it
+        is."""
+        record_kv = result.range(0).first()
+        if record_kv is None or record_kv.mod_revision != version:
+            raise TaskNotFoundError(namespace, task_id, version)
+        outcome_kv = result.range(1).first()
+        if outcome_kv is not None:
+            try:
+                status = OutcomeRecord.decode(outcome_kv.value).status.value
+            except CorruptRecordError:
+                status = "ended"
+            raise TaskNotRunningError(namespace, task_id, version, status)
+
+    def _claim_of(self, kv: t.KeyValue | None) -> UnitClaim | None:
+        if kv is None:
+            return None
+        try:
+            return UnitClaim.decode(kv.value)
+        except CorruptRecordError as exc:
+            self.m._skip(kv.key, exc)
+            return None
+
+    def task(
+        self,
+        namespace: str,
+        task_id: str,
+        version: int,
+        known: KnownRun,
+        outcome: OutcomeRecord | None = None,
+        state_kv: t.KeyValue | None = None,
+    ) -> Task:
+        """The run, built from what never changes and the outcome and state just read."""
+        state = None
+        if state_kv is not None:
+            try:
+                state = RunState.decode(state_kv.value)
+            except CorruptRecordError as exc:
+                self.m._skip(state_kv.key, exc)
+        return build_task(
+            namespace,
+            task_id,
+            known.record,
+            version,
+            known.nodes,
+            (),
+            outcome,
+            state,
+            decl=known.decl,
+        )
+
+    # ---- handing out ----------------------------------------------------------------------
+
+    def claim(
+        self,
+        namespace: str,
+        task_id: str,
+        version: int,
+        node_id: str,
+        known: KnownRun,
+        pool: Sequence[PoolItem] | None = None,
+    ) -> Claim | None:
+        """Claim one unit for ``node_id`` (a node of the run): first a unit of the pool it may
+        take (``pool``: what the caller knows of it; None: read it), then the next unit with
+        affinity to it, then the next unit without affinity. None when nothing is claimable now.
+
+        Raises :class:`TaskNotFoundError`, :class:`TaskNotRunningError`,
+        :class:`InvalidTaskError` (not a unit task), :class:`EtcdError`.
+        """
+        decl = self.decl_of(known, namespace, task_id)
+        if pool is None:
+            now = self.m.now()
+            pool = [
+                item
+                for item in self.read_pool(namespace, task_id, version)
+                if item.entry.not_before <= now
+            ]
+        for item in pool:
+            if item.eligible(node_id) and item.unit_id in decl.by_id:
+                got = self._claim_pooled(namespace, task_id, version, node_id, known, item)
+                if got is not None:
+                    return got
+        hand = self._hand(namespace, task_id, version, node_id)
+        own = decl.of_node(node_id)
+        if own and not hand.own_exhausted:
+            counter = self.keys.unit_node_ticket(namespace, task_id, node_id)
+            got = self._by_ticket(namespace, task_id, version, node_id, known, counter, own)
+            if got is not None:
+                return got
+            hand.own_exhausted = True
+        if decl.free and not hand.free_exhausted:
+            counter = self.keys.unit_ticket(namespace, task_id)
+            got = self._by_ticket(namespace, task_id, version, node_id, known, counter, decl.free)
+            if got is not None:
+                return got
+            hand.free_exhausted = True
+        return None
+
+    def exhausted(self, namespace: str, task_id: str, version: int, node_id: str) -> bool:
+        """Whether every ticket ``node_id`` could take of this run has been handed out (as
+        this process knows)."""
+        hand = self._hand(namespace, task_id, version, node_id)
+        return hand.own_exhausted and hand.free_exhausted
+
+    def _by_ticket(
+        self,
+        namespace: str,
+        task_id: str,
+        version: int,
+        node_id: str,
+        known: KnownRun,
+        counter: bytes,
+        units: Sequence[UnitSpec],
+    ) -> Claim | None:
+        """Take tickets of ``counter`` until one names a unit still unclaimed; None when the
+        list is handed out."""
+        live = self.m._live(namespace, task_id, version)
+        while True:
+            result = self.m.client.txn(
+                compare=live,
+                success=[t.put(counter, b""), t.get(counter, keys_only=True)],
+                failure=self._why_reads(namespace, task_id, units[0].id),
+            )
+            if not result.succeeded:
+                self._check_live(namespace, task_id, version, result)
+                raise TaskNotFoundError(namespace, task_id, version)  # pragma: no cover
+            kv = result.range(1).first()
+            ticket = 0 if kv is None else kv.version
+            if ticket > len(units) or ticket <= 0:
+                return None
+            got = self._claim_fresh(namespace, task_id, version, node_id, units[ticket - 1])
+            if got is not None:
+                return got
+            # given to the pool by a look for lost hand-outs meanwhile: take the next one
+
+    def _claim_fresh(
+        self, namespace: str, task_id: str, version: int, node_id: str, spec: UnitSpec
+    ) -> Claim | None:
+        keys = self.keys
+        claim_key = keys.unit_claim(namespace, task_id, spec.id)
+        token = _token()
+        claim = UnitClaim(version, UnitStatus.IN_PROGRESS, node_id, 0, token)
+        result = self.m.client.txn(
+            compare=[*self.m._live(namespace, task_id, version), t.create_equals(claim_key, 0)],
+            success=[
+                t.put(claim_key, claim.encode()),
+                t.put(keys.unit_held(namespace, task_id, node_id, spec.id), b""),
+            ],
+            failure=self._why_reads(namespace, task_id, spec.id),
+        )
+        if result.succeeded:
+            self._remember((namespace, task_id, version), spec.id, (node_id, result.revision, 0))
+            return Claim(spec, result.revision, 0)
+        self._check_live(namespace, task_id, version, result)
+        kv = result.range(2).first()
+        existing = self._claim_of(kv)
+        if kv is not None and existing is not None and existing.token == token:
+            self._remember((namespace, task_id, version), spec.id, (node_id, kv.mod_revision, 0))
+            return Claim(spec, kv.mod_revision, 0)  # ours: the response was lost
+        return None
+
+    def _claim_pooled(
+        self,
+        namespace: str,
+        task_id: str,
+        version: int,
+        node_id: str,
+        known: KnownRun,
+        item: PoolItem,
+    ) -> Claim | None:
+        keys = self.keys
+        assert known.decl is not None
+        spec = known.decl.by_id[item.unit_id]
+        claim_key = keys.unit_claim(namespace, task_id, spec.id)
+        pool_key = keys.pool(namespace, task_id, spec.id)
+        token = _token()
+        attempts = item.entry.attempts
+        claim = UnitClaim(version, UnitStatus.IN_PROGRESS, node_id, attempts, token)
+        result = self.m.client.txn(
+            compare=[
+                *self.m._live(namespace, task_id, version),
+                t.mod_equals(claim_key, item.revision),
+                t.mod_equals(pool_key, item.revision),
+            ],
+            success=[
+                t.put(claim_key, claim.encode()),
+                t.put(keys.unit_held(namespace, task_id, node_id, spec.id), b""),
+                t.delete(pool_key),
+            ],
+            failure=self._why_reads(namespace, task_id, spec.id),
+        )
+        run = (namespace, task_id, version)
+        if result.succeeded:
+            self._remember(run, spec.id, (node_id, result.revision, attempts))
+            return Claim(spec, result.revision, attempts)
+        self._check_live(namespace, task_id, version, result)
+        kv = result.range(2).first()
+        existing = self._claim_of(kv)
+        if kv is not None and existing is not None and existing.token == token:
+            self._remember(run, spec.id, (node_id, kv.mod_revision, attempts))
+            return Claim(spec, kv.mod_revision, attempts)
+        return None  # another node took it first
+
+    def read_pool(self, namespace: str, task_id: str, version: int) -> list[PoolItem]:
+        """The pool of one run, as stored now (one read)."""
+        result = self.m.client.txn(success=[t.get_prefix(self.keys.task_pool(namespace, task_id))])
+        return self.pool_items(result.range(0).kvs, version)
+
+    def pool_items(self, kvs: Iterable[t.KeyValue], version: int | None = None) -> list[PoolItem]:
+        """Decode pool key-values (of ``version`` when given; others are skipped)."""
+        out = []
+        for kv in kvs:
+            parsed = self.keys.parse(kv.key)
+            unit_id = getattr(parsed, "unit_id", None)
+            try:
+                entry = PoolEntry.decode(kv.value)
+            except CorruptRecordError as exc:
+                self.m._skip(kv.key, exc)
+                continue
+            if unit_id is None or (version is not None and entry.version != version):
+                continue
+            out.append(PoolItem(unit_id, entry, kv.mod_revision))
+        return out
+
+    def held(self, namespace: str, task_id: str, version: int, node_id: str) -> list[Claim]:
+        """The units ``node_id`` holds IN_PROGRESS in this run (e.g. after a restart, or runs
+        terminated by a pause): one read."""
+        known = self.m.known_run(namespace, task_id, version)
+        decl = self.decl_of(known, namespace, task_id)
+        prefix = self.keys.units_held(namespace, task_id, node_id)
+        result = self.m.client.txn(
+            compare=self.m._live(namespace, task_id, version),
+            success=[t.get_prefix(prefix, keys_only=True)],
+        )
+        if not result.succeeded:
+            return []
+        ids = [Keys.name_under(prefix, kv.key) for kv in result.range(0).kvs]
+        revisions = {uid: kv.mod_revision for uid, kv in zip(ids, result.range(0).kvs, strict=True)}
+        wanted = [uid for uid in ids if uid is not None and uid in decl.by_id]
+        claims = self._read_claims(namespace, task_id, wanted)
+        out = []
+        for uid in wanted:
+            claim_kv, claim = claims.get(uid, (None, None))
+            if claim_kv is None or claim is None or claim_kv.mod_revision != revisions[uid]:
+                continue  # released or recorded meanwhile
+            if claim.status is not UnitStatus.IN_PROGRESS or claim.node != node_id:
+                continue
+            self._remember(
+                (namespace, task_id, version), uid, (node_id, claim_kv.mod_revision, claim.attempts)
+            )
+            out.append(Claim(decl.by_id[uid], claim_kv.mod_revision, claim.attempts))
+        return out
+
+    def _read_claims(
+        self, namespace: str, task_id: str, unit_ids: Sequence[str]
+    ) -> dict[str, tuple[t.KeyValue, UnitClaim | None]]:
+        out: dict[str, tuple[t.KeyValue, UnitClaim | None]] = {}
+        for start in range(0, len(unit_ids), _BATCH):
+            batch = unit_ids[start : start + _BATCH]
+            result = self.m.client.txn(
+                success=[t.get(self.keys.unit_claim(namespace, task_id, uid)) for uid in batch]
+            )
+            for index, uid in enumerate(batch):
+                kv = result.range(index).first()
+                if kv is not None:
+                    out[uid] = (kv, self._claim_of(kv))
+        return out
+
+    # ---- recording ------------------------------------------------------------------------
+
+    def _holder(
+        self,
+        namespace: str,
+        task_id: str,
+        version: int,
+        unit_id: str,
+        node_id: str,
+        claim: Claim | None,
+    ) -> tuple[int, int, UnitClaim | None]:
+        """``(claim revision, attempts, claim)`` of ``node_id``'s claim of ``unit_id``: from
+        the caller, this process's claims, or one read. Raises :class:`UnitClaimError` when
+        it does not hold it (the claim is returned as read when it is COMPLETED by it)."""
+        run = (namespace, task_id, version)
+        if claim is not None:
+            return claim.revision, claim.attempts, None
+        held = self._held_here(run, unit_id)
+        if held is not None and held[0] == node_id:
+            return held[1], held[2], None
+        result = self.m.client.txn(success=self._why_reads(namespace, task_id, unit_id))
+        self._check_live_or_done(namespace, task_id, version, result)
+        kv = result.range(2).first()
+        stored = self._claim_of(kv)
+        if kv is None or stored is None or stored.version != version:
+            raise UnitClaimError(unit_id, node_id, None)
+        if stored.node != node_id or stored.status is UnitStatus.PENDING:
+            raise UnitClaimError(unit_id, node_id, stored.node if stored.node != node_id else None)
+        if stored.status is UnitStatus.IN_PROGRESS:
+            return kv.mod_revision, stored.attempts, None
+        return kv.mod_revision, stored.attempts, stored
+
+    def _check_live_or_done(
+        self, namespace: str, task_id: str, version: int, result: t.TxnResult
+    ) -> None:
+        """Like :meth:`_check_live`, but a run FINISHED passes (a completion recorded again
+        after the last one is a no-op)."""
+        record_kv = result.range(0).first()
+        if record_kv is None or record_kv.mod_revision != version:
+            raise TaskNotFoundError(namespace, task_id, version)
+        outcome_kv = result.range(1).first()
+        if outcome_kv is None:
+            return
+        try:
+            status = OutcomeRecord.decode(outcome_kv.value).status
+        except CorruptRecordError:
+            raise TaskNotRunningError(namespace, task_id, version, "ended") from None
+        if status is not TaskStatus.FINISHED:
+            raise TaskNotRunningError(namespace, task_id, version, status.value)
+
+    def complete(
+        self,
+        namespace: str,
+        task_id: str,
+        version: int,
+        unit_id: str,
+        node_id: str,
+        known: KnownRun,
+        claim: Claim | None = None,
+    ) -> Task:
+        """Record ``unit_id`` COMPLETED by its claimant ``node_id``; FINISHED in the same
+        transaction when it is the last unit. ``claim``: the caller's, when it holds it (else
+        this process's claims are looked up, or the claim is read). Returns the run after the
+        call.
+
+        Raises :class:`UnitClaimError`, :class:`TaskNotFoundError`,
+        :class:`TaskNotRunningError`, :class:`EtcdError`.
+        """
+        decl = self.decl_of(known, namespace, task_id)
+        spec = decl.by_id.get(unit_id)
+        if spec is None:
+            raise InvalidTaskError(f"task {namespace}/{task_id} has no unit {unit_id!r}", "unit_id")
+        run = (namespace, task_id, version)
+        claim_revision, attempts, done = self._holder(
+            namespace, task_id, version, unit_id, node_id, claim
+        )
+        if done is not None:
+            return self._settled(namespace, task_id, version, unit_id, node_id, known, done)
+        keys = self.keys
+        token = _token()
+        claim_key = keys.unit_claim(namespace, task_id, unit_id)
+        count_key = keys.units_completed(namespace, task_id)
+        group_key = keys.group_count(namespace, task_id, spec.group)
+        now = self.m.now()
+        outcome = OutcomeRecord(TaskStatus.FINISHED, now, token)
+        completed = UnitClaim(version, UnitStatus.COMPLETED, node_id, attempts, token)
+        result = self.m.client.txn(
+            compare=[
+                *self.m._live(namespace, task_id, version),
+                t.mod_equals(claim_key, claim_revision),
+            ],
+            success=[
+                t.put(claim_key, completed.encode()),
+                t.delete(keys.unit_held(namespace, task_id, node_id, unit_id)),
+                t.put(count_key, b""),
+                t.put(group_key, b""),
+                t.nested_txn(
+                    compare=[t.version_equals(count_key, len(decl.units) - 1)],
+                    success=[t.put(keys.outcome(namespace, task_id), outcome.encode())],
+                ),
+                t.nested_txn(
+                    compare=[t.version_equals(group_key, decl.group_sizes[spec.group] - 1)],
+                    success=[
+                        t.put(
+                            keys.group(namespace, task_id, spec.group),
+                            GroupMark(version, now).encode(),
+                        )
+                    ],
+                ),
+                t.get(keys.state(namespace, task_id)),
+            ],
+            failure=self._why_reads(namespace, task_id, unit_id),
+        )
+        if result.succeeded:
+            self._forget(run, unit_id)
+            finished = result.nested(4).succeeded
+            return self.task(
+                namespace,
+                task_id,
+                version,
+                known,
+                outcome if finished else None,
+                result.range(6).first(),
+            )
+        return self._explain(namespace, task_id, version, unit_id, node_id, known, result, token)
+
+    def _settled(
+        self,
+        namespace: str,
+        task_id: str,
+        version: int,
+        unit_id: str,
+        node_id: str,
+        known: KnownRun,
+        claim: UnitClaim,
+    ) -> Task:
+        """A completion of a unit ``node_id`` already completed: a no-op returning the run."""
+        if claim.status is not UnitStatus.COMPLETED:
+            raise UnitClaimError(unit_id, node_id, claim.node, f", {claim.status.value}")
+        task = self.m.get_task(namespace, task_id)
+        if task is None or task.version != version:
+            raise TaskNotFoundError(namespace, task_id, version)
+        return task
+
+    def _explain(
+        self,
+        namespace: str,
+        task_id: str,
+        version: int,
+        unit_id: str,
+        node_id: str,
+        known: KnownRun,
+        result: t.TxnResult,
+        token: str,
+    ) -> Task:
+        """After a unit transaction's compare failed: our own earlier write (a lost
+        response), or why not."""
+        self._forget((namespace, task_id, version), unit_id)
+        kv = result.range(2).first()
+        claim = self._claim_of(kv)
+        if claim is not None and claim.token == token:
+            task = self.m.get_task(namespace, task_id)
+            if task is None or task.version != version:
+                raise TaskNotFoundError(namespace, task_id, version)
+            return task
+        if claim is not None and claim.node == node_id and claim.status is UnitStatus.COMPLETED:
+            self._check_live_or_done(namespace, task_id, version, result)
+            return self._settled(namespace, task_id, version, unit_id, node_id, known, claim)
+        self._check_live(namespace, task_id, version, result)
+        holder = None if claim is None else claim.node
+        state = "" if claim is None else f", {claim.status.value}"
+        if holder == node_id:
+            state += ", given back meanwhile"
+        raise UnitClaimError(unit_id, node_id, holder if holder != node_id else None, state)
+
+    def fail(
+        self,
+        namespace: str,
+        task_id: str,
+        version: int,
+        unit_id: str,
+        node_id: str,
+        error: str,
+        known: KnownRun,
+        claim: Claim | None = None,
+    ) -> Task:
+        """Record a failed attempt of ``unit_id`` by its claimant. With attempts left
+        (``policy.max_attempts`` per unit) the unit goes back to the pool, claimable by any
+        eligible node after the backoff; the last attempt makes it FAILED and the run FAILED
+        (``error`` verbatim, ``failed_node``, ``failed_unit``).
+
+        Raises :class:`UnitClaimError`, :class:`TaskNotFoundError`,
+        :class:`TaskNotRunningError`, :class:`EtcdError`.
+        """
+        decl = self.decl_of(known, namespace, task_id)
+        spec = decl.by_id.get(unit_id)
+        if spec is None:
+            raise InvalidTaskError(f"task {namespace}/{task_id} has no unit {unit_id!r}", "unit_id")
+        claim_revision, attempts, done = self._holder(
+            namespace, task_id, version, unit_id, node_id, claim
+        )
+        if done is not None:
+            raise UnitClaimError(unit_id, node_id, None, f", {done.status.value}")
+        keys = self.keys
+        token = _token()
+        now = self.m.now()
+        message = error or "failed"
+        policy = known.record.policy
+        claim_key = keys.unit_claim(namespace, task_id, unit_id)
+        writes: list[t.Op] = [t.delete(keys.unit_held(namespace, task_id, node_id, unit_id))]
+        if attempts + 1 < policy.max_attempts:
+            delay = policy.backoff(attempts + 1)
+            writes += [
+                t.put(
+                    claim_key,
+                    UnitClaim(
+                        version, UnitStatus.PENDING, node_id, attempts + 1, token, message
+                    ).encode(),
+                ),
+                t.put(
+                    keys.pool(namespace, task_id, unit_id),
+                    PoolEntry(version, _ms(delay), now + delay, spec.node, attempts + 1).encode(),
+                ),
+                t.get(keys.state(namespace, task_id)),
+            ]
+            outcome = None
+        else:
+            outcome = OutcomeRecord(
+                TaskStatus.FAILED, now, token, message, node=node_id, unit=unit_id
+            )
+            writes += [
+                t.put(
+                    claim_key,
+                    UnitClaim(
+                        version, UnitStatus.FAILED, node_id, attempts + 1, token, message
+                    ).encode(),
+                ),
+                t.put(keys.outcome(namespace, task_id), outcome.encode()),
+                t.get(keys.state(namespace, task_id)),
+            ]
+        result = self.m.client.txn(
+            compare=[
+                *self.m._live(namespace, task_id, version),
+                t.mod_equals(claim_key, claim_revision),
+            ],
+            success=writes,
+            failure=self._why_reads(namespace, task_id, unit_id),
+        )
+        if result.succeeded:
+            self._forget((namespace, task_id, version), unit_id)
+            return self.task(namespace, task_id, version, known, outcome, result.range(3).first())
+        return self._explain(namespace, task_id, version, unit_id, node_id, known, result, token)
+
+    def progress(
+        self,
+        namespace: str,
+        task_id: str,
+        version: int,
+        unit_id: str,
+        node_id: str,
+        progress: Progress,
+    ) -> None:
+        """Store the latest progress of a unit (one round trip, while the run is live).
+        Raises :class:`TaskNotFoundError`, :class:`TaskNotRunningError`, :class:`EtcdError`."""
+        result = self.m.client.txn(
+            compare=self.m._live(namespace, task_id, version),
+            success=[
+                t.put(
+                    self.keys.unit_progress(namespace, task_id, unit_id),
+                    encode_unit_progress(progress, node_id),
+                )
+            ],
+            failure=self._why_reads(namespace, task_id, unit_id),
+        )
+        if not result.succeeded:
+            self._check_live(namespace, task_id, version, result)
+
+    # ---- reading --------------------------------------------------------------------------
+
+    def get_units(self, namespace: str, task_id: str, version: int) -> dict[str, Unit]:
+        """Every unit of ``version`` in declaration order, read at one revision. Raises
+        :class:`TaskNotFoundError`, :class:`InvalidTaskError` (not a unit task),
+        :class:`EtcdError`."""
+        keys = self.keys
+        result = self.m._read(
+            [
+                t.get(keys.task(namespace, task_id), keys_only=True),
+                t.get(keys.unit_decl(namespace, task_id)),
+                t.get_prefix(keys.unit_claims(namespace, task_id)),
+                t.get_prefix(keys.unit_progresses(namespace, task_id)),
+            ]
+        )
+        record_kv = result.range(0).first()
+        if record_kv is None or record_kv.mod_revision != version:
+            known = self.m.known_run(namespace, task_id, version)  # a restored terminal run?
+            if known.record.version != version:
+                raise TaskNotFoundError(namespace, task_id, version)
+        decl_kv = result.range(1).first()
+        if decl_kv is None:
+            raise InvalidTaskError(f"task {namespace}/{task_id} has no units", "task_id")
+        decl = UnitDecl.decode(decl_kv.value)
+        claims: dict[str, UnitClaim] = {}
+        prefix = keys.unit_claims(namespace, task_id)
+        for kv in result.range(2).kvs:
+            uid = Keys.name_under(prefix, kv.key)
+            claim = self._claim_of(kv)
+            if uid is not None and claim is not None and claim.version == version:
+                claims[uid] = claim
+        progress: dict[str, Progress] = {}
+        prefix = keys.unit_progresses(namespace, task_id)
+        for kv in result.range(3).kvs:
+            uid = Keys.name_under(prefix, kv.key)
+            if uid is None:
+                continue
+            try:
+                progress[uid] = decode_progress(kv.value)
+            except CorruptRecordError as exc:
+                self.m._skip(kv.key, exc)
+        out: dict[str, Unit] = {}
+        for spec in decl.units:
+            claim = claims.get(spec.id)
+            if claim is None:
+                out[spec.id] = Unit(
+                    spec.id, spec.group, None, UnitStatus.PENDING, 0, None, progress.get(spec.id)
+                )
+            else:
+                out[spec.id] = Unit(
+                    spec.id,
+                    spec.group,
+                    claim.node,
+                    claim.status,
+                    claim.attempts,
+                    claim.error,
+                    progress.get(spec.id),
+                )
+        return out
+
+    # ---- giving back ----------------------------------------------------------------------
+
+    def release_node(
+        self, namespace: str, task_id: str, version: int, node_id: str
+    ) -> tuple[int, str | None]:
+        """Give the units a lost ``node_id`` holds back to the pool (not an attempt), and say
+        whether the run must fail for it: ``(units given back, a unit with affinity to it
+        that is not COMPLETED, or None)``. Raises :class:`EtcdError`."""
+        try:
+            known = self.m.known_run(namespace, task_id, version)
+        except (TaskNotFoundError, CorruptRecordError):
+            return 0, None
+        decl = self.decl_of(known, namespace, task_id)
+        released = 0
+        prefix = self.keys.units_held(namespace, task_id, node_id)
+        result = self.m.client.txn(
+            compare=self.m._live(namespace, task_id, version),
+            success=[t.get_prefix(prefix, keys_only=True)],
+        )
+        if not result.succeeded:
+            return 0, None
+        held = {
+            uid: kv.mod_revision
+            for kv in result.range(0).kvs
+            if (uid := Keys.name_under(prefix, kv.key)) is not None and uid in decl.by_id
+        }
+        claims = self._read_claims(namespace, task_id, sorted(held))
+        for uid, revision in sorted(held.items()):
+            kv, claim = claims.get(uid, (None, None))
+            if kv is None or claim is None or kv.mod_revision != revision:
+                continue
+            if self._give_back(
+                namespace, task_id, version, decl.by_id[uid], claim, revision, holder=node_id
+            ):
+                released += 1
+        stuck = None
+        own = [u.id for u in decl.of_node(node_id)]
+        if own:
+            claims = self._read_claims(namespace, task_id, own)
+            for uid in own:
+                claim = claims.get(uid, (None, None))[1]
+                if claim is None or claim.status is not UnitStatus.COMPLETED:
+                    stuck = uid
+                    break
+        return released, stuck
+
+    def _give_back(
+        self,
+        namespace: str,
+        task_id: str,
+        version: int,
+        spec: UnitSpec,
+        claim: UnitClaim | None,
+        revision: int,
+        *,
+        holder: str | None,
+    ) -> bool:
+        """IF live AND the claim is still at ``revision`` (0: absent) THEN PENDING in the pool
+        (not an attempt)."""
+        keys = self.keys
+        claim_key = keys.unit_claim(namespace, task_id, spec.id)
+        attempts = 0 if claim is None else claim.attempts
+        pending = UnitClaim(
+            version,
+            UnitStatus.PENDING,
+            holder,
+            attempts,
+            _token(),
+            None if claim is None else claim.error,
+        )
+        writes = [
+            t.put(claim_key, pending.encode()),
+            t.put(
+                keys.pool(namespace, task_id, spec.id),
+                PoolEntry(version, 0, self.m.now(), spec.node, attempts).encode(),
+            ),
+        ]
+        if holder is not None:
+            writes.append(t.delete(keys.unit_held(namespace, task_id, holder, spec.id)))
+        compare = t.mod_equals(claim_key, revision) if revision else t.create_equals(claim_key, 0)
+        result = self.m.client.txn(
+            compare=[*self.m._live(namespace, task_id, version), compare], success=writes
+        )
+        return result.succeeded
+
+    def check_handouts(
+        self, namespace: str, task_id: str, version: int, *, give_back: Iterable[str] = ()
+    ) -> set[str]:
+        """Look for units handed out by a ticket and never claimed (see the module doc): one
+        small read when none is; otherwise the claim keys are read (keys only) and the missing
+        units returned. Those also in ``give_back`` (missing at an earlier look too) are given
+        to the pool. Raises :class:`EtcdError`."""
+        try:
+            known = self.m.known_run(namespace, task_id, version)
+        except (TaskNotFoundError, CorruptRecordError):
+            return set()
+        decl = self.decl_of(known, namespace, task_id)
+        keys = self.keys
+        claims = keys.unit_claims(namespace, task_id)
+        tickets = keys.unit_run(namespace, task_id) + b"aticket/"
+        result = self.m.client.txn(
+            compare=self.m._live(namespace, task_id, version),
+            success=[
+                t.get_prefix(claims, count_only=True),
+                t.get(keys.unit_ticket(namespace, task_id), keys_only=True),
+                t.get_prefix(tickets, keys_only=True),
+            ],
+        )
+        if not result.succeeded:
+            return set()
+        free_kv = result.range(1).first()
+        issued = list(decl.free[: 0 if free_kv is None else free_kv.version])
+        for kv in result.range(2).kvs:
+            node = Keys.name_under(tickets, kv.key)
+            if node is not None:
+                issued += decl.of_node(node)[: kv.version]
+        if result.range(0).count >= len(issued):
+            return set()
+        listing = self.m.client.txn(
+            compare=self.m._live(namespace, task_id, version),
+            success=[t.get_prefix(claims, keys_only=True)],
+        )
+        if not listing.succeeded:
+            return set()
+        present = {Keys.name_under(claims, kv.key) for kv in listing.range(0).kvs}
+        missing = {spec.id for spec in issued if spec.id not in present}
+        for uid in sorted(missing & set(give_back)):
+            self._give_back(namespace, task_id, version, decl.by_id[uid], None, 0, holder=None)
+        return missing - set(give_back)
+
+    # ---- group acknowledgements -----------------------------------------------------------
+
+    def acked_groups(self, namespace: str, task_id: str, version: int, node_id: str) -> set[str]:
+        """The groups ``node_id`` acknowledged (its ``group_completed`` returned) in this
+        run. Raises :class:`EtcdError`."""
+        prefix = self.keys.group_acks(namespace, task_id, node_id)
+        result = self.m.client.txn(success=[t.get_prefix(prefix)])
+        out = set()
+        for kv in result.range(0).kvs:
+            group = Keys.group_under(prefix, kv.key)
+            try:
+                mark = GroupMark.decode(kv.value)
+            except CorruptRecordError as exc:
+                self.m._skip(kv.key, exc)
+                continue
+            if group is not None and mark.version == version:
+                out.add(group)
+        return out
+
+    def ack_group(
+        self, namespace: str, task_id: str, version: int, node_id: str, group: str
+    ) -> None:
+        """Note that ``node_id``'s ``group_completed`` returned for ``group``: IF the run is
+        still this version THEN put the acknowledgement. Raises :class:`EtcdError`."""
+        validate_name(node_id, "node_id")
+        self.m.client.txn(
+            compare=[t.mod_equals(self.keys.task(namespace, task_id), version)],
+            success=[
+                t.put(
+                    self.keys.group_ack(namespace, task_id, node_id, group),
+                    GroupMark(version, self.m.now()).encode(),
+                )
+            ],
+        )
+
+
+def _ms(delay: timedelta) -> int:
+    return int(delay.total_seconds() * 1000)
