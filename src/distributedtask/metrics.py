@@ -25,6 +25,10 @@ distributedtask_retries_total                              counter    namespace
 distributedtask_deadline_failures_total                    counter    namespace
 distributedtask_pauses_total                               counter    namespace
 distributedtask_oldest_pause_timestamp_seconds             gauge      namespace
+distributedtask_units_completed_total                      counter    namespace
+distributedtask_units_failed_total                         counter    namespace
+distributedtask_units_reassigned_total                     counter    namespace
+distributedtask_group_callbacks_total                      counter    namespace
 =========================================================  =========  =======================
 
 prometheus-client collectors are thread-safe; so is this module.
@@ -61,6 +65,10 @@ METRIC_NAMES = (
     "distributedtask_deadline_failures_total",
     "distributedtask_pauses_total",
     "distributedtask_oldest_pause_timestamp_seconds",
+    "distributedtask_units_completed_total",
+    "distributedtask_units_failed_total",
+    "distributedtask_units_reassigned_total",
+    "distributedtask_group_callbacks_total",
 )
 
 
@@ -173,6 +181,31 @@ class Metrics:
             registry=registry,
         )
 
+        self.units_completed = Counter(
+            "distributedtask_units_completed_total",
+            "Units this node completed",
+            ns,
+            registry=registry,
+        )
+        self.units_failed = Counter(
+            "distributedtask_units_failed_total",
+            "Failed attempts of units on this node (retried or final)",
+            ns,
+            registry=registry,
+        )
+        self.units_reassigned = Counter(
+            "distributedtask_units_reassigned_total",
+            "Units a lost node held, or never claimed, that this node gave back to the pool",
+            ns,
+            registry=registry,
+        )
+        self.group_callbacks = Counter(
+            "distributedtask_group_callbacks_total",
+            "group_completed calls this node's providers returned from",
+            ns,
+            registry=registry,
+        )
+
     def touch(self, namespaces: Iterable[str]) -> None:
         """Create every labelled series of these namespaces at 0.
 
@@ -188,6 +221,10 @@ class Metrics:
                 self.retries,
                 self.deadline_failures,
                 self.pauses,
+                self.units_completed,
+                self.units_failed,
+                self.units_reassigned,
+                self.group_callbacks,
             ):
                 counter.labels(namespace=namespace)
             self.tasks_running.labels(namespace=namespace)
@@ -195,7 +232,7 @@ class Metrics:
             self.start_latency.labels(namespace=namespace)
             for operation in PROVIDER_OPERATIONS:
                 self.provider_errors.labels(namespace=namespace, operation=operation)
-        for operation in ("complete", "fail", "progress"):
+        for operation in ("complete", "fail", "progress", "unit"):
             self.record_retries.labels(operation=operation)
         for reason in WATCH_RESTART_REASONS:
             self.watch_restarts.labels(reason=reason)
@@ -203,7 +240,7 @@ class Metrics:
             self.watch_events.labels(range=watched)
 
 
-PROVIDER_OPERATIONS = ("start", "terminate", "cleanup", "get_local_tasks")
+PROVIDER_OPERATIONS = ("start", "terminate", "cleanup", "get_local_tasks", "group_completed")
 WATCH_RESTART_REASONS = tuple(reason.value for reason in RestartReason)
 
 _lock = threading.Lock()
