@@ -880,15 +880,16 @@ class UnitTransitions:
 
     def check_handouts(
         self, namespace: str, task_id: str, version: int, *, give_back: Iterable[str] = ()
-    ) -> set[str]:
+    ) -> tuple[set[str], int]:
         """Look for units handed out by a ticket and never claimed (see the module doc): one
-        small read when none is; otherwise the claim keys are read (keys only) and the missing
-        units returned. Those also in ``give_back`` (missing at an earlier look too) are given
-        to the pool. Raises :class:`EtcdError`."""
+        small read when none is; otherwise the claim keys are read (keys only). Returns the
+        missing units that are not in ``give_back``, and how many units were given to the pool:
+        those missing now that are in ``give_back`` (missing at an earlier look too). Raises
+        :class:`EtcdError`."""
         try:
             known = self.m.known_run(namespace, task_id, version)
         except (TaskNotFoundError, CorruptRecordError):
-            return set()
+            return set(), 0
         decl = self.decl_of(known, namespace, task_id)
         keys = self.keys
         claims = keys.unit_claims(namespace, task_id)
@@ -902,7 +903,7 @@ class UnitTransitions:
             ],
         )
         if not result.succeeded:
-            return set()
+            return set(), 0
         free_kv = result.range(1).first()
         issued = list(decl.free[: 0 if free_kv is None else free_kv.version])
         for kv in result.range(2).kvs:
@@ -910,18 +911,20 @@ class UnitTransitions:
             if node is not None:
                 issued += decl.of_node(node)[: kv.version]
         if result.range(0).count >= len(issued):
-            return set()
+            return set(), 0
         listing = self.m.client.txn(
             compare=self.m._live(namespace, task_id, version),
             success=[t.get_prefix(claims, keys_only=True)],
         )
         if not listing.succeeded:
-            return set()
+            return set(), 0
         present = {Keys.name_under(claims, kv.key) for kv in listing.range(0).kvs}
         missing = {spec.id for spec in issued if spec.id not in present}
+        given = 0
         for uid in sorted(missing & set(give_back)):
-            self._give_back(namespace, task_id, version, decl.by_id[uid], None, 0, holder=None)
-        return missing - set(give_back)
+            spec = decl.by_id[uid]
+            given += self._give_back(namespace, task_id, version, spec, None, 0, holder=None)
+        return missing - set(give_back), given
 
     # ---- group acknowledgements -----------------------------------------------------------
 

@@ -132,3 +132,60 @@ def test_unit_progress_and_json(manager: dt.Manager) -> None:
     data = dt.model.task_to_dict(task)
     assert data["units"] == [{"id": "u1", "group": "g", "node": "a"}]
     assert dt.model.task_from_dict(data) == task
+
+
+# ---- Schedulers and ThreadProvider ------------------------------------------------------------
+
+
+def test_schedulers_run_every_unit_once_and_call_group_hooks(
+    manager: dt.Manager, etcd_client: dt.EtcdClient, dtask_prefix: str
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    done: list[tuple[str, str]] = []
+    groups: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def provider(node: str) -> dt.ThreadProvider:
+        def work(task: dt.Task, ctx: dt.TaskContext) -> None:
+            assert ctx.unit is not None
+            with lock:
+                done.append((node, ctx.unit.id))
+
+        def group_done(task: dt.Task, group: str) -> None:
+            with lock:
+                groups.append((node, group))
+
+        return dt.ThreadProvider(work, unit_concurrency=2, on_group_completed=group_done)
+
+    providers = {n: provider(n) for n in NODES}
+    schedulers = [
+        dt.Scheduler(
+            dt.Manager(etcd_client, prefix=dtask_prefix),
+            node_id=n,
+            providers={"ns": providers[n]},
+            registry=CollectorRegistry(),
+        )
+        for n in NODES
+    ]
+    for s in schedulers:
+        s.start()
+    try:
+        units = [UnitSpec(f"u{i:03d}", group=f"g{i % 3}") for i in range(60)]
+        task = manager.add_task("ns", "t", nodes=NODES, units=units)
+        final = manager.wait_for_task("ns", "t", task.version, timeout=30)
+        assert final.status is TaskStatus.FINISHED
+        assert sorted(u for _, u in done) == sorted(u.id for u in units)
+        deadline_ok = threading.Event()
+        # group hooks: once per node per group (they run on the workers, after FINISHED)
+        for _ in range(200):
+            with lock:
+                if len(groups) >= 9:
+                    break
+            deadline_ok.wait(0.05)
+        assert sorted(groups) == sorted((n, f"g{i}") for n in NODES for i in range(3))
+    finally:
+        for s in schedulers:
+            s.stop()
+        for p in providers.values():
+            assert p.join(10)

@@ -27,7 +27,9 @@ The flow, in the manner of Weaviate's scheduler, but driven by etcd watches inst
      through the watch and step 4 cleans the local state;
    - node loss: a decider fails the runs a node gone for ``node_loss_grace`` had not completed;
    - retries: a provider call that raised is retried with jittered exponential backoff;
-   - the recorder's progress flushes and the re-sends of its outbox.
+   - the recorder's progress flushes and the re-sends of its outbox;
+   - units (:mod:`.unitdesk`): a unit of the pool becoming claimable after its backoff, looks
+     for units handed out and never claimed, re-sends of unit records.
 6. The periodic resync (``resync_interval``) asks both watches for a fresh snapshot and
    reconciles everything: a safety net, not the mechanism. The watches resume after
    disconnects, etcd restarts and leader changes, and relist after compaction.
@@ -36,6 +38,14 @@ The flow, in the manner of Weaviate's scheduler, but driven by etcd watches inst
 
 A run is started at least once, and at most once per process, on each of its nodes: after a
 crash the restarted node runs again whatever it had not recorded.
+
+Unit tasks: a node runs a unit task while it is STARTED (its provider claims units through the
+recorder's :class:`~.unitdesk.UnitDesk`, which its waiting claimants wake on every watch
+change); the task ends when its last unit completes. When every unit of a group is COMPLETED
+(a mark under ``P/cluster/groups``), the worker calls the provider's optional
+``group_completed(task, group)`` once per node per run, retried with backoff, and writes an
+acknowledgement, so a restarted node calls it again only if it had not returned. The deciders
+give a lost node's units back to the pool after ``node_loss_grace`` (:mod:`.membership`).
 
 Threading: the watch threads never call a provider; the worker thread makes every provider
 call after ``start()`` returns. Provider exceptions are logged with the task, counted
@@ -50,7 +60,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from prometheus_client import CollectorRegistry
@@ -69,13 +79,15 @@ from ..exceptions import (
 from ..keys import bucket_of, prefix_range_end
 from ..manager import Manager, NodeReport
 from ..metrics import Metrics, metrics_for
-from ..model import RunPolicy, TaskDescriptor, TaskStatus, validate_name
+from ..model import RunPolicy, Task, TaskDescriptor, TaskStatus, validate_name
 from ..provider import Provider, TaskHandle
 from ..records import MemberRecord
+from ..units import PoolItem
 from .calls import ProviderCalls
 from .membership import NodeLoss
 from .recorder import NodeRecorder
 from .timers import Clock, Timer, TimerKind, Timers
+from .unitdesk import UnitDesk
 from .view import ClusterView, ViewRun
 
 __all__ = ["Scheduler"]
@@ -172,6 +184,18 @@ class Scheduler:
         self._skipped_keys: set[bytes] = set()
         self._ttl_armed: set[RunKey] = set()
         self._deadline_armed: set[tuple[TaskId, int, int]] = set()  # (id, version, state rev)
+        self._members_seen = -1
+        self._desk = UnitDesk(
+            manager,
+            self.node_id,
+            metrics=self.metrics,
+            log=self.log,
+            lookup=self._lookup,
+            pool=self._pool_of,
+            schedule=self._schedule,
+            backoff=self.RETRY_BACKOFF,
+            clock=clock,
+        )
         self._recorder = NodeRecorder(
             manager,
             self.node_id,
@@ -183,6 +207,7 @@ class Scheduler:
             schedule=self._schedule,
             backoff=self.RETRY_BACKOFF,
             clock=clock,
+            desk=self._desk,
         )
 
         # Owned by the worker thread (and by start()/stop() before/after it runs).
@@ -199,6 +224,7 @@ class Scheduler:
         self._attempts: dict[TaskId, int] = {}
         self._local_failures = 0
         self._running_snapshot: dict[str, set[TaskDescriptor]] = {}
+        self._groups_called: dict[TaskId, tuple[int, set[str]]] = {}  # acknowledged groups
 
         self._stopping = threading.Event()
         self._state = _State.NEW
@@ -283,6 +309,7 @@ class Scheduler:
 
     def _shutdown(self) -> None:
         self._stopping.set()
+        self._desk.close()
         with self._wake:
             self._wake.notify_all()
         for watch in self._watches:
@@ -293,6 +320,7 @@ class Scheduler:
         self._running.clear()
         self._publish_running()
         self._recorder.flush_outbox()
+        self._desk.flush_outbox()
         if self._lease is not None:
             self._lease.stop()
 
@@ -358,18 +386,40 @@ class Scheduler:
 
     def _after_batch(self, touched: set[TaskId]) -> None:
         """Caller holds the lock."""
+        units = False
         for task_id in touched:
             run = self._view.run(task_id)
             if run is not None and run.outcome is not None:
                 self._arm_ttl(run)
             elif run is not None and run.status is TaskStatus.STARTED:
                 self._arm_deadline(run)
+            if run is not None and run.record.unit_count:
+                units = True
+                self._note_pool(run)
+        if self._members_seen != self._view.members_version:
+            self._members_seen = self._view.members_version
+            self._desk.members_changed()
+        elif units:
+            self._desk.changed()
         self._publish_pauses()
         self._dirty |= touched
         self._decide = True
         self._decide_ids |= touched
         self.metrics.members.set(len(self._view.members))
         self._wake.notify_all()
+
+    def _note_pool(self, run: ViewRun) -> None:
+        """Caller holds the lock: arm a UNIT_READY timer for each unit of the pool that waits
+        for its retry backoff."""
+        key = (run.namespace, run.task_id, run.version)
+        items = self._view.pool(key[:2], run.version)
+        for delay, unit in self._desk.note_pool(key, items):
+            self._add_timer(delay, TimerKind.UNIT_READY, task_id=key[:2], version=key[2], unit=unit)
+
+    def _pool_of(self, run: RunKey) -> list[PoolItem]:
+        """The view's pool of ``run`` (the desk's way to read it; any thread)."""
+        with self._lock:
+            return self._view.pool(run[:2], run[2])
 
     def _arm_ttl(self, run: ViewRun) -> None:
         key = (run.namespace, run.task_id, run.version)
@@ -427,10 +477,14 @@ class Scheduler:
         if self._timers.add(delay, kind, **about):  # type: ignore[arg-type]
             self._wake.notify_all()  # the worker sleeps until the earliest timer: wake it
 
-    def _schedule(self, delay: float, kind: TimerKind, run: RunKey, attempt: int) -> None:
-        """The recorder's way to arm a timer (any thread)."""
+    def _schedule(
+        self, delay: float, kind: TimerKind, run: RunKey, attempt: int, unit: str = ""
+    ) -> None:
+        """The recorder's (and unit desk's) way to arm a timer (any thread)."""
         with self._lock:
-            self._add_timer(delay, kind, task_id=run[:2], version=run[2], attempt=attempt)
+            self._add_timer(
+                delay, kind, task_id=run[:2], version=run[2], attempt=attempt, unit=unit
+            )
 
     # ---- the recorder's view of the cluster -----------------------------------------------
 
@@ -503,6 +557,12 @@ class Scheduler:
         elif kind is TimerKind.LOCAL_TASKS:
             with self._lock:
                 self._full_reconcile = True
+        elif kind is TimerKind.UNIT_READY:
+            self._desk.changed()
+        elif kind is TimerKind.UNIT_CHECK:
+            self._desk.check(timer.run, timer.attempt)
+        elif kind is TimerKind.UNIT_RECORD:
+            self._desk.retry(timer.run, timer.unit, timer.attempt)
         elif kind is TimerKind.RESYNC:
             for watch in self._watches:
                 watch.resync()
@@ -768,6 +828,8 @@ class Scheduler:
         ok = self._clean_up_old(task_id, run) and ok
         if wanted and run is not None and task_id not in self._running:
             ok = self._start(task_id, run) and ok
+        if run is not None and run.record.unit_count:
+            ok = self._call_groups(task_id, run) and ok
         if ok:
             self._attempts.pop(task_id, None)
         else:
@@ -804,6 +866,7 @@ class Scheduler:
             self.metrics.local_cleanups.labels(namespace=namespace).inc()
             self.log.info("cleaned up local state of %s/%s v%d", namespace, tid, version)
             self._recorder.forget((namespace, tid, version))
+            self._desk.forget((namespace, tid, version))
         return ok
 
     def _start(self, task_id: TaskId, run: ViewRun) -> bool:
@@ -811,6 +874,12 @@ class Scheduler:
         namespace, tid = task_id
         attempts = self._attempts_here.get(task_id)
         task = run.task({} if attempts is None else {self.node_id: attempts[1:]})
+        if run.record.unit_count:
+            unit_task = self._unit_task(task)
+            if unit_task is None:
+                return False
+            task = unit_task
+            self._desk.session((namespace, tid, run.version))
         handle = self._calls.start(task)
         if handle is None:
             return False
@@ -821,6 +890,64 @@ class Scheduler:
         self.metrics.start_latency.labels(namespace=namespace).observe(max(0.0, latency))
         self.log.info("started %s/%s v%d", namespace, tid, run.version)
         return True
+
+    def _unit_task(self, task: Task) -> Task | None:
+        """``task`` with its declared units (read once per run, then cached by the Manager);
+        None when they cannot be read now (the caller retries)."""
+        try:
+            known = self.manager.known_run(task.namespace, task.id, task.version)
+        except (EtcdError, TaskNotFoundError, CorruptRecordError) as exc:
+            self.log.info(
+                "could not read the units of %s/%s v%d: %s",
+                task.namespace,
+                task.id,
+                task.version,
+                exc,
+            )
+            return None
+        return task if known.decl is None else replace(task, units=known.decl.units)
+
+    def _call_groups(self, task_id: TaskId, run: ViewRun) -> bool:
+        """Call ``group_completed`` for each completed group of a unit run this node has not
+        acknowledged; False when a call or a read failed (retried with backoff)."""
+        if self.node_id not in run.assigned:
+            return True
+        provider = self.providers[task_id[0]]
+        hook = getattr(provider, "group_completed", None)
+        with self._lock:
+            completed = self._view.completed_groups(task_id, run.version)
+        if hook is None or not completed:
+            return True
+        known = self._groups_called.get(task_id)
+        if known is None or known[0] != run.version:
+            try:
+                acked = self.manager.units.acked_groups(*task_id, run.version, self.node_id)
+            except EtcdError as exc:
+                self.log.info("could not read acknowledged groups of %s/%s: %s", *task_id, exc)
+                return False
+            known = self._groups_called[task_id] = (run.version, acked)
+        todo = sorted(completed - known[1])
+        if not todo:
+            return True
+        task = self._unit_task(run.task())
+        if task is None:
+            return False
+        ok = True
+        for group in todo:
+            call = self._calls.group_completed(task_id[0], hook, task, group)
+            if not call:
+                ok = False
+                continue
+            try:
+                self.manager.units.ack_group(*task_id, run.version, self.node_id, group)
+            except EtcdError as exc:
+                self.log.info("could not acknowledge group %r of %s/%s: %s", group, *task_id, exc)
+                ok = False
+                continue
+            known[1].add(group)
+            self.metrics.group_callbacks.labels(namespace=task_id[0]).inc()
+            self.log.info("group %r of %s/%s v%d completed", group, *task_id, run.version)
+        return ok
 
     def _forget_other_versions(self, task_id: TaskId, version: int) -> None:
         for known in (self._done_here, self._backing_off):
@@ -833,6 +960,7 @@ class Scheduler:
     def _terminate(self, namespace: str, task_id: str, running: _Running, *, count: bool) -> bool:
         if not self._calls.terminate(namespace, task_id, running.handle):
             return False
+        self._desk.ended((namespace, task_id, running.version))
         if count and not self._recorder.recorded((namespace, task_id, running.version)):
             self.metrics.task_terminations.labels(namespace=namespace).inc()
             self.log.info("terminated %s/%s v%d", namespace, task_id, running.version)

@@ -35,6 +35,7 @@ class ProviderOp(str, enum.Enum):
     START = "start"
     TERMINATE = "terminate"
     CLEANUP = "cleanup"
+    GROUP_COMPLETED = "group_completed"
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,14 @@ class ProviderCalls:
         a provider that cannot record must not run anything."""
         for provider in self.providers.values():
             provider.set_completion_recorder(recorder)
+
+    def group_completed(
+        self, namespace: str, hook: Callable[[Task, str], object], task: Task, group: str
+    ) -> bool:
+        """The provider's ``group_completed(task, group)``; False when it raised."""
+        return self.call(
+            namespace, ProviderOp.GROUP_COMPLETED, lambda: hook(task, group), task.id
+        ).ok
 
     def local_tasks(self, namespace: str) -> set[TaskDescriptor] | None:
         """The provider's local runs, or None when it failed to list them."""

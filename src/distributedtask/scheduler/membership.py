@@ -21,6 +21,10 @@ and the error ``"node lost: ..."``. A run it had completed while the cluster sti
 STARTED is one whose finishing write was lost with its completer: the decider finishes it
 (``Manager.finish_if_complete``). PAUSED runs are not awaited: their grace starts at resume.
 
+A unit task does not wait for a node but for its units: a lost node's IN_PROGRESS units go back
+to the pool (not an attempt: ``distributedtask_units_reassigned_total``), and the run fails
+only when a unit with affinity to the lost node is not COMPLETED (no other node may take it).
+
 Threading: the Scheduler calls :class:`NodeLoss` under its lock (pure bookkeeping) except
 :meth:`NodeLoss.act`, which talks to etcd and runs on the worker thread without the lock.
 """
@@ -32,7 +36,12 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ..exceptions import InvalidTaskError, TaskNotFoundError, TaskNotRunningError
+from ..exceptions import (
+    CorruptRecordError,
+    InvalidTaskError,
+    TaskNotFoundError,
+    TaskNotRunningError,
+)
 from ..manager import Manager
 from ..metrics import Metrics
 from ..model import TaskStatus
@@ -163,6 +172,15 @@ class NodeLoss:
         completed = manager.completed_by(node, runs)
         error = f"node lost: no membership for {grace:g}s"
         for namespace, task_id, version in runs:
+            try:
+                unit_task = manager.known_run(namespace, task_id, version).decl is not None
+            except (TaskNotFoundError, CorruptRecordError):
+                continue
+            if unit_task:
+                NodeLoss._release_units(
+                    manager, node, (namespace, task_id, version), error, metrics=metrics, log=log
+                )
+                continue
             if (namespace, task_id, version) in completed:
                 if manager.finish_if_complete(namespace, task_id, version) is not None:
                     log.warning(
@@ -175,3 +193,30 @@ class NodeLoss:
                 continue  # ended meanwhile, or another decider did it
             metrics.node_loss_failures.labels(namespace=namespace).inc()
             log.warning("failed %s/%s v%d: %s: %s", namespace, task_id, version, node, error)
+
+    @staticmethod
+    def _release_units(
+        manager: Manager,
+        node: str,
+        run: RunKey,
+        error: str,
+        *,
+        metrics: Metrics,
+        log: logging.Logger,
+    ) -> None:
+        """Give a lost node's units of a unit run back; fail the run if one of its units has
+        affinity to that node and is not COMPLETED. Raises :class:`EtcdError`."""
+        released, stuck = manager.units.release_node(*run, node)
+        if released:
+            metrics.units_reassigned.labels(namespace=run[0]).inc(released)
+            log.warning(
+                "gave back %d unit(s) of %s/%s v%d held by lost node %s", released, *run, node
+            )
+        if stuck is None:
+            return
+        try:
+            manager.fail(*run, node, f"{error}; unit {stuck!r} can run only there")
+        except (TaskNotFoundError, TaskNotRunningError, InvalidTaskError):
+            return
+        metrics.node_loss_failures.labels(namespace=run[0]).inc()
+        log.warning("failed %s/%s v%d: %s: unit %r had affinity to it", *run, node, stuck)

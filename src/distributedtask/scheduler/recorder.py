@@ -12,6 +12,8 @@ gives its providers, bound to its node.
 - Writes use what the Scheduler's view knows of the run (its record), so a completion is one
   transaction and needs no read of the node list; a run the view no longer knows is recorded
   through the Manager's checked methods.
+- The unit methods (``claim_unit``, ``await_unit``, ``record_unit_*``) are the node's
+  :class:`~.unitdesk.UnitDesk`.
 
 The recorder never raises into a provider. Threading: any thread may call it; its state is
 guarded by its own lock, and it schedules its retries through the ``schedule`` callback.
@@ -34,8 +36,9 @@ from ..exceptions import (
 )
 from ..manager import KnownRun, Manager
 from ..metrics import Metrics
-from ..model import RunPolicy
+from ..model import RunPolicy, Task, Unit
 from .timers import Clock, TimerKind
+from .unitdesk import UnitDesk
 from .view import ViewRun
 
 __all__ = ["NodeRecorder", "RecordKind"]
@@ -84,8 +87,10 @@ class NodeRecorder:
         schedule: Callable[[float, TimerKind, RunKey, int], None],
         backoff: Backoff,
         clock: Clock,
+        desk: UnitDesk,
     ) -> None:
         self._manager = manager
+        self.desk = desk
         self._node = node_id
         self._metrics = metrics
         self._log = log
@@ -123,6 +128,37 @@ class NodeRecorder:
                 return
             self._throttles[run] = _Throttle(now)
         self._write_progress(run, fraction, message)
+
+    def claim_unit(self, task: Task) -> Unit | None:
+        """Claim one unit of ``task`` for this node (None: nothing claimable now). Raises
+        :class:`~distributedtask.exceptions.EtcdError` when etcd cannot answer."""
+        return self.desk.claim(task)
+
+    def await_unit(self, task: Task, stop: threading.Event) -> Unit | None:
+        """Claim one unit, waiting on the watch while none is claimable and the run is
+        STARTED; None once it is not (ended, paused, gone) or ``stop`` is set."""
+        return self.desk.await_unit(task, stop)
+
+    def record_unit_completion(
+        self, namespace: str, task_id: str, version: int, unit_id: str
+    ) -> None:
+        self.desk.record_completion((namespace, task_id, version), unit_id)
+
+    def record_unit_failure(
+        self, namespace: str, task_id: str, version: int, unit_id: str, error: str
+    ) -> None:
+        self.desk.record_failure((namespace, task_id, version), unit_id, error)
+
+    def record_unit_progress(
+        self,
+        namespace: str,
+        task_id: str,
+        version: int,
+        unit_id: str,
+        fraction: float,
+        message: str = "",
+    ) -> None:
+        self.desk.record_progress((namespace, task_id, version), unit_id, fraction, message)
 
     # ---- for the Scheduler ----------------------------------------------------------------
 

@@ -38,6 +38,9 @@ class TimerKind(enum.Enum):
     RECORD = "record"  # send again a completion or failure etcd could not take
     LOCAL_TASKS = "local-tasks"  # list the providers' local runs again after a failure
     RESYNC = "resync"  # the periodic full relist, a safety net under the watch
+    UNIT_READY = "unit-ready"  # a unit of the pool may be claimed (its retry backoff is over)
+    UNIT_CHECK = "unit-check"  # look for units handed out and never claimed
+    UNIT_RECORD = "unit-record"  # send again a unit's completion or failure
 
 
 @dataclass(order=True)
@@ -52,6 +55,7 @@ class Timer:
     node: str = field(compare=False, default="")
     attempt: int = field(compare=False, default=0)
     revision: int = field(compare=False, default=0)  # DEADLINE: the run state it was armed for
+    unit: str = field(compare=False, default="")  # UNIT_RECORD: the unit
 
     @property
     def run(self) -> tuple[str, str, int]:
@@ -79,6 +83,7 @@ class Timers:
         node: str = "",
         attempt: int = 0,
         revision: int = 0,
+        unit: str = "",
     ) -> bool:
         """Schedule ``kind`` in ``delay`` seconds; True when it is now the earliest timer."""
         timer = Timer(
@@ -90,6 +95,7 @@ class Timers:
             node,
             attempt,
             revision,
+            unit,
         )
         heapq.heappush(self._heap, timer)
         return self._heap[0] is timer

@@ -1,6 +1,7 @@
 """``ClusterView``: what one Scheduler knows of the cluster, built only from its watches.
 
-A Scheduler follows two ranges (keys.py): ``P/cluster/`` — task records, outcomes, members —
+A Scheduler follows two ranges (keys.py): ``P/cluster/`` — task records, outcomes, run states,
+members, and for unit tasks the pool of units given back and the marks of completed groups —
 and ``P/assign/<its bucket>/`` — which runs name which nodes of its bucket. The view applies
 the batches of both watches (a :class:`~distributedtask.etcd.watch.Snapshot` replaces what
 that watch had told, :class:`~distributedtask.etcd.watch.Changes` apply in order) and answers
@@ -25,10 +26,19 @@ from dataclasses import dataclass, field
 from ..etcd import txn as t
 from ..etcd.watch import Changes, Snapshot
 from ..exceptions import CorruptRecordError
-from ..keys import AssignKey, Keys, MemberKey, OutcomeKey, StateKey, TaskKey
+from ..keys import AssignKey, GroupKey, Keys, MemberKey, OutcomeKey, PoolKey, StateKey, TaskKey
 from ..model import FrozenMap, Task, TaskStatus
 from ..readmodel import Attempts, build_task, status_of
-from ..records import MemberRecord, NodeList, OutcomeRecord, RunState, TaskRecord
+from ..records import (
+    GroupMark,
+    MemberRecord,
+    NodeList,
+    OutcomeRecord,
+    PoolEntry,
+    RunState,
+    TaskRecord,
+)
+from ..units import PoolItem
 
 __all__ = ["ClusterView", "ViewRun"]
 
@@ -92,6 +102,10 @@ class ClusterView:
     states: dict[TaskId, tuple[int, RunState]] = field(default_factory=dict)
     assignments: dict[TaskId, tuple[int, frozenset[str]]] = field(default_factory=dict)
     members: dict[str, MemberRecord] = field(default_factory=dict)
+    pools: dict[TaskId, dict[str, PoolItem]] = field(default_factory=dict)
+    """Units given back to the pool, by run id and unit id."""
+    groups: dict[TaskId, dict[str, GroupMark]] = field(default_factory=dict)
+    """Groups whose units are all COMPLETED, by run id and group."""
     members_version: int = 0
     """Bumped at every change of ``members``."""
     _deciders: tuple[tuple[int, int], list[str]] | None = None
@@ -105,10 +119,18 @@ class ClusterView:
         """Apply a batch of the ``P/cluster/`` watch; returns the ids it touched."""
         touched: set[TaskId] = set()
         if isinstance(batch, Snapshot):
-            touched = set(self.records) | set(self.outcomes) | set(self.states)
+            touched = (
+                set(self.records)
+                | set(self.outcomes)
+                | set(self.states)
+                | set(self.pools)
+                | set(self.groups)
+            )
             self.records.clear()
             self.outcomes.clear()
             self.states.clear()
+            self.pools.clear()
+            self.groups.clear()
             self.members.clear()
             self.members_version += 1
             self.born.clear()
@@ -170,6 +192,8 @@ class ClusterView:
                 except CorruptRecordError as exc:
                     self.on_skip(kv.key, exc)
             return {task_id}
+        if isinstance(parsed, (PoolKey, GroupKey)):
+            return self._apply_unit_key(parsed, kv, deleted=deleted)
         if not isinstance(parsed, (TaskKey, OutcomeKey)):
             self.on_skip(kv.key, CorruptRecordError("not a key of ours"))
             return set()
@@ -193,7 +217,44 @@ class ClusterView:
             self.on_skip(kv.key, exc)
         return {task_id}
 
+    def _apply_unit_key(
+        self, parsed: PoolKey | GroupKey, kv: t.KeyValue, *, deleted: bool
+    ) -> set[TaskId]:
+        task_id = (parsed.namespace, parsed.task_id)
+        if isinstance(parsed, PoolKey):
+            pool = self.pools.setdefault(task_id, {})
+            pool.pop(parsed.unit_id, None)
+            if not deleted:
+                try:
+                    entry = PoolEntry.decode(kv.value)
+                    pool[parsed.unit_id] = PoolItem(parsed.unit_id, entry, kv.mod_revision)
+                except CorruptRecordError as exc:
+                    self.on_skip(kv.key, exc)
+            if not pool:
+                del self.pools[task_id]
+            return {task_id}
+        marks = self.groups.setdefault(task_id, {})
+        marks.pop(parsed.group, None)
+        if not deleted:
+            try:
+                marks[parsed.group] = GroupMark.decode(kv.value)
+            except CorruptRecordError as exc:
+                self.on_skip(kv.key, exc)
+        if not marks:
+            del self.groups[task_id]
+        return {task_id}
+
     # ---- questions ------------------------------------------------------------------------
+
+    def pool(self, task_id: TaskId, version: int) -> list[PoolItem]:
+        """The units of run ``version`` of ``task_id`` in the pool."""
+        items = self.pools.get(task_id, {}).values()
+        return [item for item in items if item.entry.version == version]
+
+    def completed_groups(self, task_id: TaskId, version: int) -> set[str]:
+        """The groups of run ``version`` of ``task_id`` whose units are all COMPLETED."""
+        marks = self.groups.get(task_id, {})
+        return {group for group, mark in marks.items() if mark.version == version}
 
     def run(self, task_id: TaskId) -> ViewRun | None:
         """The current run of ``task_id``, or None."""
