@@ -14,7 +14,8 @@ NODES = ["a", "b", "c"]
 
 
 def add(manager: dt.Manager, units: object, **kwargs: object) -> dt.Task:
-    return manager.add_task("ns", "t", b"p", nodes=kwargs.pop("nodes", NODES), units=units, **kwargs)  # type: ignore[arg-type]
+    nodes = kwargs.pop("nodes", NODES)
+    return manager.add_task("ns", "t", b"p", nodes=nodes, units=units, **kwargs)  # type: ignore[arg-type]
 
 
 def test_a_unit_task_finishes_when_its_last_unit_completes(manager: dt.Manager) -> None:
@@ -39,7 +40,8 @@ def test_a_unit_task_finishes_when_its_last_unit_completes(manager: dt.Manager) 
     again = manager.record_unit_completion("ns", "t", task.version, "u3", "c")
     assert again.status is TaskStatus.FINISHED
     stored = manager.get_task("ns", "t")
-    assert stored is not None and stored.status is TaskStatus.FINISHED and stored.units == task.units
+    assert stored is not None and stored.status is TaskStatus.FINISHED
+    assert stored.units == task.units
     assert {u.status for u in manager.get_units("ns", "t", task.version).values()} == {
         UnitStatus.COMPLETED
     }
@@ -132,60 +134,3 @@ def test_unit_progress_and_json(manager: dt.Manager) -> None:
     data = dt.model.task_to_dict(task)
     assert data["units"] == [{"id": "u1", "group": "g", "node": "a"}]
     assert dt.model.task_from_dict(data) == task
-
-
-# ---- Schedulers and ThreadProvider ------------------------------------------------------------
-
-
-def test_schedulers_run_every_unit_once_and_call_group_hooks(
-    manager: dt.Manager, etcd_client: dt.EtcdClient, dtask_prefix: str
-) -> None:
-    from prometheus_client import CollectorRegistry
-
-    done: list[tuple[str, str]] = []
-    groups: list[tuple[str, str]] = []
-    lock = threading.Lock()
-
-    def provider(node: str) -> dt.ThreadProvider:
-        def work(task: dt.Task, ctx: dt.TaskContext) -> None:
-            assert ctx.unit is not None
-            with lock:
-                done.append((node, ctx.unit.id))
-
-        def group_done(task: dt.Task, group: str) -> None:
-            with lock:
-                groups.append((node, group))
-
-        return dt.ThreadProvider(work, unit_concurrency=2, on_group_completed=group_done)
-
-    providers = {n: provider(n) for n in NODES}
-    schedulers = [
-        dt.Scheduler(
-            dt.Manager(etcd_client, prefix=dtask_prefix),
-            node_id=n,
-            providers={"ns": providers[n]},
-            registry=CollectorRegistry(),
-        )
-        for n in NODES
-    ]
-    for s in schedulers:
-        s.start()
-    try:
-        units = [UnitSpec(f"u{i:03d}", group=f"g{i % 3}") for i in range(60)]
-        task = manager.add_task("ns", "t", nodes=NODES, units=units)
-        final = manager.wait_for_task("ns", "t", task.version, timeout=30)
-        assert final.status is TaskStatus.FINISHED
-        assert sorted(u for _, u in done) == sorted(u.id for u in units)
-        deadline_ok = threading.Event()
-        # group hooks: once per node per group (they run on the workers, after FINISHED)
-        for _ in range(200):
-            with lock:
-                if len(groups) >= 9:
-                    break
-            deadline_ok.wait(0.05)
-        assert sorted(groups) == sorted((n, f"g{i}") for n in NODES for i in range(3))
-    finally:
-        for s in schedulers:
-            s.stop()
-        for p in providers.values():
-            assert p.join(10)
