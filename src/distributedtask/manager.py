@@ -26,6 +26,11 @@ guarded by them::
                    THEN put state
     clean up       range the run; IF mod(task) == observed AND exists(outcome)      2 trips
                    THEN delete the run's keys
+    units          a ticket, then a claim; a completion (FINISHED with the last);  1 trip each
+                   a failure; progress — see units.py (``manager.units``)
+
+A unit task's add also writes its declared units, compressed, as one key; its per-unit keys are
+written lazily by the nodes that claim the units.
 
 Nothing in a transaction grows with the number of nodes: the add writes at most 64 assignments
 whatever the node count (no cap from etcd's 128 operations per transaction), completions are
@@ -1268,7 +1273,9 @@ class Manager:
 
         The document is checked whole before anything is written (:class:`InvalidTaskError`).
         Terminal runs keep their version; a STARTED run gets a new one (versions are revisions
-        of the etcd the run lives in), keeping its nodes, finished nodes and start time. Not
+        of the etcd the run lives in), keeping its nodes, finished nodes and start time (a
+        unit task keeps its declared units; the state of each unit is not in a snapshot, so a
+        restored STARTED unit task runs its units again from PENDING). Not
         atomic across tasks (each run is its own transactions): run it while no Scheduler
         serves the prefix. Raises :class:`InvalidTaskError`, :class:`StorageFormatError`,
         :class:`EtcdError`.
