@@ -165,6 +165,8 @@ def test_task_fields_follow_the_contract() -> None:
         "policy",
         "attempts",
         "last_errors",
+        "units",
+        "failed_unit",
     ]
 
 

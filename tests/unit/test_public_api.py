@@ -23,6 +23,7 @@ from distributedtask.exceptions import (
     TaskNotRunningError,
     TaskStillRunningError,
     TaskTooFreshError,
+    UnitClaimError,
 )
 
 # Every public name of API.md; the ones not implemented yet are added by later work.
@@ -54,6 +55,7 @@ ERRORS = [
     TaskStillRunningError,
     TaskTooFreshError,
     InvalidTaskError,
+    UnitClaimError,
     NoEligibleNodesError,
     EtcdError,
 ]
@@ -148,16 +150,29 @@ def test_invalid_task_error_is_also_a_value_error() -> None:
         raise error
 
 
-@pytest.mark.parametrize("error", [e for e in TREE if e is not InvalidTaskError])
+@pytest.mark.parametrize("error", [e for e in TREE if not issubclass(e, InvalidTaskError)])
 def test_other_errors_are_not_value_errors(error: type[Exception]) -> None:
     assert not issubclass(error, ValueError)
 
 
 def test_errors_are_distinct_siblings() -> None:
+    children = {UnitClaimError: InvalidTaskError}  # the one child, as the tree's drawing shows
     for a in TREE:
         for b in TREE:
-            if a is not b:
+            if a is not b and children.get(a) is not b:
                 assert not issubclass(a, b), (a, b)
+    assert issubclass(UnitClaimError, InvalidTaskError)
+
+
+def test_unit_claim_error_names_the_unit_the_caller_and_the_holder() -> None:
+    error = UnitClaimError("u1", "n2", "n1")
+    assert (error.unit_id, error.node_id, error.holder, error.field) == (
+        "u1",
+        "n2",
+        "n1",
+        "unit_id",
+    )
+    assert "u1" in str(error) and "n1" in str(error) and "n2" in str(error)
 
 
 # ---- messages and fields ----------------------------------------------------------------------
