@@ -272,13 +272,17 @@ class UnitTransitions:
                     return got
         hand = self._hand(namespace, task_id, version, node_id)
         own = decl.of_node(node_id)
-        if own and not hand.own_exhausted:
+        if not own:
+            hand.own_exhausted = True
+        if not decl.free:
+            hand.free_exhausted = True
+        if not hand.own_exhausted:
             counter = self.keys.unit_node_ticket(namespace, task_id, node_id)
             got = self._by_ticket(namespace, task_id, version, node_id, known, counter, own)
             if got is not None:
                 return got
             hand.own_exhausted = True
-        if decl.free and not hand.free_exhausted:
+        if not hand.free_exhausted:
             counter = self.keys.unit_ticket(namespace, task_id)
             got = self._by_ticket(namespace, task_id, version, node_id, known, counter, decl.free)
             if got is not None:

@@ -334,3 +334,40 @@ def test_a_lost_node_with_only_completed_affinity_units_does_not_fail_the_task(
     marker = mgr.add_task(NS, "marker", nodes=["n1", "ghost"], units=[UnitSpec("x", node="ghost")])
     assert mgr.wait_for_task(NS, "marker", marker.version, timeout=30).status is TaskStatus.FAILED
     assert mgr.wait_for_task(NS, "t", task.version, timeout=30).status is TaskStatus.FINISHED
+
+
+def test_units_held_by_a_node_run_again_after_its_restart(
+    schedulers: Schedulers, mgr: dt.Manager, units: Units
+) -> None:
+    gate = threading.Event()
+
+    def held(task: dt.Task, ctx: dt.TaskContext) -> None:
+        while not gate.is_set() and not ctx.cancelled.is_set():
+            ctx.cancelled.wait(0.05)
+
+    first = schedulers.new("n1", {NS: units.provider("n1", held, concurrency=2)})
+    task = mgr.add_task(NS, "t", nodes=["n1"], units=["a", "b", "c"])
+    wait_until(lambda: len(units.units_ran()) == 2, timeout=10, message="two units running")
+    first.stop()  # its handles are terminated: the two units are still held by n1 in etcd
+    held_now = mgr.get_units(NS, "t", task.version)
+    assert sorted(u.id for u in held_now.values() if u.status is UnitStatus.IN_PROGRESS) == [
+        "a",
+        "b",
+    ]
+    gate.set()
+    schedulers.new("n1", {NS: units.provider("n1")})
+    assert mgr.wait_for_task(NS, "t", task.version, timeout=30).status is TaskStatus.FINISHED
+    assert Counter(units.units_ran()) == {"a": 2, "b": 2, "c": 1}
+
+
+def test_a_unit_handed_out_and_never_claimed_is_given_back(
+    schedulers: Schedulers, mgr: dt.Manager, units: Units, registry: CollectorRegistry
+) -> None:
+    task = mgr.add_task(NS, "t", nodes=["n1", "crashed"], units=["a", "b", "c"])
+    # "crashed" took the first ticket and died before claiming its unit.
+    ticket = mgr.keys.unit_ticket(NS, "t")
+    mgr.client.txn(success=[dt.etcd.txn.put(ticket, b""), dt.etcd.txn.get(ticket)])
+    schedulers.new("n1", {NS: units.provider("n1")}, node_loss_grace=None)
+    assert mgr.wait_for_task(NS, "t", task.version, timeout=30).status is TaskStatus.FINISHED
+    assert sorted(units.units_ran()) == ["a", "b", "c"]
+    assert metric(registry, "distributedtask_units_reassigned_total", namespace=NS) == 1

@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..etcd.backoff import Backoff
+from ..etcd.backoff import Backoff, jittered
 from ..exceptions import (
     DistributedTaskError,
     EtcdError,
@@ -75,6 +75,10 @@ class UnitDesk:
 
     SAFETY_WAIT = 60.0
     """A waiting claimant looks again after this long without news (a safety net)."""
+    CHECK_DELAY = (1.0, 30.0)
+    """Between two looks for lost hand-outs, doubling from the first to the second, jittered:
+    a unit missing at both is given back, so the first must well exceed the time a live node
+    takes from its ticket to its claim."""
     PROGRESS_INTERVAL = 1.0
 
     def __init__(
@@ -278,7 +282,7 @@ class UnitDesk:
             missing, given = self._units.check_handouts(*run, give_back=before)
         except EtcdError as exc:
             self._log.info("looking for lost units of %s/%s v%d: %s", *run, exc)
-            self._schedule(self._backoff.delay(attempt + 1), TimerKind.UNIT_CHECK, run, attempt + 1)
+            self._schedule(self._check_delay(attempt + 1), TimerKind.UNIT_CHECK, run, attempt + 1)
             return
         if given:
             self._metrics.units_reassigned.labels(namespace=run[0]).inc(given)
@@ -290,7 +294,7 @@ class UnitDesk:
                 return
             self._checks[run] = missing or None
         if missing:
-            self._schedule(self._backoff.delay(attempt + 1), TimerKind.UNIT_CHECK, run, attempt + 1)
+            self._schedule(self._check_delay(attempt + 1), TimerKind.UNIT_CHECK, run, attempt + 1)
 
     def retry(self, run: RunKey, unit_id: str, attempt: int) -> None:
         """A UNIT_RECORD timer: send a queued unit record again."""
@@ -320,6 +324,10 @@ class UnitDesk:
                 self._log.error("lost the record of unit %r of %s/%s v%d at stop", unit_id, *run)
 
     # ---- internals ------------------------------------------------------------------------
+
+    def _check_delay(self, attempt: int) -> float:
+        first, most = self.CHECK_DELAY
+        return jittered(min(most, first * 2 ** (attempt - 1)))
 
     def _idle(self, run: RunKey) -> None:
         """Nothing to claim: once every ticket is handed out, look for lost hand-outs."""
