@@ -371,3 +371,24 @@ def test_a_unit_handed_out_and_never_claimed_is_given_back(
     assert mgr.wait_for_task(NS, "t", task.version, timeout=30).status is TaskStatus.FINISHED
     assert sorted(units.units_ran()) == ["a", "b", "c"]
     assert metric(registry, "distributedtask_units_reassigned_total", namespace=NS) == 1
+
+
+def test_cancel_and_deadline_end_unit_tasks_and_stop_their_units(
+    schedulers: Schedulers, mgr: dt.Manager, units: Units
+) -> None:
+    def forever(task: dt.Task, ctx: dt.TaskContext) -> None:
+        ctx.cancelled.wait(30)  # a unit that ends only when its run is terminated
+
+    schedulers.new("n1", {NS: units.provider("n1", forever, concurrency=2)})
+    cancelled = mgr.add_task(NS, "c", nodes=["n1"], units=["a", "b", "c"])
+    wait_until(lambda: len(units.units_ran()) == 2, timeout=10, message="two units running")
+    mgr.cancel_task(NS, "c", cancelled.version)
+    wait_until(lambda: units.providers[0].join(0), timeout=10, message="units stopped")
+    assert sorted(units.units_ran()) == ["a", "b"]
+
+    policy = dt.RunPolicy(deadline=timedelta(seconds=1))
+    bounded = mgr.add_task(NS, "d", nodes=["n1"], units=["x"], policy=policy)
+    final = mgr.wait_for_task(NS, "d", bounded.version, timeout=30)
+    assert final.status is TaskStatus.FAILED and final.error is not None
+    assert final.error.startswith("deadline exceeded") and final.failed_unit is None
+    wait_until(lambda: units.providers[0].join(0), timeout=10, message="units stopped")
