@@ -392,3 +392,24 @@ def test_cancel_and_deadline_end_unit_tasks_and_stop_their_units(
     assert final.status is TaskStatus.FAILED and final.error is not None
     assert final.error.startswith("deadline exceeded") and final.failed_unit is None
     wait_until(lambda: units.providers[0].join(0), timeout=10, message="units stopped")
+
+
+def test_no_scheduler_receives_a_watch_event_per_unit(
+    schedulers: Schedulers, mgr: dt.Manager, units: Units
+) -> None:
+    nodes = [f"n{i}" for i in range(5)]
+    registries = {node: CollectorRegistry() for node in nodes}
+    for node in nodes:
+        schedulers.new(node, {NS: units.provider(node)}, registry=registries[node])
+
+    def events(node: str) -> float:
+        return metric(registries[node], "distributedtask_watch_events_total", range="cluster")
+
+    before = {node: events(node) for node in nodes}
+    declared = [UnitSpec(f"u{i:03d}", group=f"g{i % 2}") for i in range(200)]
+    task = mgr.add_task(NS, "t", nodes=nodes, units=declared)
+    assert mgr.wait_for_task(NS, "t", task.version, timeout=60).status is TaskStatus.FINISHED
+    every = sorted((n, f"g{i}") for n in nodes for i in range(2))
+    wait_until(lambda: units.groups_called() == every, timeout=10, message="group hooks")
+    # Each Scheduler: the record, two group marks and the outcome; 400 unit transitions: none.
+    assert {node: events(node) - before[node] for node in nodes} == {node: 4 for node in nodes}
