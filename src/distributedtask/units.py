@@ -30,7 +30,9 @@ that node. Ticket *k* names the *k*-th unit of its list, and the node claims it:
      (lost node)   delete held, put pool entry
 
 So a unit costs three round trips (ticket, claim, completion), whatever the number of units or
-nodes, and no two claimants ever compete for a counter. Nested compares are evaluated against
+nodes, and no two claimants ever compete for a counter. A completion also takes the node's
+next ticket (``put counter, range counter`` in its success branch), so in a run of many units
+a node's next claim is one round trip: two per unit. Nested compares are evaluated against
 the state before the transaction (etcd), so exactly one completion sees ``units - 1`` earlier
 ones: FINISHED is written once, in the same transaction as the last completion, and so is each
 group's mark. ``r`` is the revision of the caller's own claim: only the claimant records a
@@ -55,7 +57,7 @@ import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -88,6 +90,8 @@ __all__ = ["Claim", "PoolItem", "UnitTransitions"]
 
 _CACHE = 65536
 _BATCH = t.MAX_TXN_OPS - 4
+_AHEAD = 4
+"""At most this many tickets taken ahead and not yet used, per node and run."""
 
 
 def _unit_key(run: tuple[str, str, int], unit: str) -> tuple[str, str, int, str]:
@@ -126,10 +130,12 @@ class PoolItem:
 
 @dataclass
 class _Hand:
-    """Where one node stands in handing out one run's units (this process)."""
+    """Where one node stands in handing out one run's units (this process): whether each of
+    its two lists is handed out, and the tickets taken ahead by its completions."""
 
     own_exhausted: bool = False
     free_exhausted: bool = False
+    ahead: dict[bool, list[int]] = field(default_factory=lambda: {True: [], False: []})
 
 
 class UnitTransitions:
@@ -259,10 +265,20 @@ class UnitTransitions:
         """
         decl = self.decl_of(known, namespace, task_id)
         if pool is None:
+            # the pool and whether the run is live, in one read: with its tickets handed out
+            # (below), nothing else would ask etcd, and an ended run must raise, not say None
+            result = self.m.client.txn(
+                success=[
+                    t.get(self.keys.task(namespace, task_id), keys_only=True),
+                    t.get(self.keys.outcome(namespace, task_id)),
+                    t.get_prefix(self.keys.task_pool(namespace, task_id)),
+                ]
+            )
+            self._check_live(namespace, task_id, version, result)
             now = self.m.now()
             pool = [
                 item
-                for item in self.read_pool(namespace, task_id, version)
+                for item in self.pool_items(result.range(2).kvs, version)
                 if item.entry.not_before <= now
             ]
         for item in pool:
@@ -272,22 +288,29 @@ class UnitTransitions:
                     return got
         hand = self._hand(namespace, task_id, version, node_id)
         own = decl.of_node(node_id)
-        if not own:
-            hand.own_exhausted = True
-        if not decl.free:
-            hand.free_exhausted = True
-        if not hand.own_exhausted:
-            counter = self.keys.unit_node_ticket(namespace, task_id, node_id)
-            got = self._by_ticket(namespace, task_id, version, node_id, known, counter, own)
+        for is_own, units in ((True, own), (False, decl.free)):
+            got = self._by_ticket(namespace, task_id, version, node_id, hand, is_own, units)
             if got is not None:
                 return got
-            hand.own_exhausted = True
-        if not hand.free_exhausted:
-            counter = self.keys.unit_ticket(namespace, task_id)
-            got = self._by_ticket(namespace, task_id, version, node_id, known, counter, decl.free)
-            if got is not None:
-                return got
-            hand.free_exhausted = True
+            if is_own:
+                hand.own_exhausted = True
+            else:
+                hand.free_exhausted = True
+        return None
+
+    def _ahead_counter(
+        self, namespace: str, task_id: str, node_id: str, hand: _Hand, decl: UnitDecl
+    ) -> tuple[bool, bytes] | None:
+        """The counter a completion takes the node's next ticket of (so that its next claim
+        is one round trip), and whether it is the node's own; None when both lists are
+        handed out or enough tickets are waiting already."""
+        with self._lock:
+            if len(hand.ahead[True]) + len(hand.ahead[False]) >= _AHEAD:
+                return None
+        if decl.of_node(node_id) and not hand.own_exhausted:
+            return True, self.keys.unit_node_ticket(namespace, task_id, node_id)
+        if decl.free and not hand.free_exhausted:
+            return False, self.keys.unit_ticket(namespace, task_id)
         return None
 
     def exhausted(self, namespace: str, task_id: str, version: int, node_id: str) -> bool:
@@ -302,26 +325,41 @@ class UnitTransitions:
         task_id: str,
         version: int,
         node_id: str,
-        known: KnownRun,
-        counter: bytes,
+        hand: _Hand,
+        own: bool,
         units: Sequence[UnitSpec],
     ) -> Claim | None:
-        """Take tickets of ``counter`` until one names a unit still unclaimed; None when the
-        list is handed out."""
+        """Claim the unit of a ticket of one of the node's two lists — first of the tickets
+        its completions took ahead, then, while the list is not known to be handed out, of
+        new ones — until one names a unit still unclaimed; None when none is left."""
+        counter = (
+            self.keys.unit_node_ticket(namespace, task_id, node_id)
+            if own
+            else self.keys.unit_ticket(namespace, task_id)
+        )
         live = self.m._live(namespace, task_id, version)
         while True:
-            result = self.m.client.txn(
-                compare=live,
-                success=[t.put(counter, b""), t.get(counter, keys_only=True)],
-                failure=self._why_reads(namespace, task_id, units[0].id),
-            )
-            if not result.succeeded:
-                self._check_live(namespace, task_id, version, result)
-                raise TaskNotFoundError(namespace, task_id, version)  # pragma: no cover
-            kv = result.range(1).first()
-            ticket = 0 if kv is None else kv.version
-            if ticket > len(units) or ticket <= 0:
-                return None
+            with self._lock:
+                waiting = hand.ahead[own]
+                ticket = waiting.pop(waiting.index(min(waiting))) if waiting else None
+                exhausted = hand.own_exhausted if own else hand.free_exhausted
+            if ticket is None:
+                if exhausted or not units:
+                    return None
+                result = self.m.client.txn(
+                    compare=live,
+                    success=[t.put(counter, b""), t.get(counter, keys_only=True)],
+                    failure=self._why_reads(namespace, task_id, units[0].id),
+                )
+                if not result.succeeded:
+                    self._check_live(namespace, task_id, version, result)
+                    raise TaskNotFoundError(namespace, task_id, version)  # pragma: no cover
+                kv = result.range(1).first()
+                ticket = 0 if kv is None else kv.version
+                if ticket > len(units) or ticket <= 0:
+                    return None  # the list is handed out (tickets taken ahead are used first)
+            elif ticket > len(units) or ticket <= 0:
+                continue
             got = self._claim_fresh(namespace, task_id, version, node_id, units[ticket - 1])
             if got is not None:
                 return got
@@ -470,10 +508,14 @@ class UnitTransitions:
         unit_id: str,
         node_id: str,
         claim: Claim | None,
+        *,
+        completing: bool = True,
     ) -> tuple[int, int, UnitClaim | None]:
         """``(claim revision, attempts, claim)`` of ``node_id``'s claim of ``unit_id``: from
         the caller, this process's claims, or one read. Raises :class:`UnitClaimError` when
-        it does not hold it (the claim is returned as read when it is COMPLETED by it)."""
+        it does not hold it (the claim is returned as read when it is COMPLETED by it), and
+        :class:`TaskNotRunningError` when the run ended (a FINISHED one passes when
+        ``completing``: a completion recorded again is a no-op)."""
         run = (namespace, task_id, version)
         if claim is not None:
             return claim.revision, claim.attempts, None
@@ -481,13 +523,17 @@ class UnitTransitions:
         if held is not None and held[0] == node_id:
             return held[1], held[2], None
         result = self.m.client.txn(success=self._why_reads(namespace, task_id, unit_id))
-        self._check_live_or_done(namespace, task_id, version, result)
+        if completing:
+            self._check_live_or_done(namespace, task_id, version, result)
+        else:
+            self._check_live(namespace, task_id, version, result)
         kv = result.range(2).first()
         stored = self._claim_of(kv)
         if kv is None or stored is None or stored.version != version:
             raise UnitClaimError(unit_id, node_id, None)
         if stored.node != node_id or stored.status is UnitStatus.PENDING:
-            raise UnitClaimError(unit_id, node_id, stored.node if stored.node != node_id else None)
+            holder = None if stored.status is UnitStatus.PENDING else stored.node  # PENDING: none
+            raise UnitClaimError(unit_id, node_id, holder)
         if stored.status is UnitStatus.IN_PROGRESS:
             return kv.mod_revision, stored.attempts, None
         return kv.mod_revision, stored.attempts, stored
@@ -546,6 +592,11 @@ class UnitTransitions:
         now = self.m.now()
         outcome = OutcomeRecord(TaskStatus.FINISHED, now, token)
         completed = UnitClaim(version, UnitStatus.COMPLETED, node_id, attempts, token)
+        hand = self._hand(namespace, task_id, version, node_id)
+        ahead = self._ahead_counter(namespace, task_id, node_id, hand, decl)
+        take_ahead = (
+            [] if ahead is None else [t.put(ahead[1], b""), t.get(ahead[1], keys_only=True)]
+        )
         result = self.m.client.txn(
             compare=[
                 *self.m._live(namespace, task_id, version),
@@ -570,11 +621,16 @@ class UnitTransitions:
                     ],
                 ),
                 t.get(keys.state(namespace, task_id)),
+                *take_ahead,
             ],
             failure=self._why_reads(namespace, task_id, unit_id),
         )
         if result.succeeded:
             self._forget(run, unit_id)
+            if ahead is not None:
+                kv = result.range(8).first()
+                with self._lock:
+                    hand.ahead[ahead[0]].append(0 if kv is None else kv.version)
             finished = result.nested(4).succeeded
             return self.task(
                 namespace,
