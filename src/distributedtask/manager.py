@@ -126,11 +126,14 @@ __all__ = ["Manager"]
 log = logging.getLogger("distributedtask.manager")
 
 MAX_MESSAGE_CHARS = 4096
+MAX_DECL_STORED = 1024 * 1024
+"""The most a task's declared units may take, compressed (they are written in its add)."""
 """Error and progress messages are cut to this many characters."""
 
 _RACE_ATTEMPTS = 16
 _CACHE_RUNS = 1024
-_CACHE_PAYLOAD_BYTES = 16 * 1024 * 1024
+_CACHE_PAYLOAD_BYTES = 64 * 1024 * 1024
+"""What the cache of runs may hold: payloads and declared units (about 150 bytes a unit)."""
 
 
 def _utcnow() -> datetime:
@@ -172,7 +175,7 @@ class KnownRun:
     @property
     def size(self) -> int:
         """Roughly what it holds, in bytes (for the cache's bound)."""
-        return len(self.record.payload) + (0 if self.decl is None else 200 * len(self.decl.units))
+        return len(self.record.payload) + (0 if self.decl is None else 150 * len(self.decl.units))
 
 
 @dataclass(frozen=True)
@@ -204,7 +207,7 @@ class _RunCache:
 
     def put(self, key: tuple[str, str, int], run: KnownRun) -> None:
         size = run.size
-        if size > _CACHE_PAYLOAD_BYTES // 4:
+        if len(run.record.payload) > _CACHE_PAYLOAD_BYTES // 8 or size > _CACHE_PAYLOAD_BYTES // 2:
             return
         with self._lock:
             old = self._runs.pop(key, None)
@@ -445,6 +448,13 @@ class Manager:
             if not decl.units:
                 raise InvalidTaskError(
                     "units must not be empty (omit it for a plain task)", "units"
+                )
+            stored = len(decl.encode())
+            if stored > MAX_DECL_STORED:
+                raise InvalidTaskError(
+                    f"the {len(decl.units)} units compress to {stored} bytes, more than "
+                    f"{MAX_DECL_STORED} (one etcd request): split the work into fewer units",
+                    "units",
                 )
         record = TaskRecord(
             payload=data,

@@ -9,6 +9,7 @@ import pytest
 
 import distributedtask as dt
 from distributedtask import TaskStatus, UnitSpec, UnitStatus
+from distributedtask.testing.proxy import TcpProxy
 
 NODES = ["a", "b", "c"]
 
@@ -134,3 +135,261 @@ def test_unit_progress_and_json(manager: dt.Manager) -> None:
     data = dt.model.task_to_dict(task)
     assert data["units"] == [{"id": "u1", "group": "g", "node": "a"}]
     assert dt.model.task_from_dict(data) == task
+
+
+# ---- scale: 8 nodes, 1,000 units, round trips counted -----------------------------------------
+
+SCALE_NODES = [f"node-{i}" for i in range(8)]
+SCALE_UNITS = 1000
+
+
+def _run_nodes(
+    client: dt.EtcdClient, prefix: str, task: dt.Task, *, pool_from_view: bool
+) -> tuple[dict[str, list[str]], list[dt.Task], list[BaseException]]:
+    """Each node a thread with its own Manager over ``client`` (as separate processes would
+    have), looping claim / complete until nothing is left. ``pool_from_view``: claim as a
+    Scheduler does, with the pool it knows from its watch (here: empty), instead of
+    ``Manager.claim_unit``, which reads the pool first."""
+    completed: dict[str, list[str]] = {node: [] for node in SCALE_NODES}
+    finished: list[dt.Task] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(len(SCALE_NODES))
+
+    def node(name: str) -> None:
+        manager = dt.Manager(client, prefix=prefix)
+        barrier.wait()
+        try:
+            while True:
+                try:
+                    if pool_from_view:
+                        known = manager.known_run("ns", "t", task.version, name)
+                        claim = manager.units.claim("ns", "t", task.version, name, known, pool=[])
+                        unit_id = None if claim is None else claim.spec.id
+                    else:
+                        unit = manager.claim_unit("ns", "t", task.version, name)
+                        unit_id = None if unit is None else unit.id
+                except dt.TaskNotRunningError:
+                    return  # the last unit completed meanwhile
+                if unit_id is None:
+                    return
+                after = manager.record_unit_completion("ns", "t", task.version, unit_id, name)
+                with lock:
+                    completed[name].append(unit_id)
+                    if after.status is TaskStatus.FINISHED:
+                        finished.append(after)
+        except BaseException as exc:  # reported by the test
+            with lock:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=node, args=(name,)) for name in SCALE_NODES]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return completed, finished, errors
+
+
+@pytest.mark.parametrize("pool_from_view", [False, True], ids=["claim_unit", "scheduler-path"])
+def test_eight_nodes_complete_1000_units_each_once_in_three_round_trips_a_unit(
+    proxied_client: dt.EtcdClient,
+    etcd_proxy: TcpProxy,
+    dtask_prefix: str,
+    pool_from_view: bool,
+) -> None:
+    """Every unit is completed exactly once, by the node that claimed it; FINISHED is written
+    once (one completion returns it); and the round trips are counted at the proxy.
+
+    A unit costs a ticket, a claim and a completion: 3 round trips. Besides, each node reads
+    the run once (its Manager knows nothing of it) and takes one ticket past the end of the
+    list (or meets the FINISHED run) before it stops: 2 per node, whatever the number of units.
+    ``Manager.claim_unit`` also reads the pool before each claim (a caller without a watch
+    cannot know it): 4 round trips a unit on that path; a Scheduler passes its view's pool."""
+    manager = dt.Manager(proxied_client, prefix=dtask_prefix)
+    units = [UnitSpec(f"shard-{i:04d}", group=f"coll-{i % 10}") for i in range(SCALE_UNITS)]
+    task = manager.add_task("ns", "t", b"p", nodes=SCALE_NODES, units=units)
+    etcd_proxy.reset_counts()
+
+    completed, finished, errors = _run_nodes(
+        proxied_client, dtask_prefix, task, pool_from_view=pool_from_view
+    )
+    trips = etcd_proxy.requests
+    assert errors == []
+    every = [unit for done in completed.values() for unit in done]
+    assert len(every) == SCALE_UNITS and set(every) == {u.id for u in units}  # each once
+    assert sum(1 for done in completed.values() if done) >= 2  # the work was shared
+    assert len(finished) == 1 and finished[0].finished_nodes == frozenset()
+
+    per_unit = 3 if pool_from_view else 4
+    per_node = 2 if pool_from_view else 3  # the run's read, the last ticket (and a pool read)
+    assert trips <= per_unit * SCALE_UNITS + per_node * len(SCALE_NODES)
+    assert trips >= per_unit * SCALE_UNITS  # the count is the proxy's, not a guess
+
+    final = manager.get_task("ns", "t")
+    assert final is not None and final.status is TaskStatus.FINISHED
+    assert final.finished_at == finished[0].finished_at
+    stored = manager.get_units("ns", "t", task.version)
+    assert list(stored) == [u.id for u in units]
+    assert {u.status for u in stored.values()} == {UnitStatus.COMPLETED}
+    by_node = {u.id: u.node for u in stored.values()}
+    assert by_node == {unit: node for node, done in completed.items() for unit in done}
+    groups = manager.client.txn(
+        success=[dt.etcd.txn.get_prefix(manager.keys.task_groups("ns", "t"), keys_only=True)]
+    )
+    assert len(groups.range(0).kvs) == 10  # every group marked, once each
+
+
+# ---- lost hand-outs ------------------------------------------------------------------------------
+
+
+def test_a_ticket_taken_and_never_claimed_is_found_then_given_to_the_pool(
+    proxied_manager: dt.Manager, etcd_proxy: TcpProxy
+) -> None:
+    manager = proxied_manager
+    task = add(manager, ["a", "b", UnitSpec("x", node="b"), "c"], nodes=["a", "b"])
+    assert manager.units.check_handouts("ns", "t", task.version) == (set(), 0)
+    # A node took a ticket of each list and died before claiming what they named.
+    free, own = manager.keys.unit_ticket("ns", "t"), manager.keys.unit_node_ticket("ns", "t", "b")
+    put, get = dt.etcd.txn.put, dt.etcd.txn.get
+    manager.client.txn(success=[put(free, b""), get(free), put(own, b""), get(own)])
+    etcd_proxy.reset_counts()
+    assert manager.units.check_handouts("ns", "t", task.version) == ({"a", "x"}, 0)
+    assert etcd_proxy.requests == 2  # the small read, then the claim keys
+    units = manager.get_units("ns", "t", task.version)
+    assert (units["a"].status, units["a"].node) == (UnitStatus.PENDING, None)
+
+    # Meanwhile node "a" claims: the next ticket, "b". Nothing claimed is ever missing.
+    first = manager.claim_unit("ns", "t", task.version, "a")
+    assert first is not None and first.id == "b"
+    # The second look still finds them: given to the pool (not an attempt).
+    assert manager.units.check_handouts("ns", "t", task.version, give_back={"a", "x"}) == (
+        set(),
+        2,
+    )
+    assert {item.unit_id for item in manager.units.read_pool("ns", "t", task.version)} == {
+        "a",
+        "x",
+    }
+    etcd_proxy.reset_counts()
+    assert manager.units.check_handouts("ns", "t", task.version) == (set(), 0)
+    assert etcd_proxy.requests == 1  # nothing missing: one small read
+    # The ticket's owner, back too late, loses its claim: no unit is claimed twice.
+    assert manager.units._claim_fresh("ns", "t", task.version, "b", UnitSpec("a")) is None
+
+    # Another node claims them from the pool ("x" only by "b", its affinity); the task ends.
+    second = manager.claim_unit("ns", "t", task.version, "a")
+    assert second is not None and (second.id, second.attempts) == ("a", 0)
+    third = manager.claim_unit("ns", "t", task.version, "a")
+    assert third is not None and third.id == "c"
+    assert manager.claim_unit("ns", "t", task.version, "a") is None
+    mine = manager.claim_unit("ns", "t", task.version, "b")
+    assert mine is not None and mine.id == "x"
+    assert manager.claim_unit("ns", "t", task.version, "b") is None
+    for unit, node in [("b", "a"), ("a", "a"), ("c", "a")]:
+        assert manager.record_unit_completion("ns", "t", task.version, unit, node).status is (
+            TaskStatus.STARTED
+        )
+    done = manager.record_unit_completion("ns", "t", task.version, "x", "b")
+    assert done.status is TaskStatus.FINISHED
+    assert manager.units.read_pool("ns", "t", task.version) == []
+    assert {u.node for u in manager.get_units("ns", "t", task.version).values()} == {"a", "b"}
+
+
+def test_check_handouts_of_an_ended_or_plain_run(manager: dt.Manager) -> None:
+    task = add(manager, ["a"])
+    manager.cancel_task("ns", "t", task.version)
+    assert manager.units.check_handouts("ns", "t", task.version, give_back={"a"}) == (set(), 0)
+    assert manager.units.check_handouts("ns", "t", task.version + 999) == (set(), 0)
+    plain = manager.add_task("ns", "plain", nodes=["a"])
+    with pytest.raises(dt.InvalidTaskError):
+        manager.units.check_handouts("ns", "plain", plain.version)
+
+
+# ---- snapshot and restore -----------------------------------------------------------------------
+
+
+def test_snapshot_and_restore_keep_unit_tasks(manager: dt.Manager) -> None:
+    """A restored unit task keeps its declaration: a STARTED one gets a new version and runs
+    its units again from PENDING (their state is not in a snapshot); a terminal one keeps its
+    version, status, error, failed node and failed unit."""
+    declared = [UnitSpec("u1", "g"), UnitSpec("u2", "g", node="b"), UnitSpec("u3")]
+    running = manager.add_task("ns", "running", b"r", nodes=NODES, units=declared)
+    unit = manager.claim_unit("ns", "running", running.version, "a")
+    assert unit is not None
+    manager.record_unit_completion("ns", "running", running.version, unit.id, "a")
+    manager.claim_unit("ns", "running", running.version, "c")  # IN_PROGRESS when snapshotted
+
+    done = manager.add_task("ns", "done", nodes=["a"], units=["x", "y"])
+    for _ in range(2):
+        got = manager.claim_unit("ns", "done", done.version, "a")
+        assert got is not None
+        finished = manager.record_unit_completion("ns", "done", done.version, got.id, "a")
+    assert finished.status is TaskStatus.FINISHED
+
+    failing = manager.add_task("ns", "failed", nodes=["a", "b"], units=["f1", "f2"])
+    got = manager.claim_unit("ns", "failed", failing.version, "b")
+    assert got is not None and got.id == "f1"
+    failed = manager.record_unit_failure("ns", "failed", failing.version, "f1", "b", "boom\n!")
+    assert (failed.status, failed.failed_unit, failed.failed_node) == (
+        TaskStatus.FAILED,
+        "f1",
+        "b",
+    )
+
+    snapshot = manager.snapshot()
+    manager.restore(snapshot)
+    restored = {t.id: t for t in manager.list_tasks()["ns"]}
+    assert sorted(restored) == ["done", "failed", "running"]
+
+    again = restored["running"]
+    assert again.status is TaskStatus.STARTED and again.version > running.version
+    assert again.units == tuple(declared) and again.payload == b"r" and again.nodes == set(NODES)
+    assert again.started_at == running.started_at
+    units = manager.get_units("ns", "running", again.version)
+    assert {u.status for u in units.values()} == {UnitStatus.PENDING}
+    with pytest.raises(dt.TaskNotFoundError):
+        manager.get_units("ns", "running", running.version)
+    for node in ["a", "b", "a"]:
+        got = manager.claim_unit("ns", "running", again.version, node)
+        assert got is not None
+        final = manager.record_unit_completion("ns", "running", again.version, got.id, node)
+    assert final.status is TaskStatus.FINISHED
+
+    assert restored["done"] == finished
+    assert restored["done"].units == (UnitSpec("x"), UnitSpec("y"))
+    assert list(manager.get_units("ns", "done", done.version)) == ["x", "y"]
+
+    lost = restored["failed"]
+    assert lost == failed
+    assert (lost.version, lost.error, lost.failed_node, lost.failed_unit) == (
+        failing.version,
+        "boom\n!",
+        "b",
+        "f1",
+    )
+    # A snapshot of what was restored gives the terminal runs as they were.
+    first = {t.id: t for t in dt.model.tasks_from_payload(snapshot)}
+    second = {t.id: t for t in dt.model.tasks_from_payload(manager.snapshot())}
+    assert (second["done"], second["failed"]) == (first["done"], first["failed"])
+    assert second["running"].units == first["running"].units
+
+
+def test_a_declaration_too_large_for_one_request_is_refused(manager: dt.Manager) -> None:
+    import secrets
+
+    units = [secrets.token_hex(120) for _ in range(10_000)]  # random: ~1.2 MB compressed
+    with pytest.raises(dt.InvalidTaskError, match="compress to") as info:
+        add(manager, units)
+    assert info.value.field == "units"
+    assert manager.get_task("ns", "t") is None
+
+
+def test_ten_thousand_units_in_one_task(manager: dt.Manager) -> None:
+    units = [UnitSpec(f"shard-{i:05d}", group=f"coll-{i % 7}") for i in range(10_000)]
+    task = add(manager, units)
+    assert len(task.units) == 10_000
+    stored = manager.get_task("ns", "t")
+    assert stored is not None and stored.units == task.units
+    unit = manager.claim_unit("ns", "t", task.version, "a")
+    assert unit is not None and unit.id == "shard-00000" and unit.group == "coll-0"
+    assert len(manager.get_units("ns", "t", task.version)) == 10_000
