@@ -14,7 +14,11 @@ wheel, temporary data dir, free loopback ports), then three node daemons as subp
 4. a task paused while it runs (its nodes stop their runs, keeping their checkpoints) and
    resumed (they go on from there);
 5. a task cancelled while it runs;
-6. the final table.
+6. a unit task: 24 units in 3 groups, claimed by the nodes two at a time; one node is killed
+   (SIGKILL: it does not leave the cluster) mid-way, its membership expires, and after the
+   ``node_loss_grace`` the units it held go back to the pool and the other nodes finish them;
+   each node that is left calls the provider's ``group_completed`` once per group;
+7. the final table.
 
 Tasks are added and checked through the library (:class:`~distributedtask.manager.Manager`);
 what a user would type (``dtask members``, ``add``, ``wait``, ``pause``, ``resume``,
@@ -23,10 +27,10 @@ what a user would type (``dtask members``, ``add``, ``wait``, ``pause``, ``resum
 :func:`distributedtask.cli.main`, so the demo shows the real command line's output without
 importing the module that imports it.
 
-Then it stops the nodes (SIGTERM: each leaves the cluster at once), stops etcd and removes every
-temporary file: it leaves no process and no file behind, whatever happens. Exit status 0 when
-every step went as described, 1 otherwise, 130 when interrupted (Ctrl-C, or a ``dtask`` command
-of the demo interrupted).
+Then it stops the nodes that are left (SIGTERM: each leaves the cluster at once), stops etcd and
+removes every temporary file: it leaves no process and no file behind, whatever happens. Exit
+status 0 when every step went as described, 1 otherwise, 130 when interrupted (Ctrl-C, or a
+``dtask`` command of the demo interrupted).
 
 With ``--ui`` (:func:`main`'s ``console``), the web console of the demo's etcd is open from the
 start and stays open after the last step until Ctrl-C.
@@ -40,7 +44,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -58,7 +64,7 @@ from .etcd.watch import Changes, ResumableWatch, Snapshot
 from .exceptions import DistributedTaskError
 from .keys import prefix_range_end
 from .manager import Manager
-from .model import Task, TaskStatus
+from .model import Task, TaskStatus, Unit, UnitSpec, UnitStatus
 from .provider import TaskContext, ThreadProvider
 from .providers.command import CommandProvider
 
@@ -72,12 +78,22 @@ PREFIX = "/demo"
 MIGRATE_ERROR = "exit status 3: disk /data is full"  # what node-b's run of shell/migrate says
 FLAKY_NODE = "node-b"  # where the first attempt of demo/verify fails
 FLAKY_ERROR = "chunk 5: read error (a flaky disk)"  # what it says (8 chunks: half way)
+GROUPS = ("articles", "authors", "comments")  # demo/rebuild: a group per collection
+SHARDS = 8  # units (shards) per group
+UNIT_CONCURRENCY = 2  # units a node runs at a time
+UNIT_STEPS = (0.1, 3)  # a unit: 3 steps of 0.1 s
+KILLED_NODE = "node-c"  # the node killed while it runs units of demo/rebuild
+MEMBER_TTL = 3  # seconds: a killed node's membership is gone this long after it died (at most)
+NODE_LOSS_GRACE = 1  # seconds more before the deciders give its units back
 DTASK = (sys.executable, "-m", "distributedtask")  # a ``dtask`` process of this interpreter
 INTERRUPTED = 130  # dtask's exit status when interrupted
 
 Command = Callable[[Sequence[str]], int]
 """The ``dtask`` entry point (:func:`distributedtask.cli.main`): runs one command line in this
 process and returns its exit status."""
+
+
+log = logging.getLogger(__name__)
 
 
 class ChecksumError(Exception):
@@ -113,9 +129,37 @@ def checksum(task: Task, context: TaskContext) -> None:
         context.progress(chunk / chunks, f"chunk {chunk}/{chunks} {digest.hexdigest()[:8]}")
 
 
+def rebuild_shard(task: Task, context: TaskContext) -> None:
+    """A unit of ``demo/rebuild``: rebuild the index of one shard (``context.unit``), reporting
+    the unit's progress, until done or terminated."""
+    assert context.unit is not None
+    pause, steps = UNIT_STEPS
+    for step in range(1, steps + 1):
+        if context.cancelled.wait(pause):
+            return
+        context.progress(step / steps, f"{context.unit.id} step {step}/{steps}")
+
+
+def swap_index(task: Task, group: str) -> None:
+    """``group_completed`` of namespace ``demo``: every shard of collection ``group`` is
+    rebuilt, so this node switches to the new index (idempotent: it may be called again)."""
+    log.info("group_completed(%s/%s, %s): swapped in its new index", task.namespace, task.id, group)
+
+
+def demo_function(task: Task, context: TaskContext) -> None:
+    """The function of namespace ``demo``: :func:`rebuild_shard` for a unit of a unit task,
+    :func:`checksum` for a plain task."""
+    (checksum if context.unit is None else rebuild_shard)(task, context)
+
+
 def demo_provider(state_dir: Path) -> ThreadProvider:
     """The provider of namespace ``demo`` (``demo=distributedtask.demo:demo_provider``)."""
-    return ThreadProvider(checksum, state_dir=state_dir)
+    return ThreadProvider(
+        demo_function,
+        state_dir=state_dir,
+        unit_concurrency=UNIT_CONCURRENCY,
+        on_group_completed=swap_index,
+    )
 
 
 class DemoError(Exception):
@@ -154,6 +198,7 @@ class _Nodes:
         self.endpoint = endpoint
         self.workdir = workdir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.killed: set[str] = set()
 
     def start(self) -> None:
         for node in NODES:
@@ -176,9 +221,9 @@ class _Nodes:
                         "--state-dir",
                         str(self.workdir / node),
                         "--member-ttl",
-                        "3",
+                        str(MEMBER_TTL),
                         "--node-loss-grace",
-                        "15",
+                        str(NODE_LOSS_GRACE),
                     ],
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -220,6 +265,13 @@ class _Nodes:
             if ended or time.monotonic() > deadline:
                 return (ended or lines or ["(nothing logged)"])[-1]
             threading.Event().wait(0.05)
+
+    def kill(self, node: str) -> None:
+        """Kill a node outright (SIGKILL: a crash; it does not leave the cluster)."""
+        proc = self.procs[node]
+        proc.kill()
+        proc.wait()
+        self.killed.add(node)
 
     def stop(self) -> dict[str, int | None]:
         for proc in self.procs.values():
@@ -303,6 +355,101 @@ def _paused_task(manager: Manager, nodes: _Nodes, dtask: Callable[..., int]) -> 
     _expect(dtask("wait", DEMO_NAMESPACE, "backup") == 0, "backup did not finish")
 
 
+def _held_by(units: dict[str, Unit], node: str) -> list[str]:
+    return [u.id for u in units.values() if u.status is UnitStatus.IN_PROGRESS and u.node == node]
+
+
+def _completed(units: dict[str, Unit]) -> list[Unit]:
+    return [u for u in units.values() if u.status is UnitStatus.COMPLETED]
+
+
+def _kill_mid_way(manager: Manager, nodes: _Nodes, task: Task) -> list[str]:
+    """Kill KILLED_NODE once a third of ``task``'s units are completed and it holds some (a
+    read of the units every 50 ms); return the units it held when it died."""
+    deadline = time.monotonic() + 20
+    while True:
+        units = manager.get_units(task.namespace, task.id, task.version)
+        if len(_completed(units)) >= len(units) // 3 and _held_by(units, KILLED_NODE):
+            break
+        _expect(time.monotonic() < deadline, f"{KILLED_NODE} ran no unit of rebuild")
+        threading.Event().wait(0.05)
+    nodes.kill(KILLED_NODE)
+    threading.Event().wait(0.1)  # what it sent before it died reaches etcd
+    units = manager.get_units(task.namespace, task.id, task.version)  # as it left them
+    held = _held_by(units, KILLED_NODE)
+    done = f"{len(_completed(units))}/{len(units)} units completed"
+    _say(f"  killed {KILLED_NODE} (SIGKILL) with {done}; it held {', '.join(held) or 'none'}")
+    _say(
+        f"  it did not leave: its membership expires within {MEMBER_TTL}s, and "
+        f"{NODE_LOSS_GRACE}s later its units go back to the pool"
+    )
+    return held
+
+
+def _group_callbacks(nodes: _Nodes, task: Task) -> dict[str, list[str]]:
+    """The groups each node's ``group_completed`` was called for (its log lines, one a call),
+    once every node that is left has logged a call for each group (or after 10 s)."""
+    about = re.escape(f"{task.namespace}/{task.id}")
+    call = re.compile(rf"group_completed\({about}, (.*)\):")
+    deadline = time.monotonic() + 10
+    while True:
+        calls = {
+            node: [m.group(1) for m in map(call.match, nodes.events(node)) if m is not None]
+            for node in NODES
+        }
+        left = [node for node in NODES if node not in nodes.killed]
+        if all(set(calls[node]) >= set(GROUPS) for node in left) or time.monotonic() > deadline:
+            return calls
+        threading.Event().wait(0.05)
+
+
+def _unit_task(manager: Manager, nodes: _Nodes, dtask: Callable[..., int]) -> None:
+    """Step 7: ``demo/rebuild``, 24 units in 3 groups; KILLED_NODE is killed mid-way, the
+    deciders give its units back after the grace, the others finish them; every node that
+    is left calls ``group_completed`` once per group."""
+    units = [UnitSpec(f"{g}-{i}", group=g) for g in GROUPS for i in range(1, SHARDS + 1)]
+    task = manager.add_task(DEMO_NAMESPACE, "rebuild", units=units)
+    _say(
+        f"added {DEMO_NAMESPACE}/rebuild version {task.version}: {len(units)} units in groups "
+        f"{', '.join(GROUPS)}"
+    )
+    held = _kill_mid_way(manager, nodes, task)
+    _expect(dtask("wait", DEMO_NAMESPACE, "rebuild") == 0, "rebuild did not finish")
+    final = manager.get_units(task.namespace, task.id, task.version)
+    _expect(
+        len(final) == len(units) and len(_completed(final)) == len(units),
+        f"not every unit of rebuild is COMPLETED: {sorted(final.values(), key=str)}",
+    )
+    for node in NODES:  # the deciders' lines, and those of a look for lost hand-outs
+        for line in nodes.events(node):
+            if line.startswith("gave back") and f" {task.namespace}/{task.id} v" in line:
+                _say(f"  {node}: {line}")
+    for unit_id in held:
+        _say(f"  {unit_id}: held by {KILLED_NODE} when it died, completed by {final[unit_id].node}")
+    _expect(
+        bool(held) and all(final[u].node not in nodes.killed for u in held),
+        f"the units {KILLED_NODE} held were not completed by the others: {held}",
+    )
+    for node in NODES:
+        done = [u for u in final.values() if u.node == node]
+        by_group = "; ".join(
+            f"{g} " + ",".join(u.id.rsplit("-", 1)[1] for u in done if u.group == g)
+            for g in GROUPS
+            if any(u.group == g for u in done)
+        )
+        when = " before it was killed" if node in nodes.killed else ""
+        _say(f"  {node} completed {len(done)} units{when}: {by_group}")
+    calls = _group_callbacks(nodes, task)
+    for node in NODES:
+        called = f"called for {', '.join(calls[node])}" if calls[node] else "not called"
+        when = " before it was killed" if node in nodes.killed else ""
+        _say(f"  {node}: group_completed {called}{when}")
+    for node in NODES:
+        once = sorted(calls[node]) == sorted(set(calls[node]))
+        every = node in nodes.killed or set(calls[node]) == set(GROUPS)
+        _expect(once and every, f"{node}'s group callbacks: {calls[node]}")
+
+
 def _check_endings(manager: Manager) -> None:
     """Every task ended as the demo says, and ``demo/verify`` failed once on FLAKY_NODE."""
     ended = {
@@ -316,6 +463,7 @@ def _check_endings(manager: Manager) -> None:
         f"{DEMO_NAMESPACE}/verify": TaskStatus.FINISHED.value,
         f"{DEMO_NAMESPACE}/backup": TaskStatus.FINISHED.value,
         f"{NAMESPACE}/reindex": TaskStatus.CANCELLED.value,
+        f"{DEMO_NAMESPACE}/rebuild": TaskStatus.FINISHED.value,
     }
     _expect(ended == expected, f"unexpected final states {ended}")
     verify = manager.get_task(DEMO_NAMESPACE, "verify")
@@ -324,6 +472,12 @@ def _check_endings(manager: Manager) -> None:
         retries == ({FLAKY_NODE: 1}, {FLAKY_NODE: FLAKY_ERROR}),
         f"verify was not retried once on {FLAKY_NODE}: {retries}",
     )
+
+
+def _exits(codes: dict[str, int | None], killed: set[str]) -> str:
+    """``  node-a exited 0, node-b exited 0 (node-c was killed in step 7)``."""
+    exits = ", ".join(f"{n} exited {c}" for n, c in codes.items() if n not in killed)
+    return f"  {exits}" + "".join(f" ({n} was killed in step 7)" for n in sorted(killed))
 
 
 def run(endpoint: str, workdir: Path, command: Command) -> None:
@@ -383,15 +537,22 @@ def run(endpoint: str, workdir: Path, command: Command) -> None:
             dtask("cancel", NAMESPACE, "reindex")
             _expect(dtask("wait", NAMESPACE, "reindex") == 2, "reindex not cancelled")
 
-            _step(7, "The final state of the cluster")
+            units = f"{len(GROUPS) * SHARDS} units in {len(GROUPS)} groups"
+            _step(7, f"A task of {units}: {KILLED_NODE} is killed mid-way, the others finish it")
+            _unit_task(manager, nodes, dtask)
+
+            _step(8, "The final state of the cluster")
             dtask("list")
             _check_endings(manager)
         finally:
             codes = nodes.stop()  # first, whatever happened: printing may be what failed
             with contextlib.suppress(OSError):
-                _step(8, "Stopped the nodes (SIGTERM: each terminated its runs and left)")
-                _say("  " + ", ".join(f"{n} exited {c}" for n, c in codes.items()))
-        _expect(all(code == 0 for code in codes.values()), "a node did not stop cleanly")
+                _step(9, "Stopped the nodes (SIGTERM: each terminated its runs and left)")
+                _say(_exits(codes, nodes.killed))
+        _expect(
+            all(code == 0 for n, code in codes.items() if n not in nodes.killed),
+            "a node did not stop cleanly",
+        )
         _expect(manager.live_members() == [], "a node is still registered")
 
 

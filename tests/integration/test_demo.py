@@ -9,13 +9,15 @@ import tempfile
 from pathlib import Path
 
 
-def _ours() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
-    return [
-        line
-        for line in out.stdout.splitlines()
-        if ("--name=demo" in line and "etcd" in line) or "--prefix /demo node" in line
-    ]
+def _ours(out: str) -> list[str]:
+    """The processes of the demo that printed ``out``: its etcd and its nodes, which name its
+    etcd's endpoint (``-ww``: whole command lines, which ps cuts at 80 columns without a
+    terminal; another demo, running or left behind by another run, does not count)."""
+    endpoint = re.search(r"^etcd (http://\S+) \(embedded", out, re.MULTILINE)
+    assert endpoint, out
+    mine = re.compile(re.escape(endpoint.group(1)) + r"(?!\d)")
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True, check=True)
+    return [line for line in ps.stdout.splitlines() if mine.search(line)]
 
 
 def test_demo_runs_to_the_end_and_leaves_no_process_or_file() -> None:
@@ -47,7 +49,11 @@ def test_demo_runs_to_the_end_and_leaves_no_process_or_file() -> None:
         "paused demo/backup version",
         "node-a: terminated demo/backup v",
         "resumed demo/backup version",
-        "node-a exited 0, node-b exited 0, node-c exited 0",
+        # the unit task: node-c killed mid-way, its units given back and finished by the others
+        "added demo/rebuild version",
+        "killed node-c (SIGKILL) with ",
+        "held by lost node node-c",
+        "node-a exited 0, node-b exited 0 (node-c was killed in step 7)",
         "Stopped the nodes",
         "Everything stopped and removed",
     ):
@@ -58,10 +64,51 @@ def test_demo_runs_to_the_end_and_leaves_no_process_or_file() -> None:
     ):
         assert re.search(f"^{line}$", out, re.MULTILINE), line
     assert re.search(r"^demo +backup +\d+ +PAUSED ", out, re.MULTILINE), out
-    for task in ("verify", "backup"):
+    for task in ("verify", "backup", "rebuild"):
         assert re.search(rf"^demo/{task} v\d+ FINISHED$", out, re.MULTILINE), task
-    assert _ours() == []
+    assert re.search(r"^demo +rebuild +\d+ +FINISHED +3 +24/24 ", out, re.MULTILINE), out
+    _check_units(out)
+    assert _ours(out) == []
     assert set(Path(tempfile.gettempdir()).glob("dtask-demo-*")) == before
+
+
+def _check_units(out: str) -> None:
+    """Step 7 of the demo: every unit completed exactly once, node-c's units (at least one)
+    completed by the others, group_completed called once per group on each node left."""
+    groups = ("articles", "authors", "comments")
+    completed: dict[str, str] = {}  # unit -> the node that completed it
+    for node, count, listing in re.findall(
+        r"^  (node-[abc]) completed (\d+) units(?: before it was killed)?: (.*)$", out, re.MULTILINE
+    ):
+        units = [
+            f"{group}-{n}"
+            for part in listing.split("; ")
+            for group, numbers in [part.split(" ")]
+            for n in numbers.split(",")
+        ]
+        assert len(units) == int(count), listing
+        for unit in units:
+            assert unit not in completed, f"{unit} completed twice"
+            completed[unit] = node
+    assert sorted(completed) == sorted(f"{g}-{n}" for g in groups for n in range(1, 9))
+    killed = r"^  killed node-c \(SIGKILL\) with (\d+)/24 units completed; it held (.+)$"
+    held = re.search(killed, out, re.MULTILINE)
+    assert held, out
+    assert 0 < int(held.group(1)) < 24, held.group(0)
+    reassigned = held.group(2).split(", ")
+    for unit in reassigned:
+        line = re.search(
+            rf"^  {unit}: held by node-c when it died, completed by (node-[ab])$", out, re.MULTILINE
+        )
+        assert line and completed[unit] == line.group(1), unit
+    for node in ("node-a", "node-b"):
+        called = re.search(rf"^  {node}: group_completed called for (.+)$", out, re.MULTILINE)
+        assert called and sorted(called.group(1).split(", ")) == list(groups), node
+    assert re.search(
+        r"^  node-c: group_completed (called for .+|not called) before it was killed$",
+        out,
+        re.MULTILINE,
+    )
 
 
 def test_an_interrupted_demo_leaves_nothing_behind() -> None:
@@ -78,16 +125,19 @@ def test_an_interrupted_demo_leaves_nothing_behind() -> None:
     )
     try:
         assert proc.stdout is not None
+        seen = []
         for line in proc.stdout:  # interrupt once the nodes run a task
+            seen.append(line)
             if line.startswith("added demo/checksum"):
                 break
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        rest, _ = proc.communicate(timeout=60)
+        out = "".join(seen) + rest
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 130, out
     assert "Stopped the nodes" in out
-    wait_until(lambda: _ours() == [], timeout=10, message="a demo process is left")
+    wait_until(lambda: _ours(out) == [], timeout=10, message="a demo process is left")
     assert set(Path(tempfile.gettempdir()).glob("dtask-demo-*")) == before
