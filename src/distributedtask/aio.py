@@ -23,17 +23,27 @@ front of it without ever blocking the loop on etcd:
   ``terminate()`` cancels the coroutine and a terminated or cancelled run records nothing. The
   recorder writes to etcd on the calling thread, so the outcome and ``ctx.progress(...)`` are
   handed to one recording thread per provider (``dtask-run-record_0``), in order: the loop never
-  waits on etcd, and ``ctx.progress`` returns at once.
+  waits on etcd, and ``ctx.progress`` returns at once. A unit task runs like ``ThreadProvider``
+  runs it: ``unit_concurrency`` unit workers (coroutines) each claim a unit
+  (``recorder.await_unit``, on a short-lived claim thread ``dtask-run-<ns>-<id>-<v>-cN`` joined
+  before the worker goes on), await ``fn(task, ctx)`` with ``ctx.unit`` set, record the unit's
+  outcome, and claim again until the recorder has nothing more for this node; ``terminate()``
+  stops the claims and cancels the unit coroutines. ``on_group_completed`` (a function or an
+  ``async def``, run on the loop) is the provider's ``group_completed`` hook.
 - :func:`running_scheduler` starts a :class:`~distributedtask.scheduler.Scheduler` on a thread
   of its own, so the loop keeps running while it registers and reconciles, and stops it the same
   way on exit.
 
 Threading: the provider's Scheduler-facing methods are called on the Scheduler's threads and
-only hand work to the loop (``run_coroutine_threadsafe``, ``call_soon_threadsafe``); every
-blocking step of this module happens on a named daemon thread that is joined before the
-coroutine that started it returns. Calling the blocking :meth:`AsyncThreadProvider.join` or
-:meth:`~AsyncThreadProvider.close` on the loop the runs use would wait on the loop it blocks:
-use :meth:`~AsyncThreadProvider.aclose` there.
+only hand work to the loop (``run_coroutine_threadsafe``, ``call_soon_threadsafe``) — but for
+``group_completed`` with an ``async def`` callback, which waits on the Scheduler's thread for the
+callback to end on the loop, as a plain callback would run there; every blocking step of this
+module happens on a named daemon thread that is joined before the coroutine that started it
+returns. A unit worker cancelled while its claim waits (the loop shutting down) stops claiming,
+but its claim thread ends only once the recorder wakes it: the Scheduler does so when it
+terminates the run or stops, so stop the Scheduler before the provider's loop. Calling the
+blocking :meth:`AsyncThreadProvider.join` or :meth:`~AsyncThreadProvider.close` on the loop
+the runs use would wait on the loop it blocks: use :meth:`~AsyncThreadProvider.aclose` there.
 
 Failure semantics: errors are the Manager's and the Scheduler's, raised in the awaiting
 coroutine. A call on a closed :class:`AsyncManager` raises :class:`RuntimeError`. A run whose
@@ -47,6 +57,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import inspect
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -60,7 +71,7 @@ from .etcd.client import EtcdClient
 from .exceptions import TaskNotFoundError
 from .follower import RunFollower
 from .manager import Manager
-from .model import Progress, RunPolicy, Task, TaskDescriptor
+from .model import Progress, RunPolicy, Task, TaskDescriptor, Unit, UnitSpec
 from .provider import Provider, TaskCompletionRecorder, TaskContext, TaskHandle, run_outcome
 from .records import MemberRecord
 from .rundirs import LocalRuns
@@ -75,17 +86,30 @@ T = TypeVar("T")
 
 AsyncTaskFunction = Callable[[Task, TaskContext], Awaitable[None]]
 
+AsyncGroupCallback = Callable[[Task, str], Awaitable[None] | None]
+
 _JOIN_TIMEOUT = 10.0
+_LOOP_CHECK = 1.0  # how often a thread waiting on a loop looks whether it closed meanwhile
 
 
-async def _to_the_end(future: asyncio.Future[T]) -> T:
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+async def _to_the_end(future: asyncio.Future[T], on_cancel: Callable[[], None] | None = None) -> T:
     """Await ``future`` to its end even if the caller is cancelled meanwhile (the cancellation
-    is raised once it ended): for the steps that must finish, such as closing a follower."""
+    is raised once it ended; ``on_cancel`` is called when it comes, to hurry the end): for the
+    steps that must finish, such as closing a follower."""
     cancelled = False
     while not future.done():
         try:
             await asyncio.wait([future])  # never cancels ``future`` itself
         except asyncio.CancelledError:
+            if not cancelled and on_cancel is not None:
+                on_cancel()
             cancelled = True
     if cancelled:
         if not future.cancelled():
@@ -94,7 +118,9 @@ async def _to_the_end(future: asyncio.Future[T]) -> T:
     return future.result()
 
 
-async def _in_thread(fn: Callable[[], T], name: str) -> T:
+async def _in_thread(
+    fn: Callable[[], T], name: str, on_cancel: Callable[[], None] | None = None
+) -> T:
     """Run ``fn`` on a daemon thread of its own, to the end (see :func:`_to_the_end`), and join
     the thread before returning: nothing of it is left when this returns."""
     loop = asyncio.get_running_loop()
@@ -115,7 +141,7 @@ async def _in_thread(fn: Callable[[], T], name: str) -> T:
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
     try:
-        return await _to_the_end(future)
+        return await _to_the_end(future, on_cancel)
     finally:
         thread.join()  # it has settled the future: only its return is left
 
@@ -223,10 +249,17 @@ class AsyncManager:
         *,
         nodes: Iterable[str] | None = None,
         policy: RunPolicy | None = None,
+        units: Iterable[UnitSpec | str] | None = None,
     ) -> Task:
         """:meth:`Manager.add_task`."""
         return await self._call(
-            self.manager.add_task, namespace, task_id, payload, nodes=nodes, policy=policy
+            self.manager.add_task,
+            namespace,
+            task_id,
+            payload,
+            nodes=nodes,
+            policy=policy,
+            units=units,
         )
 
     async def record_node_completion(
@@ -274,6 +307,60 @@ class AsyncManager:
     async def get_progress(self, namespace: str, task_id: str, version: int) -> dict[str, Progress]:
         """:meth:`Manager.get_progress`."""
         return await self._call(self.manager.get_progress, namespace, task_id, version)
+
+    async def claim_unit(
+        self, namespace: str, task_id: str, version: int, node_id: str
+    ) -> Unit | None:
+        """:meth:`Manager.claim_unit`."""
+        return await self._call(self.manager.claim_unit, namespace, task_id, version, node_id)
+
+    async def record_unit_completion(
+        self, namespace: str, task_id: str, version: int, unit_id: str, node_id: str
+    ) -> Task:
+        """:meth:`Manager.record_unit_completion`."""
+        return await self._call(
+            self.manager.record_unit_completion, namespace, task_id, version, unit_id, node_id
+        )
+
+    async def record_unit_failure(
+        self,
+        namespace: str,
+        task_id: str,
+        version: int,
+        unit_id: str,
+        node_id: str,
+        error: str,
+    ) -> Task:
+        """:meth:`Manager.record_unit_failure`."""
+        return await self._call(
+            self.manager.record_unit_failure, namespace, task_id, version, unit_id, node_id, error
+        )
+
+    async def record_unit_progress(
+        self,
+        namespace: str,
+        task_id: str,
+        version: int,
+        unit_id: str,
+        node_id: str,
+        fraction: float,
+        message: str = "",
+    ) -> None:
+        """:meth:`Manager.record_unit_progress`."""
+        return await self._call(
+            self.manager.record_unit_progress,
+            namespace,
+            task_id,
+            version,
+            unit_id,
+            node_id,
+            fraction,
+            message,
+        )
+
+    async def get_units(self, namespace: str, task_id: str, version: int) -> dict[str, Unit]:
+        """:meth:`Manager.get_units`."""
+        return await self._call(self.manager.get_units, namespace, task_id, version)
 
     async def clean_up_task(
         self, namespace: str, task_id: str, version: int, *, ttl: timedelta | None = None
@@ -335,7 +422,9 @@ class AsyncManager:
 class _Recording:
     """The recorder's calls, made in order on one thread of their own: the recorder writes to
     etcd on the calling thread, and that must not be an event loop's. Given to each run's
-    :class:`TaskContext` as its recorder, so ``ctx.progress`` returns at once; never raises."""
+    :class:`TaskContext` as its recorder, so ``ctx.progress`` returns at once; the ``record_*``
+    calls never raise. The claims (``claim_unit``, ``await_unit``) are the recorder's own, made
+    on the calling thread: the provider makes them on claim threads, never on the loop."""
 
     def __init__(self) -> None:
         self.recorder: TaskCompletionRecorder | None = None
@@ -376,6 +465,58 @@ class _Recording:
             self.submit(
                 functools.partial(
                     self.recorder.record_progress, namespace, task_id, version, fraction, message
+                )
+            )
+
+    def claim_unit(self, task: Task) -> Unit | None:
+        """The recorder's claim, on the calling thread (it blocks on etcd: never call it on a
+        loop); None without a recorder."""
+        return None if self.recorder is None else self.recorder.claim_unit(task)
+
+    def await_unit(self, task: Task, stop: threading.Event) -> Unit | None:
+        """The recorder's waiting claim, on the calling thread (it blocks until a unit is
+        claimable or the run is no longer STARTED here: never call it on a loop)."""
+        return None if self.recorder is None else self.recorder.await_unit(task, stop)
+
+    def record_unit_completion(
+        self, namespace: str, task_id: str, version: int, unit_id: str
+    ) -> None:
+        if self.recorder is not None:
+            self.submit(
+                functools.partial(
+                    self.recorder.record_unit_completion, namespace, task_id, version, unit_id
+                )
+            )
+
+    def record_unit_failure(
+        self, namespace: str, task_id: str, version: int, unit_id: str, error: str
+    ) -> None:
+        if self.recorder is not None:
+            self.submit(
+                functools.partial(
+                    self.recorder.record_unit_failure, namespace, task_id, version, unit_id, error
+                )
+            )
+
+    def record_unit_progress(
+        self,
+        namespace: str,
+        task_id: str,
+        version: int,
+        unit_id: str,
+        fraction: float,
+        message: str = "",
+    ) -> None:
+        if self.recorder is not None:
+            self.submit(
+                functools.partial(
+                    self.recorder.record_unit_progress,
+                    namespace,
+                    task_id,
+                    version,
+                    unit_id,
+                    fraction,
+                    message,
                 )
             )
 
@@ -440,6 +581,13 @@ class AsyncThreadProvider:
     in-memory set, or with ``state_dir`` one directory per run, removed by ``cleanup_task``.
     ``close()`` (or ``with``/``async with``) stops its own loop thread, if it started one, and
     its recording thread; call it once its Scheduler stopped.
+
+    Units: for a unit task, ``fn`` is awaited once per claimed unit (``ctx.unit`` set,
+    ``ctx.progress`` reports the unit's progress, ``ctx.attempt`` counts the unit's attempts),
+    up to ``unit_concurrency`` at a time; ``on_group_completed(task, group)``, a function or a
+    coroutine function, is called as ``group_completed`` (see :meth:`group_completed`).
+    Raises :class:`TypeError` for an ``fn`` or ``on_group_completed`` that is not callable and
+    :class:`ValueError` for a ``unit_concurrency`` below 1.
     """
 
     def __init__(
@@ -448,10 +596,20 @@ class AsyncThreadProvider:
         *,
         loop: asyncio.AbstractEventLoop | None = None,
         state_dir: str | Path | None = None,
+        unit_concurrency: int = 1,
+        on_group_completed: AsyncGroupCallback | None = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be an async function, not {type(fn).__name__}")
+        if not isinstance(unit_concurrency, int) or unit_concurrency < 1:
+            raise ValueError(f"unit_concurrency must be an int >= 1: {unit_concurrency!r}")
+        if on_group_completed is not None and not callable(on_group_completed):
+            raise TypeError(
+                f"on_group_completed must be callable, not {type(on_group_completed).__name__}"
+            )
         self._fn = fn
+        self._unit_concurrency = unit_concurrency
+        self._on_group_completed = on_group_completed
         self._loop = loop
         self._loop_given = loop is not None
         self._runs = LocalRuns(state_dir)
@@ -505,7 +663,7 @@ class AsyncThreadProvider:
         loop = self._run_loop()
         context = TaskContext(task, self._recording, self._runs.open(task.descriptor))
         handle = _CoroutineHandle(context, loop)
-        run = self._run(handle)
+        run = self._run_units(handle) if task.units else self._run(handle)
         try:
             handle.future = asyncio.run_coroutine_threadsafe(run, loop)
         except BaseException:
@@ -537,16 +695,113 @@ class AsyncThreadProvider:
         except Exception as exc:
             error = exc
         # A CancelledError (terminate, or the loop shutting down) propagates: nothing recorded.
-        record = run_outcome(
-            context.task,
-            self._recording.recorder,
-            terminated=context.cancelled.is_set(),
-            error=error,
+        await self._record(
+            run_outcome(
+                context.task,
+                self._recording.recorder,
+                terminated=context.cancelled.is_set(),
+                error=error,
+            )
         )
-        if record is not None:
-            recorded = self._recording.submit(record)
-            if recorded is not None:  # a terminate arriving now must not drop the record
-                await _to_the_end(asyncio.wrap_future(recorded))
+
+    async def _run_units(self, handle: _CoroutineHandle) -> None:
+        """A unit task's run: ``unit_concurrency`` unit workers, to the end of the last one
+        (cancelling the run cancels them, and it ends once each has joined its claim thread)."""
+        context = handle.context
+        handle.task = asyncio.current_task()
+        if context.cancelled.is_set():  # terminated before it began
+            return
+        task = context.task
+        name = f"dtask-run-{task.namespace}-{task.id}-{task.version}"[:72]
+        workers = [
+            asyncio.ensure_future(self._unit_worker(context, f"{name}-c{i}"))
+            for i in range(self._unit_concurrency)
+        ]
+        for outcome in await asyncio.gather(*workers, return_exceptions=True):
+            if isinstance(outcome, BaseException):  # a bug: the workers catch the fn's errors
+                log.error(
+                    "unit worker of %s/%s v%d failed",
+                    task.namespace,
+                    task.id,
+                    task.version,
+                    exc_info=outcome,
+                )
+
+    async def _unit_worker(self, run_context: TaskContext, thread_name: str) -> None:
+        """Claim (on a thread named ``thread_name``, joined before this goes on), run, record,
+        until the recorder has nothing more for this node or the run is terminated."""
+        task, cancelled, recording = run_context.task, run_context.cancelled, self._recording
+        while not cancelled.is_set():
+            try:
+                # Cancelled while it waits (the loop shutting down): no more claims.
+                unit = await _in_thread(
+                    functools.partial(recording.await_unit, task, cancelled),
+                    thread_name,
+                    on_cancel=cancelled.set,
+                )
+            except Exception:  # a recorder of another kind: claim_unit may raise
+                log.exception("claiming a unit of %s/%s v%d", task.namespace, task.id, task.version)
+                return
+            if unit is None or cancelled.is_set():
+                return
+            context = TaskContext(task, recording, run_context.state_dir, unit, cancelled)
+            error: Exception | None = None
+            try:
+                await self._fn(task, context)
+            except Exception as exc:
+                error = exc
+            # A CancelledError (terminate, or the loop shutting down) propagates: nothing recorded.
+            await self._record(
+                run_outcome(
+                    task,
+                    recording.recorder,
+                    terminated=cancelled.is_set(),
+                    error=error,
+                    unit=unit,
+                )
+            )
+
+    async def _record(self, record: Callable[[], None] | None) -> None:
+        """Hand ``record`` to the recording thread and wait until it is made."""
+        if record is None:
+            return
+        recorded = self._recording.submit(record)
+        if recorded is not None:  # a terminate arriving now must not drop the record
+            await _to_the_end(asyncio.wrap_future(recorded))
+
+    def group_completed(self, task: Task, group: str) -> None:
+        """Call ``on_group_completed(task, group)``, if given, on the calling (Scheduler's)
+        thread; when it returns an awaitable (an ``async def``), that is run on the provider's
+        loop and waited for while the loop is open. Raises what the callback raises, and
+        :class:`RuntimeError` when the loop is closed or is the calling thread's (it would
+        wait on itself): the Scheduler retries with backoff."""
+        callback = self._on_group_completed
+        if callback is None:
+            return
+        result = callback(task, group)
+        if result is None or not inspect.isawaitable(result):
+            return
+        awaitable: Awaitable[object] = result
+
+        async def awaited() -> None:
+            await awaitable
+
+        coroutine = awaited()
+        try:
+            loop = self._run_loop()
+            if _running_loop() is loop:
+                raise RuntimeError(f"{self!r}: group_completed called on its own loop's thread")
+            future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+        except BaseException:
+            coroutine.close()  # never scheduled: no "never awaited" warning
+            if inspect.iscoroutine(awaitable):
+                awaitable.close()
+            raise
+        while not concurrent.futures.wait([future], _LOOP_CHECK).done:
+            if loop.is_closed():  # what it had not begun never will
+                future.cancel()
+                raise RuntimeError(f"{self!r}: the loop closed before group {group!r} was done")
+        future.result()
 
     # ---- lifecycle ------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import re
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,85 @@ def test_members_come_and_go_on_their_page(page: Page, manager: dt.Manager) -> N
         expect(rows.first.locator(".mono")).to_have_text(re.compile(r"^[0-9a-f]+$"))
         node.stop()  # it revokes its lease: its key goes at once
         expect(rows).to_have_count(0, timeout=5 * SECOND)
+
+
+def test_a_unit_task_page_shows_its_groups_and_counts_as_units_complete(
+    page: Page, manager: dt.Manager
+) -> None:
+    units = [dt.UnitSpec(f"a{i}", group="articles") for i in range(3)]
+    units += [dt.UnitSpec("c0", group="comments"), dt.UnitSpec("loose")]
+    policy = dt.RunPolicy(max_attempts=2, retry_backoff=timedelta(0))
+    task = manager.add_task(NS, "rebuild", nodes=["node-a", "node-b"], policy=policy, units=units)
+    v = task.version
+
+    def counts(group: str):  # type: ignore[no-untyped-def]
+        return page.locator(f'.unit-group[data-group="{group}"] .ucount')
+
+    def count(group: str, status: str):  # type: ignore[no-untyped-def]
+        return page.locator(f'.unit-group[data-group="{group}"] .ucount[data-status={status}] .n')
+
+    with console(manager) as server:
+        page.goto(f"{server.url}task?namespace={NS}&id=rebuild")
+        expect(page.locator("h1 .status")).to_have_text("STARTED")
+        groups = page.locator("#unit-groups .unit-group")
+        expect(groups).to_have_count(3)
+        assert groups.evaluate_all("nodes => nodes.map(node => node.dataset.group)") == [
+            "articles",
+            "comments",
+            "",
+        ]
+        expect(groups.nth(2).locator(".group-name")).to_have_text("(no group)")
+        expect(counts("articles")).to_have_text(
+            ["0 completed", "0 in progress", "3 pending", "0 failed"]
+        )
+        expect(page.locator("#unit-totals")).to_contain_text("5 units in 3 groups")
+        mark_page(page)
+
+        # units claimed, progressing, completed and failed through the Manager: the page follows
+        first = manager.claim_unit(NS, "rebuild", v, "node-a")
+        second = manager.claim_unit(NS, "rebuild", v, "node-b")
+        assert first is not None and second is not None and (first.id, second.id) == ("a0", "a1")
+        expect(count("articles", "IN_PROGRESS")).to_have_text("2")
+        manager.record_unit_completion(NS, "rebuild", v, "a0", "node-a")
+        expect(count("articles", "COMPLETED")).to_have_text("1")
+        expect(count("articles", "IN_PROGRESS")).to_have_text("1")
+        bar = page.get_by_role("progressbar", name="completed units of articles")
+        expect(bar).to_have_attribute("aria-valuenow", "33")
+
+        # the list of a group's units, kept open while it changes
+        page.locator('.unit-group[data-group="articles"] summary').click()
+        rows = page.locator('.unit-group[data-group="articles"] tbody tr')
+        expect(rows).to_have_count(3)
+        expect(rows.nth(0)).to_contain_text("completed")
+        expect(rows.nth(0)).to_contain_text("node-a")
+        manager.record_unit_progress(NS, "rebuild", v, "a1", "node-b", 0.4, "copying")
+        expect(rows.nth(1).get_by_role("progressbar")).to_have_attribute("aria-valuenow", "40")
+        expect(rows.nth(1)).to_contain_text("copying")
+        manager.record_unit_failure(NS, "rebuild", v, "a1", "node-b", "disk full")
+        expect(rows.nth(1)).to_contain_text("pending")
+        expect(rows.nth(1)).to_contain_text("disk full")
+        expect(rows.nth(1).locator("td.num")).to_have_text("1")  # one failed attempt
+        expect(counts("articles")).to_have_text(
+            ["1 completed", "0 in progress", "2 pending", "0 failed"]
+        )
+        facts = page.locator(".facts")
+        expect(facts).to_contain_text("1 failed on 1 unit")
+        expect(facts).to_contain_text("2 attempts per unit")
+        expect(page.locator("#nodes td.units-cell")).to_have_text(["1 completed", "0 completed"])
+
+        # every unit completed: the task is FINISHED, every group full
+        done = manager.get_task(NS, "rebuild")
+        for node in ("node-b", "node-a"):  # node-a's completion took the ticket of a2 ahead
+            while done is not None and done.status is dt.TaskStatus.STARTED:
+                unit = manager.claim_unit(NS, "rebuild", v, node)
+                if unit is None:
+                    break
+                done = manager.record_unit_completion(NS, "rebuild", v, unit.id, node)
+        assert done is not None and done.status is dt.TaskStatus.FINISHED
+        expect(page.locator("h1 .status")).to_have_text("FINISHED")
+        for group in ("articles", "comments", ""):
+            expect(count(group, "COMPLETED")).to_have_text("3" if group == "articles" else "1")
+        expect(rows).to_have_count(3)  # still open
+        expect(rows.nth(1)).to_contain_text("completed")
+        expect(page.locator("#unit-totals")).to_contain_text("5 completed")
+        assert not_reloaded(page)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import inspect
 import threading
 import time
@@ -358,3 +359,226 @@ def test_running_scheduler_stops_when_its_body_raises_and_accepts_a_manager(
                 pass
 
     run(scenario)
+
+
+# ---- units ------------------------------------------------------------------------------------
+
+IN_PROGRESS, PENDING = dt.UnitStatus.IN_PROGRESS, dt.UnitStatus.PENDING
+COMPLETED = dt.UnitStatus.COMPLETED
+
+
+def test_unit_coroutines_against_etcd(etcd_client: dt.EtcdClient, dtask_prefix: str) -> None:
+    async def scenario() -> None:
+        async with aio.AsyncManager(etcd_client, prefix=dtask_prefix) as m:
+            policy = dt.RunPolicy(max_attempts=2, retry_backoff=timedelta(0))
+            units: list[dt.UnitSpec | str] = [
+                dt.UnitSpec("u1", group="g"),
+                dt.UnitSpec("u2", group="g", node="b"),
+                "u3",
+            ]
+            task = await m.add_task(NS, "job", b"p", nodes=["a", "b"], policy=policy, units=units)
+            v = task.version
+            assert task.units == (units[0], units[1], dt.UnitSpec("u3"))
+            assert [u.status for u in (await m.get_units(NS, "job", v)).values()] == [PENDING] * 3
+
+            first = await m.claim_unit(NS, "job", v, "a")
+            assert first is not None and (first.id, first.status, first.node) == (
+                "u1",
+                IN_PROGRESS,
+                "a",
+            )
+            await m.record_unit_progress(NS, "job", v, "u1", "a", 0.25, "quarter")
+            got = await m.get_units(NS, "job", v)
+            assert list(got) == ["u1", "u2", "u3"]
+            assert got["u1"].progress is not None
+            assert (got["u1"].progress.fraction, got["u1"].progress.message) == (0.25, "quarter")
+
+            # the Manager's errors, raised in the awaiting coroutine
+            with pytest.raises(dt.UnitClaimError):
+                await m.record_unit_completion(NS, "job", v, "u1", "b")
+            with pytest.raises(dt.InvalidTaskError):
+                await m.claim_unit(NS, "job", v, "stranger")
+            plain = await m.add_task(NS, "plain", nodes=["a"])
+            with pytest.raises(dt.InvalidTaskError):
+                await m.get_units(NS, "plain", plain.version)
+
+            # a failure with an attempt left: back to the pool, claimed again first
+            retried = await m.record_unit_failure(NS, "job", v, "u1", "a", "flaky")
+            assert retried.status is STARTED
+            pooled = (await m.get_units(NS, "job", v))["u1"]
+            assert (pooled.status, pooled.attempts, pooled.error) == (PENDING, 1, "flaky")
+            again = await m.claim_unit(NS, "job", v, "a")
+            assert again is not None and (again.id, again.attempts) == ("u1", 1)
+            third = await m.claim_unit(NS, "job", v, "a")
+            assert third is not None and third.id == "u3"
+            assert await m.claim_unit(NS, "job", v, "a") is None  # u2 is b's
+            second = await m.claim_unit(NS, "job", v, "b")
+            assert second is not None and second.id == "u2"
+
+            await m.record_unit_completion(NS, "job", v, "u1", "a")
+            await m.record_unit_completion(NS, "job", v, "u3", "a")
+            assert (await m.get_task(NS, "job")) == retried  # not FINISHED: u2 is left
+            done = await m.record_unit_completion(NS, "job", v, "u2", "b")
+            assert (done.status, done.finished_nodes) == (FINISHED, set())
+            assert await m.wait_for_task(NS, "job", v) == done
+            assert {u.status for u in (await m.get_units(NS, "job", v)).values()} == {COMPLETED}
+
+    run(scenario)
+
+
+def test_async_provider_runs_a_unit_task_on_three_schedulers_with_group_callbacks(
+    etcd_client: dt.EtcdClient, dtask_prefix: str
+) -> None:
+    """Every unit once (a failed attempt retried), on this loop, two at a time per node at
+    most; each node's group callback — async on two nodes, plain on the third — once per group
+    after the groups complete."""
+    nodes = ["n1", "n2", "n3"]
+    units = [dt.UnitSpec(f"u{i:02d}", group=f"g{i % 3}") for i in range(24)]
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        lock = threading.Lock()  # the plain callback runs on a Scheduler's thread
+        done: list[tuple[str, str, int]] = []
+        groups: list[tuple[str, str]] = []
+        running = dict.fromkeys(nodes, 0)
+        peak = dict.fromkeys(nodes, 0)
+        threads: set[threading.Thread] = set()
+
+        def provider(node: str) -> aio.AsyncThreadProvider:
+            async def work(task: dt.Task, ctx: dt.TaskContext) -> None:
+                assert ctx.unit is not None and ctx.unit.node == node
+                threads.add(threading.current_thread())
+                running[node] += 1
+                peak[node] = max(peak[node], running[node])
+                try:
+                    ctx.progress(0.5, f"half of {ctx.unit.id}")
+                    await asyncio.sleep(0)  # let the other units of the loop in
+                    if ctx.unit.id == "u07" and ctx.attempt == 1:
+                        raise ValueError("flaky")
+                    done.append((node, ctx.unit.id, ctx.attempt))
+                finally:
+                    running[node] -= 1
+
+            async def group_done(task: dt.Task, group: str) -> None:
+                assert asyncio.get_running_loop() is loop  # run on the provider's loop
+                assert task.units == tuple(units)
+                groups.append((node, group))
+
+            def plain_group_done(task: dt.Task, group: str) -> None:
+                with lock:
+                    groups.append((node, group))
+
+            return aio.AsyncThreadProvider(
+                work,
+                unit_concurrency=2,
+                on_group_completed=plain_group_done if node == "n3" else group_done,
+            )
+
+        providers = {node: provider(node) for node in nodes}
+        policy = dt.RunPolicy(max_attempts=2, retry_backoff=timedelta(0))
+        async with contextlib.AsyncExitStack() as stack:
+            m = await stack.enter_async_context(aio.AsyncManager(etcd_client, prefix=dtask_prefix))
+            for node in nodes:
+                await stack.enter_async_context(providers[node])
+            for node in nodes:
+                await stack.enter_async_context(
+                    aio.running_scheduler(
+                        m,
+                        node_id=node,
+                        providers={NS: providers[node]},
+                        registry=CollectorRegistry(),
+                        resync_interval=timedelta(hours=1),
+                    )
+                )
+            task = await m.add_task(NS, "units", policy=policy, units=units)
+            assert task.nodes == set(nodes)
+            final = await m.wait_for_task(NS, "units", task.version, timeout=30)
+            assert (final.status, final.finished_nodes) == (FINISHED, set())
+
+            assert sorted(u for _, u, _ in done) == [u.id for u in units]  # each once
+            assert [(u, attempt) for _, u, attempt in done if u == "u07"] == [("u07", 2)]
+            assert threads == {threading.current_thread()}
+            assert all(1 <= peak[node] <= 2 for node in nodes if peak[node])
+            got = await m.get_units(NS, "units", task.version)
+            assert {u.status for u in got.values()} == {COMPLETED}
+            assert got["u07"].attempts == 1
+            for unit in got.values():  # the last progress is written before the completion
+                assert unit.progress is not None
+                assert unit.progress.message == f"half of {unit.id}"
+
+            want = sorted((node, f"g{i}") for node in nodes for i in range(3))
+            await eventually(lambda: len(groups) >= len(want), what="every group callback")
+            assert sorted(groups) == want
+            for provider_ in providers.values():
+                assert await asyncio.to_thread(provider_.join, 10)
+
+    run(scenario)
+
+
+def test_cancelling_a_unit_task_cancels_its_unit_coroutines_and_leaves_no_thread(
+    etcd_client: dt.EtcdClient, dtask_prefix: str
+) -> None:
+    """Three units on two nodes claiming two at a time: three coroutines run and one claim
+    waits on its thread; a cancel ends all four, records nothing, and claims nothing more."""
+    nodes = ["n1", "n2"]
+    before = set(threading.enumerate())
+
+    def run_threads(task_id: str) -> list[str]:
+        return [
+            t.name for t in threading.enumerate() if t.name.startswith(f"dtask-run-{NS}-{task_id}-")
+        ]
+
+    async def scenario() -> None:
+        began: list[tuple[str, str]] = []
+        contexts: list[dt.TaskContext] = []
+        interrupted: list[str] = []
+
+        def provider(node: str) -> aio.AsyncThreadProvider:
+            async def work(task: dt.Task, ctx: dt.TaskContext) -> None:
+                assert ctx.unit is not None
+                began.append((node, ctx.unit.id))
+                contexts.append(ctx)
+                try:
+                    await asyncio.Event().wait()
+                except asyncio.CancelledError:
+                    interrupted.append(ctx.unit.id)
+                    raise
+
+            return aio.AsyncThreadProvider(work, unit_concurrency=2)
+
+        providers = {node: provider(node) for node in nodes}
+        async with contextlib.AsyncExitStack() as stack:
+            m = await stack.enter_async_context(aio.AsyncManager(etcd_client, prefix=dtask_prefix))
+            for node in nodes:
+                await stack.enter_async_context(providers[node])
+            for node in nodes:
+                await stack.enter_async_context(
+                    aio.running_scheduler(
+                        m,
+                        node_id=node,
+                        providers={NS: providers[node]},
+                        registry=CollectorRegistry(),
+                        resync_interval=timedelta(hours=1),
+                    )
+                )
+            task = await m.add_task(NS, "stop", units=["u1", "u2", "u3"])
+            await eventually(lambda: len(began) == 3, what="three units running")
+            # the fourth worker waits for a claim, on its claim thread
+            await eventually(lambda: len(run_threads("stop")) == 1, what="a waiting claim")
+            assert sorted(u for _, u in began) == ["u1", "u2", "u3"]
+
+            await m.cancel_task(NS, "stop", task.version)
+            await eventually(lambda: len(interrupted) == 3, what="three coroutines cancelled")
+            for provider_ in providers.values():
+                assert await asyncio.to_thread(provider_.join, 10)
+            assert run_threads("stop") == []
+            assert all(ctx.cancelled.is_set() for ctx in contexts)
+            assert len(began) == 3  # nothing claimed after the cancel
+            got = await m.get_units(NS, "stop", task.version)
+            assert {u.status for u in got.values()} == {IN_PROGRESS}  # nothing recorded
+            assert {u.attempts for u in got.values()} == {0}
+            assert (await m.get_task(NS, "stop")) == await m.wait_for_task(NS, "stop", task.version)
+        assert {n for n in new_threads(before) if not n.startswith("asyncio_")} == set()
+
+    run(scenario)
+    assert new_threads(before) == set()

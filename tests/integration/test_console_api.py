@@ -216,6 +216,112 @@ def test_hostile_names_come_back_exactly(manager: dt.Manager) -> None:
         assert status == 200 and task["nodeStates"][0]["node"] == HOSTILE
 
 
+# ---- units ------------------------------------------------------------------------------------
+
+
+def test_the_units_of_a_unit_task_by_group(manager: dt.Manager) -> None:
+    """A unit task is listed like any task (its declaration counted, not listed), and
+    ``/api/units`` has its units by group: counts, and each unit's row."""
+    policy = dt.RunPolicy(max_attempts=2, retry_backoff=timedelta(0))
+    units = [dt.UnitSpec("s1", group="coll-a"), dt.UnitSpec("s2", group="coll-a"), "s3"]
+    task = manager.add_task(NS, "reindex", nodes=["a", "b"], policy=policy, units=units)
+    v = task.version
+    plain = manager.add_task(NS, "plain", nodes=["a"])
+    first = manager.claim_unit(NS, "reindex", v, "a")
+    second = manager.claim_unit(NS, "reindex", v, "b")
+    assert first is not None and second is not None and (first.id, second.id) == ("s1", "s2")
+    manager.record_unit_completion(NS, "reindex", v, "s1", "a")
+    manager.record_unit_progress(NS, "reindex", v, "s2", "b", 0.25, "a quarter")
+    with console(manager) as server:
+        url = server.url
+        summary = next(t for t in listed(url)["tasks"] if t["ID"] == "reindex")
+        assert (summary["status"], summary["unitCount"]) == ("STARTED", 3)
+        assert "units" not in summary  # the declaration may be 10,000 units long
+        status, full = api(url, "api/task", namespace=NS, id="reindex")
+        assert status == 200 and full["unitCount"] == 3 and "units" not in full
+
+        status, body = api(url, "api/units", namespace=NS, id="reindex")
+        assert status == 200
+        assert (body["namespace"], body["ID"], body["version"], body["total"]) == (
+            NS,
+            "reindex",
+            v,
+            3,
+        )
+        assert body["counts"] == {"COMPLETED": 1, "IN_PROGRESS": 1, "PENDING": 1, "FAILED": 0}
+        assert (body["completedByNode"], body["inProgressByNode"]) == ({"a": 1}, {"b": 1})
+        coll, none = body["groups"]
+        assert (coll["group"], coll["label"], coll["total"]) == ("coll-a", "coll-a", 2)
+        assert coll["counts"] == {"COMPLETED": 1, "IN_PROGRESS": 1, "PENDING": 0, "FAILED": 0}
+        assert (none["group"], none["label"], none["total"]) == ("", "(no group)", 1)
+        s1, s2 = coll["units"]
+        assert {k: s1[k] for k in ("id", "group", "node", "status", "attempts", "error")} == {
+            "id": "s1",
+            "group": "coll-a",
+            "node": "a",
+            "status": "COMPLETED",
+            "attempts": 0,
+            "error": None,
+        }
+        assert (s2["status"], s2["node"]) == ("IN_PROGRESS", "b")
+        assert (s2["progress"]["fraction"], s2["progress"]["message"]) == (0.25, "a quarter")
+        (s3,) = none["units"]
+        assert (s3["id"], s3["status"], s3["node"], s3["progress"]) == ("s3", "PENDING", None, None)
+
+        # a failed attempt: back to PENDING with its error, counted
+        manager.record_unit_failure(NS, "reindex", v, "s2", "b", "disk full")
+        status, body = api(url, "api/units", namespace=NS, id="reindex")
+        retried = body["groups"][0]["units"][1]
+        assert (retried["status"], retried["attempts"], retried["error"]) == (
+            "PENDING",
+            1,
+            "disk full",
+        )
+
+        # what is not a unit task, or not a task
+        status, error = api(url, "api/units", namespace=NS, id="plain")
+        assert status == 404 and "no units" in error["error"]
+        assert api(url, "api/units", namespace=NS, id="nope")[0] == 404
+        assert api(url, "api/units", namespace=NS)[0] == 400
+        assert api(url, "api/units")[0] == 400
+    assert plain.units == ()
+
+
+def test_unit_changes_reach_the_pages_of_their_run_only(manager: dt.Manager) -> None:
+    """A unit's claim, progress or outcome becomes a ``units`` event for the pages of its run;
+    while no such page is open, none is made."""
+    task = manager.add_task(NS, "job", nodes=["a"], units=["u1", "u2"])
+    v = task.version
+    with console(manager) as server, SseReader(server.url) as tasks_page:
+        tasks_page.until(lambda e: e.kind == "snapshot")
+        # no page of "job" is open: a unit change makes no event
+        head = server.state.log.head
+        manager.claim_unit(NS, "job", v, "a")
+        manager.add_task(NS, "marker", nodes=["a"])
+        tasks_page.until(lambda e: e.kind == "task" and e.data["task"]["ID"] == "marker")
+        kinds = [e.kind for e in server.state.log.since(head) or []]
+        assert "task" in kinds and "units" not in kinds
+        assert server.state.open_pages(NS, "job") == 0
+
+        with SseReader(server.url, {"namespace": NS, "id": "job"}) as page:
+            (snapshot,) = page.until(lambda e: e.kind == "snapshot")
+            assert snapshot.data["task"]["unitCount"] == 2
+            assert server.state.open_pages(NS, "job") == 1
+            manager.record_unit_progress(NS, "job", v, "u1", "a", 0.5, "half")
+            (event,) = page.until(lambda e: e.kind == "units")
+            assert event.data["namespace"] == NS and event.data["ID"] == "job"
+            assert event.data["revision"] > 0
+            manager.record_unit_completion(NS, "job", v, "u1", "a")
+            page.until(lambda e: e.kind == "units")
+            second = manager.claim_unit(NS, "job", v, "a")
+            assert second is not None
+            manager.record_unit_completion(NS, "job", v, second.id, "a")
+            seen = page.until(is_task("FINISHED"))
+            assert "units" in {e.kind for e in seen}
+        wait_until(lambda: server.state.open_pages(NS, "job") == 0)
+        tasks_page.until(is_task("FINISHED", "job"))  # the tasks page got no units event
+
+
 # ---- writes and guards ------------------------------------------------------------------------
 
 
@@ -380,6 +486,7 @@ def test_dtask_demo_ui_leaves_the_console_open_until_ctrl_c() -> None:
         ended = {t["ID"]: t["status"] for t in listed(url)["tasks"]}
         assert ended == {
             "checksum": "FINISHED",
+            "rebuild": "FINISHED",  # a unit task
             "verify": "FINISHED",
             "backup": "FINISHED",
             "migrate": "FAILED",

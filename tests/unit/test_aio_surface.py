@@ -5,6 +5,7 @@ the lifecycle and argument errors. Behaviour against etcd: tests/integration/tes
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import threading
 from datetime import datetime, timezone
@@ -287,3 +288,192 @@ def test_a_provider_outliving_its_loop_adopts_the_next_one() -> None:
     first, second = asyncio.run(once("a")), asyncio.run(once("b"))
     assert ran_on == [first, second] and first is not second
     provider.close()
+
+
+# ---- units ------------------------------------------------------------------------------------
+
+
+def _a_unit_task(task_id: str = "u") -> dt.Task:
+    return dataclasses.replace(
+        _a_task(task_id), units=tuple(dt.UnitSpec(f"u{i}", group="g") for i in range(5))
+    )
+
+
+class UnitRecorder(ListRecorder):
+    """A ListRecorder that hands out ``units`` from ``await_unit``, then None at once — or,
+    with ``block``, once ``stop`` is set (a run still STARTED with nothing to claim)."""
+
+    def __init__(self, units: list[str], *, block: bool = False) -> None:
+        super().__init__()
+        self.units = list(units)
+        self.block = block
+        self.waiting = threading.Event()
+        self.claim_threads: set[str] = set()
+
+    def claim_unit(self, task: dt.Task) -> dt.Unit | None:
+        with self.lock:
+            if not self.units:
+                return None
+            unit_id = self.units.pop(0)
+        return dt.Unit(unit_id, "g", "n", dt.UnitStatus.IN_PROGRESS, 0, None, None)
+
+    def await_unit(self, task: dt.Task, stop: threading.Event) -> dt.Unit | None:
+        with self.lock:
+            self.claim_threads.add(threading.current_thread().name)
+        unit = self.claim_unit(task)
+        if unit is None and self.block:
+            self.waiting.set()
+            stop.wait()
+        return unit
+
+    def record_unit_completion(
+        self, namespace: str, task_id: str, version: int, unit_id: str
+    ) -> None:
+        self._add("unit-complete", unit_id, None)
+
+    def record_unit_failure(
+        self, namespace: str, task_id: str, version: int, unit_id: str, error: str
+    ) -> None:
+        self._add("unit-fail", unit_id, error)
+
+    def record_unit_progress(
+        self,
+        namespace: str,
+        task_id: str,
+        version: int,
+        unit_id: str,
+        fraction: float,
+        message: str = "",
+    ) -> None:
+        self._add("unit-progress", unit_id, (fraction, message))
+
+
+def test_unit_arguments() -> None:
+    async def work(task: dt.Task, ctx: dt.TaskContext) -> None:
+        pass
+
+    for bad in (0, -1, 1.5, "2"):
+        with pytest.raises(ValueError, match="unit_concurrency"):
+            aio.AsyncThreadProvider(work, unit_concurrency=bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="on_group_completed"):
+        aio.AsyncThreadProvider(work, on_group_completed="x")  # type: ignore[arg-type]
+
+
+def test_units_run_on_the_loop_at_most_unit_concurrency_at_a_time() -> None:
+    before = set(threading.enumerate())
+    running = 0
+    peak = 0
+
+    async def work(task: dt.Task, ctx: dt.TaskContext) -> None:
+        nonlocal running, peak
+        assert ctx.unit is not None
+        assert threading.current_thread().name == "dtask-run-loop"
+        running += 1
+        peak = max(peak, running)
+        try:
+            ctx.progress(0.5, ctx.unit.id)
+            for _ in range(3):
+                await asyncio.sleep(0)  # the other worker claims and begins meanwhile
+            if ctx.unit.id == "u3":
+                raise ValueError("broken")
+        finally:
+            running -= 1
+
+    recorder = UnitRecorder([f"u{i}" for i in range(5)])
+    provider = aio.AsyncThreadProvider(work, unit_concurrency=2)
+    provider.set_completion_recorder(recorder)
+    provider.start_task(_a_unit_task())
+    assert provider.join(10)
+    calls = recorder.wait_for(10)
+    assert sorted(c for c in calls if c[0] != "unit-progress") == [
+        ("unit-complete", "u0", None),
+        ("unit-complete", "u1", None),
+        ("unit-complete", "u2", None),
+        ("unit-complete", "u4", None),
+        ("unit-fail", "u3", "broken"),
+    ]
+    progress = [c for c in calls if c[0] == "unit-progress"]
+    assert sorted(progress) == [("unit-progress", f"u{i}", (0.5, f"u{i}")) for i in range(5)]
+    for unit_id in ("u0", "u3"):  # each unit's progress is recorded before its outcome
+        kinds = [c[0] for c in calls if c[1] == unit_id]
+        assert kinds[0] == "unit-progress"
+    assert peak == 2
+    assert recorder.threads == {"dtask-run-record_0"}
+    assert recorder.claim_threads == {"dtask-run-ns-u-1-c0", "dtask-run-ns-u-1-c1"}
+    provider.close()
+    assert set(threading.enumerate()) - before == set()
+
+
+def test_terminate_and_close_stop_waiting_claims_and_cancel_units() -> None:
+    before = set(threading.enumerate())
+    began = threading.Event()
+    cancelled: list[str] = []
+
+    async def work(task: dt.Task, ctx: dt.TaskContext) -> None:
+        assert ctx.unit is not None
+        began.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(ctx.unit.id)
+            raise
+
+    # terminate: the running unit is cancelled, the waiting claim told to stop
+    recorder = UnitRecorder(["u0"], block=True)
+    provider = aio.AsyncThreadProvider(work, unit_concurrency=2)
+    provider.set_completion_recorder(recorder)
+    handle = provider.start_task(_a_unit_task())
+    assert began.wait(10) and recorder.waiting.wait(10)
+    handle.terminate()
+    assert provider.join(10)
+    assert cancelled == ["u0"] and recorder.calls == []
+
+    # close() of the own loop thread while a claim waits: the claim stops too
+    recorder.waiting.clear()
+    provider.start_task(_a_unit_task("v"))
+    assert recorder.waiting.wait(10)
+    provider.close()
+    assert recorder.calls == []
+    assert set(threading.enumerate()) - before == set()
+
+
+def test_group_completed_plain_or_async() -> None:
+    seen: list[tuple[str, str, str]] = []
+
+    async def work(task: dt.Task, ctx: dt.TaskContext) -> None:
+        pass
+
+    async def on_group(task: dt.Task, group: str) -> None:
+        await asyncio.sleep(0)
+        if group == "bad":
+            raise LookupError(group)
+        seen.append(("async", group, threading.current_thread().name))
+
+    def plain(task: dt.Task, group: str) -> None:
+        seen.append(("plain", group, threading.current_thread().name))
+
+    with aio.AsyncThreadProvider(work) as provider:
+        provider.group_completed(_a_unit_task(), "g")  # no callback: nothing to do
+    with aio.AsyncThreadProvider(work, on_group_completed=plain) as provider:
+        provider.group_completed(_a_unit_task(), "g")
+    with aio.AsyncThreadProvider(work, on_group_completed=on_group) as provider:
+        provider.group_completed(_a_unit_task(), "g")  # on the own loop thread, waited for
+        with pytest.raises(LookupError):
+            provider.group_completed(_a_unit_task(), "bad")
+    with pytest.raises(RuntimeError, match="closed"):
+        provider.group_completed(_a_unit_task(), "g")
+    assert seen == [
+        ("plain", "g", threading.current_thread().name),
+        ("async", "g", "dtask-run-loop"),
+    ]
+
+    async def on_its_own_loop() -> None:
+        async with aio.AsyncThreadProvider(work, on_group_completed=on_group) as provider:
+            provider.adopt_loop(asyncio.get_running_loop())
+            with pytest.raises(RuntimeError, match="own loop"):
+                provider.group_completed(_a_unit_task(), "g")  # would wait on itself
+            # from another thread, it runs on this loop
+            await asyncio.to_thread(provider.group_completed, _a_unit_task(), "h")
+            assert seen[-1] == ("async", "h", threading.current_thread().name)
+
+    asyncio.run(on_its_own_loop())

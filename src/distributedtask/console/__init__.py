@@ -12,9 +12,9 @@ How a change reaches a page, in order:
 4. the pages (``static/``: plain HTML, CSS and JavaScript shipped in the wheel, no asset from
    the internet) build their elements from text nodes only, never from markup.
 
-The JSON API (``/api/tasks``, ``/api/task``, ``/api/members``, ``/api/events``,
-``/api/status``) and the security rules are in :mod:`.app`; the server's lifecycle and threads
-in :mod:`.server`. Importing this package needs the ``ui`` extra.
+The JSON API (``/api/tasks``, ``/api/task``, ``/api/units``, ``/api/members``,
+``/api/events``, ``/api/status``) and the security rules are in :mod:`.app`; the server's
+lifecycle and threads in :mod:`.server`. Importing this package needs the ``ui`` extra.
 """
 
 from __future__ import annotations

@@ -7,14 +7,18 @@ Routes (every response carries the headers of :data:`SECURITY_HEADERS`)::
     GET  /api/status                            etcd reachable or not, revision, prefix, writes
     GET  /api/tasks[?namespace=&status=&sort=]  summaries, counts by status, namespaces
     GET  /api/task?namespace=NS&id=ID           one run with every node row (404: no such run)
+    GET  /api/units?namespace=NS&id=ID          the units of a unit task, by group (404: no
+                                                such run, or not a unit task; 503: etcd down)
     GET  /api/members                           the live members
     GET  /api/events[?namespace=NS&id=ID]       server-sent events (see console.events)
     POST /api/task/cancel|pause|resume          {"namespace", "id", "version"}: only with
                                                 --allow-writes, the CSRF token and same origin
 
 Everything read comes from the :class:`~distributedtask.console.live.LiveState` (its one
-watch): no request reads etcd. A write is one Manager call, run on a worker thread of the
-server's own executor; its effect reaches the pages through the watch like any other change.
+watch), but the units of a run: ``/api/units`` is one ``Manager.get_units`` read of the run's
+current version (a page reads it when the stream says they changed), run on a worker thread of
+the server's read executor. A write is one Manager call, run on a worker thread of the server's
+write executor; its effect reaches the pages through the watch like any other change.
 
 Security, by layer:
 
@@ -242,6 +246,39 @@ class _EventStream:
         await send({"type": "http.response.body", "body": body, "more_body": True})
 
 
+class _Units:
+    """``GET /api/units``: one ``Manager.get_units`` read of the run's current version."""
+
+    def __init__(self, state: LiveState, executor: Executor) -> None:
+        self.state = state
+        self.executor = executor
+
+    async def handle(self, request: Request) -> Response:
+        topic = _topic(request)
+        if isinstance(topic, Response):
+            return topic
+        if topic is None:
+            return _error(400, "give namespace and id")
+        namespace, task_id = topic
+        found = self.state.task(namespace, task_id)
+        if found is None:
+            return _error(404, f"no task {namespace}/{task_id}")
+        if not found["unitCount"]:
+            return _error(404, f"task {namespace}/{task_id} has no units")
+        version = found["version"]
+        loop = asyncio.get_running_loop()
+        get_units = self.state.manager.get_units
+        try:
+            got = await loop.run_in_executor(self.executor, get_units, namespace, task_id, version)
+        except (TaskNotFoundError, InvalidTaskError) as exc:  # replaced or removed meanwhile
+            return _error(404, str(exc))
+        except EtcdError as exc:
+            return _error(503, str(exc))
+        except DistributedTaskError as exc:  # an unreadable value
+            return _error(500, str(exc))
+        return _json(views.units(namespace, task_id, version, got))
+
+
 class _Writes:
     """``POST /api/task/{cancel,pause,resume}`` and the checks before them."""
 
@@ -332,14 +369,17 @@ def build_app(
     port: int,
     allow_writes: bool,
     executor: Executor,
+    read_executor: Executor | None = None,
     keep_alive_seconds: float = KEEP_ALIVE_SECONDS,
 ) -> ASGIApp:
     """The console of ``state`` as an ASGI app, for a server listening on ``host:port``.
 
-    ``allow_writes`` enables the POST routes; ``executor`` runs their Manager calls (its owner
-    shuts it down). Raises :class:`FileNotFoundError` if the static files are missing (a
-    broken install).
+    ``allow_writes`` enables the POST routes; ``executor`` runs their Manager calls, and
+    ``read_executor`` (default: ``executor``) the reads of ``/api/units`` (their owner shuts
+    them down). Raises :class:`FileNotFoundError` if the static files are missing (a broken
+    install).
     """
+    reads = executor if read_executor is None else read_executor
     token = secrets.token_urlsafe(32) if allow_writes else ""
     files = _static_files()
     if "console.html" not in files:
@@ -419,6 +459,7 @@ def build_app(
         Route("/api/status", status, methods=["GET"]),
         Route("/api/tasks", tasks, methods=["GET"]),
         Route("/api/task", task, methods=["GET"]),
+        Route("/api/units", _Units(state, reads).handle, methods=["GET"]),
         Route("/api/members", members, methods=["GET"]),
         Route("/api/events", _EventStream(state, keep_alive_seconds), methods=["GET"]),
         Route("/api/task/{action}", writes.handle, methods=["POST"]),

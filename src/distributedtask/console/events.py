@@ -8,7 +8,7 @@ the server hold more than ``capacity`` events:
 
 - a page that connects gets a *snapshot* (everything it shows), numbered with the log's head;
 - then every event after its cursor, in order (events about one run that the page does not show
-  — a ``nodes`` event of another run — are skipped);
+  — a ``nodes`` or ``units`` event of another run — are skipped);
 - an ``EventSource`` that reconnects sends the id of the last event it got (``Last-Event-ID``):
   when that id is of this process (its :attr:`EventLog.epoch`) and still in the log, the page
   gets only what it missed; otherwise (an older id, a restarted server) a fresh snapshot;
@@ -35,14 +35,14 @@ from dataclasses import dataclass
 __all__ = ["Event", "EventLog", "Waiter", "keep_alive", "sse_frame"]
 
 Topic = tuple[str, str]
-"""A run, ``(namespace, task_id)``: what a ``nodes`` event is only for."""
+"""A run, ``(namespace, task_id)``: what a ``nodes`` or ``units`` event is only for."""
 
 
 @dataclass(frozen=True)
 class Event:
-    """One numbered event: its SSE ``kind`` (``task``, ``removed``, ``nodes``, ``transition``,
-    ``members``, ``status``, ``resync``), its JSON ``data``, and the run it is only for
-    (``topic``; None: for every page)."""
+    """One numbered event: its SSE ``kind`` (``task``, ``removed``, ``nodes``, ``units``,
+    ``transition``, ``members``, ``status``, ``resync``), its JSON ``data``, and the run it is
+    only for (``topic``; None: for every page)."""
 
     seq: int
     kind: str

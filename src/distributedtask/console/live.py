@@ -5,8 +5,9 @@ events that keep the pages current.
    :class:`~distributedtask.exceptions.StorageFormatError`, as every ``dtask`` command does),
    then starts one :class:`~distributedtask.etcd.watch.ResumableWatch` over ``P/``. It lists the
    ranges pages show — the marker, ``P/cluster/`` (records, outcomes, run states, members),
-   ``P/nodes/``, ``P/done/``, ``P/attempts/``, ``P/progress/`` — and not ``P/assign/``, which
-   only Schedulers need (its changes are ignored).
+   ``P/nodes/``, ``P/done/``, ``P/attempts/``, ``P/progress/``, ``P/units/decl/`` (a unit
+   task's declaration: one key per task) — and not ``P/assign/``, which only Schedulers need
+   (its changes are ignored), nor ``P/units/run/``, every unit of every task (see 5).
 2. Each watch response updates the key-values of the runs and members it touches. A run is
    assembled again by the read model (:class:`~distributedtask.readmodel.ReadModel`: the STARTED
    rule, finished nodes, attempts) when one of its keys other than progress changed; its node
@@ -20,8 +21,17 @@ events that keep the pages current.
    snapshot). Then every waiting page is woken.
 4. Pages read :meth:`tasks`, :meth:`task` and :meth:`members` (the JSON API) and follow the log
    through a :class:`Subscription` (server-sent events): a snapshot, then the events after it.
+5. Units. The watch over ``P/`` delivers the changes of ``P/units/run/`` too (it always did:
+   they were ignored); nothing of them is kept. A change to a unit's claim (its status,
+   claimant, attempts) or progress becomes a ``units`` event (``{"namespace", "ID",
+   "revision"}``, one per run and watch response) for the pages of that run only, and only while
+   such a page is open (:meth:`open_pages`): a page then reads ``GET /api/units``
+   (``Manager.get_units``, one etcd read), as it does on its snapshot and on each ``task`` event
+   of its run. So the event log carries unit events of the runs someone looks at, and the
+   memory of the console does not grow with the number of units.
 
-Nothing here polls etcd: after the first list, every byte comes from the watch. When etcd is
+Nothing here polls etcd: after the first list, every byte comes from the watch (the units of a
+run, read on a page's request, are the exception). When etcd is
 unreachable the watch backs off and resumes from the last revision it delivered (or relists
 after compaction); the pages are told ``reconnecting`` meanwhile and ``live`` again once etcd
 confirms the new stream.
@@ -58,6 +68,9 @@ from ..keys import (
     ProgressKey,
     StateKey,
     TaskKey,
+    UnitClaimKey,
+    UnitDeclKey,
+    UnitRunKey,
     prefix_range_end,
 )
 from ..manager import Manager
@@ -104,6 +117,7 @@ class _Keys:
     outcome: t.KeyValue | None = None
     nodes: t.KeyValue | None = None
     state: t.KeyValue | None = None
+    decl: t.KeyValue | None = None  # a unit task's declaration
     done: dict[str, t.KeyValue] = field(default_factory=dict)
     attempts: dict[str, t.KeyValue] = field(default_factory=dict)
     progress: dict[tuple[int, str], t.KeyValue] = field(default_factory=dict)
@@ -111,7 +125,7 @@ class _Keys:
     view: _View | None = None
 
     def empty(self) -> bool:
-        singles = (self.record, self.outcome, self.nodes, self.state)
+        singles = (self.record, self.outcome, self.nodes, self.state, self.decl)
         return all(kv is None for kv in singles) and not (
             self.done or self.attempts or self.progress
         )
@@ -130,6 +144,7 @@ class LiveState:
         self._lock = threading.Lock()
         self._runs: dict[Topic, _Keys] = {}
         self._members: dict[str, Json] = {}
+        self._open: dict[Topic, int] = {}  # how many pages of each run are open
         self._unreadable: set[bytes] = set()
         self._revision = 0
         self._live = False
@@ -144,6 +159,7 @@ class LiveState:
                 keys.all_done(),
                 keys.all_attempts(),
                 keys.all_progress(),
+                keys.all_unit_decls(),
             )
         ]
         self._watch = ResumableWatch(
@@ -223,6 +239,11 @@ class LiveState:
         with self._lock:
             return [self._members[node] for node in sorted(self._members)]
 
+    def open_pages(self, namespace: str, task_id: str) -> int:
+        """How many pages of the run ``(namespace, task_id)`` follow the event stream now."""
+        with self._lock:
+            return self._open.get((namespace, task_id), 0)
+
     def subscribe(self, topic: Topic | None, last_event_id: str | None) -> Subscription:
         """A page's stream (call on the event loop that will wait for it): a snapshot, unless
         ``last_event_id`` is an event of this process still in the log; then the events after
@@ -287,8 +308,13 @@ class LiveState:
     def _apply(self, batch: Changes) -> None:
         touched: dict[Topic, set[str]] = {}  # the nodes of each run the batch touched
         whole: set[Topic] = set()  # runs touched as a whole (record, outcome, state, nodes)
+        units: dict[Topic, None] = {}  # runs whose units changed, in order
         members = False
         for event in batch.events:
+            unit_topic = self._unit_change(event.kv.key)
+            if unit_topic is not None:
+                units[unit_topic] = None
+                continue
             where = self._put(event.kv, deleted=event.kind == "delete")
             if where == "member":
                 members = True
@@ -316,6 +342,22 @@ class LiveState:
             )
         if members:
             self._append("members", {"members": [self._members[n] for n in sorted(self._members)]})
+        for namespace, task_id in units:
+            data = {"namespace": namespace, "ID": task_id, "revision": batch.revision}
+            self._append("units", data, (namespace, task_id))
+
+    def _unit_change(self, key: bytes) -> Topic | None:
+        """The run a unit key is of when a page of that run is open and the key is a unit's
+        claim or progress (what a page shows of a unit); else None."""
+        if not self._open or not key.startswith(self.keys.all_unit_runs()):
+            return None
+        parsed = self.keys.parse(key)
+        if isinstance(parsed, UnitClaimKey) or (
+            isinstance(parsed, UnitRunKey) and parsed.kind == "progress"
+        ):
+            topic = (parsed.namespace, parsed.task_id)
+            return topic if topic in self._open else None
+        return None
 
     def _put(self, kv: t.KeyValue, *, deleted: bool) -> tuple[Topic, str | None] | str | None:
         """Keep (or drop) one key-value; returns what it touched: ``(topic, node)`` (node None:
@@ -333,7 +375,17 @@ class LiveState:
                 self._members[parsed.node_id] = views.member_row(member, kv.lease)
             return "member"
         if not isinstance(
-            parsed, (TaskKey, OutcomeKey, StateKey, NodesKey, DoneKey, AttemptKey, ProgressKey)
+            parsed,
+            (
+                TaskKey,
+                OutcomeKey,
+                StateKey,
+                NodesKey,
+                DoneKey,
+                AttemptKey,
+                ProgressKey,
+                UnitDeclKey,
+            ),
         ):
             return None
         topic = (parsed.namespace, parsed.task_id)
@@ -360,6 +412,8 @@ class LiveState:
             keys.outcome = value
         elif isinstance(parsed, StateKey):
             keys.state = value
+        elif isinstance(parsed, UnitDeclKey):
+            keys.decl = value
         else:
             keys.nodes = value
         return topic, None
@@ -422,6 +476,7 @@ class LiveState:
                     keys.done,
                     keys.state,
                     read.attempts_from(keys.attempts.values()),
+                    keys.decl,
                 )
             except CorruptRecordError as exc:
                 self._skip(exc.key or keys.record.key, exc)
@@ -475,9 +530,12 @@ class Subscription:
         self._state = state
         self.topic = topic
         self.waiter = Waiter()
+        self._open = True
         with state._lock:
             self._cursor = state.log.parse_id(last_event_id)
             state.log.add_waiter(self.waiter)
+            if topic is not None:
+                state._open[topic] = state._open.get(topic, 0) + 1
 
     @property
     def closed(self) -> bool:
@@ -502,5 +560,14 @@ class Subscription:
         return frames(log_, (e for e in pending if e.topic is None or e.topic == self.topic))
 
     def close(self) -> None:
-        with self._state._lock:
-            self._state.log.remove_waiter(self.waiter)
+        """Forget the page. Idempotent."""
+        state = self._state
+        with state._lock:
+            if not self._open:
+                return
+            self._open = False
+            state.log.remove_waiter(self.waiter)
+            if self.topic is not None:
+                left = state._open.pop(self.topic, 0) - 1
+                if left > 0:
+                    state._open[self.topic] = left

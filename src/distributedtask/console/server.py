@@ -3,9 +3,11 @@
 :meth:`ConsoleServer.start` binds the listening socket (so a port in use fails at once, as an
 :class:`OSError`), starts the live state (its watch lists the prefix: :class:`EtcdError`,
 :class:`StorageFormatError`), then runs uvicorn's event loop on the named daemon thread
-``dtask-console-http`` and returns once it accepts connections. :meth:`stop` ends every page's
-event stream, stops the watch, lets uvicorn close its connections, joins the thread and shuts
-the writes' executor down; it is idempotent, and the server cannot be started again.
+``dtask-console-http`` and returns once it accepts connections. Manager calls run on the
+executors' threads: ``dtask-console-write_N`` (writes) and ``dtask-console-read_N`` (units).
+:meth:`stop` ends every page's event stream, stops the watch, lets uvicorn close its
+connections, joins the thread and shuts both executors down; it is idempotent, and the server
+cannot be started again.
 
 The server never installs signal handlers (it does not run on the main thread): its owner
 decides what a signal means (``dtask ui`` stops on SIGINT and SIGTERM and exits 0).
@@ -63,6 +65,7 @@ class ConsoleServer:
         self.state = LiveState(manager)
         self._keep_alive = keep_alive_seconds
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dtask-console-write")
+        self._reads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dtask-console-read")
         self._ready = threading.Event()
         self._server: _Uvicorn | None = None
         self._thread: threading.Thread | None = None
@@ -108,6 +111,7 @@ class ConsoleServer:
         except BaseException:
             sock.close()
             self._executor.shutdown()
+            self._reads.shutdown()
             raise
         app = build_app(
             self.state,
@@ -115,6 +119,7 @@ class ConsoleServer:
             port=self.port,
             allow_writes=self.allow_writes,
             executor=self._executor,
+            read_executor=self._reads,
             keep_alive_seconds=self._keep_alive,
         )
         config = uvicorn.Config(
@@ -162,3 +167,4 @@ class ConsoleServer:
             self._server.should_exit = True
         stop_and_join(self._thread, timeout=timeout, logger=log, what="the console's server")
         self._executor.shutdown(wait=True)
+        self._reads.shutdown(wait=True)

@@ -1,12 +1,14 @@
 """The JSON the console serves: a run's summary, its node rows, a member, and the filters and
 orders of ``GET /api/tasks``.
 
-A *summary* is the JSON of ``dtask get`` without the payload and the per-node maps, plus
-``nodeCount``, ``finishedCount``, ``progress`` (the mean of the nodes' fractions, a node
-done counting 1), ``failedAttempts`` (``dtask list``'s ATTEMPTS cell, or null) and
-``payloadBytes``. A *node row* is one node as ``dtask wait`` shows it: ``state`` (running,
-retrying, paused, done, failed, cancelled, stopped), ``fraction``, ``message``, ``updatedAt``
-of its last progress report, ``attempts`` failed and ``lastError``.
+A *summary* is the JSON of ``dtask get`` without the payload, the per-node maps and the
+declared units, plus ``nodeCount``, ``finishedCount``, ``progress`` (the mean of the nodes'
+fractions, a node done counting 1), ``failedAttempts`` (``dtask list``'s ATTEMPTS cell, or
+null), ``payloadBytes`` and ``unitCount`` (the declared units; 0: a plain task). A *node row*
+is one node as ``dtask wait`` shows it: ``state`` (running, retrying, paused, done, failed,
+cancelled, stopped), ``fraction``, ``message``, ``updatedAt`` of its last progress report,
+``attempts`` failed and ``lastError``. The *units* of a unit task (``GET /api/units``) are
+:func:`units`: their counts by group, and each unit's row.
 
 Pure functions; thread-safe. The dicts they return are never changed afterwards, so they may
 be shared between threads and serialized outside any lock.
@@ -19,8 +21,9 @@ from typing import Any
 
 from ..describe import failed_attempts, node_state
 from ..follower import FailedAttempts, FollowedRun
-from ..model import Progress, Task, TaskStatus, format_time, task_to_dict
+from ..model import Progress, Task, TaskStatus, Unit, format_time, task_to_dict
 from ..records import MemberRecord, OutcomeRecord
+from ..unitview import group_name, summarize_units, summary_to_dict, unit_to_dict
 
 __all__ = [
     "SORTS",
@@ -30,11 +33,12 @@ __all__ = [
     "select_tasks",
     "status_counts",
     "summary",
+    "units",
 ]
 
 Json = dict[str, Any]
 
-_NOT_IN_SUMMARY = ("payload", "nodes", "finishedNodes", "attempts", "lastErrors")
+_NOT_IN_SUMMARY = ("payload", "nodes", "finishedNodes", "attempts", "lastErrors", "units")
 
 
 def node_rows(
@@ -80,6 +84,7 @@ def summary(task: Task, rows: Mapping[str, Json], payload_bytes: int) -> Json:
         progress=sum(fractions) / len(task.nodes) if task.nodes else 0.0,
         failedAttempts=None if cell == "-" else cell,
         payloadBytes=payload_bytes,
+        unitCount=len(task.units),
     )
     return out
 
@@ -93,6 +98,26 @@ def full(task: Task, summary_json: Json, rows: Mapping[str, Json]) -> Json:
         if key in whole:
             out[key] = whole[key]
     out["nodeStates"] = [rows[node] for node in sorted(rows)]
+    return out
+
+
+def units(namespace: str, task_id: str, version: int, found: Mapping[str, Unit]) -> Json:
+    """``GET /api/units``: the units of a run (``Manager.get_units``), counted as ``dtask get``
+    counts them (``unitSummary``: ``total``, ``counts``, ``completedByNode``,
+    ``inProgressByNode``), with each group's units (``dtask units --json`` rows) under its
+    entry of ``groups``, and ``label``, its name as shown (``(no group)`` for ``""``)::
+
+        {"namespace", "ID", "version", "total", "counts": {"COMPLETED": 2, ...},
+         "groups": [{"group", "label", "total", "counts", "units": [{"id", "status", ...}]}],
+         "completedByNode", "inProgressByNode"}
+    """
+    summary = summarize_units(found.values())
+    out: Json = {"namespace": namespace, "ID": task_id, "version": version}
+    out.update(summary_to_dict(summary))
+    out["groups"] = [
+        {**entry, "label": group_name(group.group), "units": [unit_to_dict(u) for u in group.units]}
+        for entry, group in zip(out["groups"], summary.groups, strict=True)
+    ]
     return out
 
 

@@ -1,5 +1,6 @@
 // The distributedtask console: three pages (tasks, one task, members) kept current by one
 // server-sent event stream (/api/events). Served by `dtask ui`; nothing comes from elsewhere.
+// A unit task's page also reads its units (/api/units) when the stream says they changed.
 //
 // Rule of this file: every piece of data is put in the page as text (h() and text nodes) or
 // as an attribute value, never as markup: no innerHTML, no insertAdjacentHTML, no
@@ -12,6 +13,10 @@
   const GO_ZERO_TIME = "0001-01-01T00:00:00Z";
   const ROW_LIMIT = 500;
   const ACTIVITY_LIMIT = 60;
+  const UNIT_STATUSES = ["COMPLETED", "IN_PROGRESS", "PENDING", "FAILED"];
+  const UNIT_WORDS = { COMPLETED: "completed", IN_PROGRESS: "in progress", PENDING: "pending", FAILED: "failed" };
+  const UNIT_ROW_LIMIT = 1000; // units listed per group
+  const UNIT_READ_MS = 500; // a page reads its task's units at most this often
   const writes = meta("dtask-writes") === "true";
   const csrf = meta("dtask-csrf");
   const main = document.getElementById("main");
@@ -520,15 +525,25 @@
     const facts = h("dl", { class: "facts" });
     const actions = h("div", { class: "actions" });
     const message = h("p", { class: "message", id: "message", role: "status", "aria-live": "polite" });
+    const nodesHead = h("tr");
     const nodesBody = h("tbody");
     const timelineList = h("ol", { class: "timeline", id: "timeline" });
     const missing = h("p", { class: "missing", hidden: true });
+    const unitsTitle = h("h2", {}, "Units");
+    const unitTotals = h("p", { class: "unit-totals", id: "unit-totals" });
+    const unitGroups = h("div", { class: "unit-groups", id: "unit-groups" });
+    const unitsNote = h("p", { class: "note", id: "units-note" });
+    const unitsSection = h("section", { id: "units", hidden: true }, unitsTitle, unitTotals, unitGroups, unitsNote);
+    const openGroups = new Set(); // the groups whose list of units is expanded
+    let units = null; // the last read of /api/units
+    let unitsError = "";
     const content = h(
       "div",
       { id: "task" },
       facts,
       actions,
       message,
+      unitsSection,
       h("h2", {}, "Nodes"),
       h(
         "div",
@@ -536,17 +551,7 @@
         h(
           "table",
           { class: "nodes", id: "nodes" },
-          h(
-            "thead",
-            {},
-            h(
-              "tr",
-              {},
-              ["Node", "State", "Progress", "Message", "Failed attempts", "Last error"].map((label) =>
-                h("th", { scope: "col" }, label),
-              ),
-            ),
-          ),
+          h("thead", {}, nodesHead),
           nodesBody,
         ),
       ),
@@ -596,23 +601,44 @@
       heading.append(statusBadge(task.status));
       const state = task.status === "FINISHED" ? "done" : task.status.toLowerCase();
       const policy = task.policy || {};
+      const per = task.unitCount ? "unit" : "node"; // a unit task's attempts are its units'
       const policyText = [
-        policy.maxAttempts ? `${policy.maxAttempts} attempts per node` : "1 attempt per node",
+        policy.maxAttempts ? `${policy.maxAttempts} attempts per ${per}` : `1 attempt per ${per}`,
         policy.retryBackoff !== undefined ? `backoff ${policy.retryBackoff}s` : null,
         policy.retryBackoffMax !== undefined ? `up to ${policy.retryBackoffMax}s` : null,
         policy.deadline !== undefined ? `deadline ${policy.deadline}s` : null,
       ]
         .filter(Boolean)
         .join(", ");
+      const unitsRead = task.unitCount && units && units.version === task.version ? units : null;
+      let failedAttempts = task.failedAttempts || "none";
+      if (unitsRead) {
+        const retried = unitsRead.groups.flatMap((group) => group.units).filter((unit) => unit.attempts > 0);
+        const count = retried.reduce((sum, unit) => sum + unit.attempts, 0);
+        failedAttempts = retried.length
+          ? `${count} failed on ${retried.length} unit${retried.length === 1 ? "" : "s"}`
+          : "none";
+      }
       facts.replaceChildren(
         ...fact("Version", String(task.version)),
-        ...fact("Progress", bar(task.progress, state, "progress of the task")),
-        ...fact("Nodes done", `${task.finishedCount} of ${task.nodeCount}`),
+        ...(task.unitCount
+          ? [
+              ...fact(
+                "Progress",
+                bar(unitsRead ? unitsRead.counts.COMPLETED / (unitsRead.total || 1) : 0, state, "progress of the task"),
+              ),
+              ...fact("Units done", unitsRead ? `${unitsRead.counts.COMPLETED} of ${unitsRead.total}` : `? of ${task.unitCount}`),
+            ]
+          : [
+              ...fact("Progress", bar(task.progress, state, "progress of the task")),
+              ...fact("Nodes done", `${task.finishedCount} of ${task.nodeCount}`),
+            ]),
         ...fact("Started", when(task.startedAt), h("span", { class: "muted" }, ` (${age(task.startedAt)} ago)`)),
         ...(isSet(task.finishedAt) ? fact("Ended", when(task.finishedAt)) : []),
         ...(task.error ? fact("Error", h("span", { class: "error-text" }, task.error)) : []),
         ...(task.failedNode ? fact("Failed on", name(task.failedNode)) : []),
-        ...fact("Failed attempts", task.failedAttempts || "none"),
+        ...(task.failedUnit ? fact("Failed unit", name(task.failedUnit)) : []),
+        ...fact("Failed attempts", failedAttempts),
         ...fact("Run policy", policyText),
         ...fact("Payload", `${task.payloadBytes} bytes`),
       );
@@ -634,6 +660,18 @@
           );
         }
       }
+      renderUnits();
+      // A unit task's nodes: also the units each completed and holds (from the last read).
+      const unitsOf = (node) => {
+        if (!unitsRead) return "";
+        const held = unitsRead.inProgressByNode[node] || 0;
+        return `${unitsRead.completedByNode[node] || 0} completed${held ? `, ${held} in progress` : ""}`;
+      };
+      nodesHead.replaceChildren(
+        ...["Node", "State", "Progress", "Message", ...(task.unitCount ? ["Units"] : []), "Failed attempts", "Last error"].map(
+          (label) => h("th", { scope: "col" }, label),
+        ),
+      );
       nodesBody.replaceChildren(
         ...[...rows.values()]
           .sort((a, b) => cmp(a.node, b.node))
@@ -645,12 +683,183 @@
               h("td", {}, h("span", { class: `state state-${row.state}` }, row.state)),
               h("td", { class: "progress-cell" }, bar(row.fraction, row.state, `progress of ${row.node}`)),
               h("td", { class: "message-cell" }, row.message),
+              task.unitCount ? h("td", { class: "units-cell" }, unitsOf(row.node)) : null,
               h("td", { class: "num" }, String(row.attempts)),
               h("td", { class: "error-text" }, row.lastError || ""),
             ),
           ),
       );
     }
+
+    // ---- units: counts by group, and each group's units on demand ----
+
+    function unitCounts(counts) {
+      return h(
+        "span",
+        { class: "unit-counts" },
+        UNIT_STATUSES.map((status) =>
+          h(
+            "span",
+            { class: `ucount ucount-${status.toLowerCase()}`, "data-status": status },
+            h("span", { class: "n" }, String(counts[status] || 0)),
+            ` ${UNIT_WORDS[status]}`,
+          ),
+        ),
+      );
+    }
+
+    function unitState(status) {
+      return h("span", { class: `state ustate-${status.toLowerCase()}` }, UNIT_WORDS[status] || status);
+    }
+
+    function unitTable(group) {
+      const shown = group.units.slice(0, UNIT_ROW_LIMIT);
+      return [
+        h(
+          "div",
+          { class: "table-wrap" },
+          h(
+            "table",
+            { class: "units" },
+            h(
+              "thead",
+              {},
+              h(
+                "tr",
+                {},
+                ["Unit", "Status", "Node", "Failed attempts", "Progress", "Message", "Error"].map((label) =>
+                  h("th", { scope: "col" }, label),
+                ),
+              ),
+            ),
+            h(
+              "tbody",
+              {},
+              shown.map((unit) => {
+                const done = unit.status === "COMPLETED";
+                const fraction = done ? 1 : unit.progress ? unit.progress.fraction : 0;
+                const barState = done ? "done" : unit.status === "FAILED" ? "failed" : "running";
+                return h(
+                  "tr",
+                  { class: `unit-row unit-${unit.status.toLowerCase()}`, "data-unit": unit.id },
+                  h("td", {}, name(unit.id)),
+                  h("td", {}, unitState(unit.status)),
+                  h("td", {}, unit.node === null ? h("span", { class: "muted" }, "–") : name(unit.node)),
+                  h("td", { class: "num" }, String(unit.attempts)),
+                  h("td", { class: "progress-cell" }, bar(fraction, barState, `progress of unit ${unit.id}`)),
+                  h("td", { class: "message-cell" }, unit.progress ? unit.progress.message : ""),
+                  h("td", { class: "error-text" }, unit.error || ""),
+                );
+              }),
+            ),
+          ),
+        ),
+        shown.length < group.units.length
+          ? h("p", { class: "note" }, `Showing ${shown.length} of ${group.units.length} units of this group.`)
+          : null,
+      ];
+    }
+
+    function groupBlock(group) {
+      const counts = group.counts;
+      let state = "running";
+      if (counts.FAILED) state = "failed";
+      else if (counts.COMPLETED === group.total) state = "done";
+      else if (task.status === "PAUSED") state = "paused";
+      const list = h("div", { class: "unit-list" });
+      const details = h(
+        "details",
+        { class: "unit-details", open: openGroups.has(group.group) },
+        h("summary", {}, `${group.total} unit${group.total === 1 ? "" : "s"}`),
+        list,
+      );
+      const fill = () => {
+        if (details.open && !list.firstChild) list.append(...unitTable(group).filter(Boolean));
+      };
+      details.addEventListener("toggle", () => {
+        if (details.open) openGroups.add(group.group);
+        else openGroups.delete(group.group);
+        fill();
+      });
+      fill();
+      return h(
+        "div",
+        { class: "unit-group", "data-group": group.group },
+        h(
+          "div",
+          { class: "group-head" },
+          h("span", { class: "group-name" }, group.group ? name(group.group) : h("span", { class: "muted" }, group.label)),
+          bar(group.total ? counts.COMPLETED / group.total : 0, state, `completed units of ${group.label}`),
+          unitCounts(counts),
+        ),
+        details,
+      );
+    }
+
+    function renderUnits() {
+      if (!task || !task.unitCount) {
+        unitsSection.hidden = true;
+        return;
+      }
+      unitsSection.hidden = false;
+      unitsTitle.replaceChildren("Units ", h("span", { class: "count" }, String(task.unitCount)));
+      if (!units || units.version !== task.version) {
+        unitTotals.replaceChildren();
+        unitGroups.replaceChildren();
+        unitsNote.textContent = unitsError ? `Could not read the units: ${unitsError}` : "Reading the units…";
+        return;
+      }
+      unitsNote.textContent = unitsError ? `Could not read the units again (${unitsError}): these are from the last read.` : "";
+      const groups = units.groups.length;
+      unitTotals.replaceChildren(
+        `${units.total} unit${units.total === 1 ? "" : "s"} in ${groups} group${groups === 1 ? "" : "s"}: `,
+        unitCounts(units.counts),
+      );
+      unitGroups.replaceChildren(...units.groups.map(groupBlock));
+    }
+
+    // Read the units now, or as soon as the last read is UNIT_READ_MS old; one read at a time,
+    // and a change during a read makes one more.
+    const readUnits = (() => {
+      let busy = false;
+      let again = false;
+      let timer = null;
+      let last = 0;
+      async function read() {
+        timer = null;
+        busy = true;
+        again = false;
+        last = Date.now();
+        try {
+          const query = new URLSearchParams({ namespace: ns, id: id });
+          const response = await fetch(`/api/units?${query}`, { credentials: "same-origin" });
+          const body = await response.json().catch(() => ({}));
+          if (response.ok) {
+            units = body;
+            unitsError = "";
+          } else if (response.status === 404) {
+            units = null; // gone, or replaced by a run without units: the stream says which
+            unitsError = "";
+          } else {
+            unitsError = body.error || response.statusText;
+          }
+        } catch (error) {
+          unitsError = String(error);
+        }
+        busy = false;
+        update();
+        if (again) request();
+      }
+      function request() {
+        if (!task || !task.unitCount) return;
+        if (busy) {
+          again = true;
+          return;
+        }
+        if (timer === null) timer = setTimeout(read, Math.max(0, last + UNIT_READ_MS - Date.now()));
+      }
+      return request;
+    })();
 
     function take(full) {
       const before = task;
@@ -670,16 +879,22 @@
           showStatus(data.status);
           if (!opened) {
             opened = true;
-            note(task ? `page opened: ${task.status}, version ${task.version}, ${task.finishedCount} of ${task.nodeCount} nodes done` : "page opened: no such task");
+            const done = task && task.unitCount ? `${task.unitCount} units` : task ? `${task.finishedCount} of ${task.nodeCount} nodes done` : "";
+            note(task ? `page opened: ${task.status}, version ${task.version}, ${done}` : "page opened: no such task");
           } else if ((before && before.status) !== (task && task.status)) {
             note(`state reloaded: ${task ? task.status : "no such task"}`);
           }
+          readUnits();
           update();
         },
         task: (data) => {
           if (data.task.namespace !== ns || data.task.ID !== id) return;
           task = data.task; // its node rows come in "nodes" events
+          readUnits();
           update();
+        },
+        units: (data) => {
+          if (data.namespace === ns && data.ID === id) readUnits();
         },
         removed: (data) => {
           if (data.namespace !== ns || data.ID !== id) return;
