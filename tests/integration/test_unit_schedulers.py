@@ -336,8 +336,8 @@ def test_a_lost_node_with_only_completed_affinity_units_does_not_fail_the_task(
     assert mgr.wait_for_task(NS, "t", task.version, timeout=30).status is TaskStatus.FINISHED
 
 
-def test_units_held_by_a_node_run_again_after_its_restart(
-    schedulers: Schedulers, mgr: dt.Manager, units: Units
+def test_a_node_that_stops_gives_its_units_back_at_once(
+    schedulers: Schedulers, mgr: dt.Manager, units: Units, registry: CollectorRegistry
 ) -> None:
     gate = threading.Event()
 
@@ -345,19 +345,24 @@ def test_units_held_by_a_node_run_again_after_its_restart(
         while not gate.is_set() and not ctx.cancelled.is_set():
             ctx.cancelled.wait(0.05)
 
-    first = schedulers.new("n1", {NS: units.provider("n1", held, concurrency=2)})
-    task = mgr.add_task(NS, "t", nodes=["n1"], units=["a", "b", "c"])
+    # No node-loss grace: only the stop itself can give the units back.
+    first = schedulers.new(
+        "n1", {NS: units.provider("n1", held, concurrency=2)}, node_loss_grace=None
+    )
+    task = mgr.add_task(NS, "t", nodes=["n1", "n2"], units=["a", "b", "c"])
     wait_until(lambda: len(units.units_ran()) == 2, timeout=10, message="two units running")
-    first.stop()  # its handles are terminated: the two units are still held by n1 in etcd
-    held_now = mgr.get_units(NS, "t", task.version)
-    assert sorted(u.id for u in held_now.values() if u.status is UnitStatus.IN_PROGRESS) == [
-        "a",
-        "b",
-    ]
+    first.stop()  # its handles are terminated, and the two units go back to the pool
+    after = mgr.get_units(NS, "t", task.version)
+    assert {u.id: (u.status, u.node, u.attempts) for u in after.values() if u.id != "c"} == {
+        "a": (UnitStatus.PENDING, "n1", 0),
+        "b": (UnitStatus.PENDING, "n1", 0),
+    }
+    assert metric(registry, "distributedtask_units_reassigned_total", namespace=NS) == 2
     gate.set()
-    schedulers.new("n1", {NS: units.provider("n1")})
+    schedulers.new("n2", {NS: units.provider("n2")}, node_loss_grace=None)
     assert mgr.wait_for_task(NS, "t", task.version, timeout=30).status is TaskStatus.FINISHED
     assert Counter(units.units_ran()) == {"a": 2, "b": 2, "c": 1}
+    assert {u.node for u in mgr.get_units(NS, "t", task.version).values()} == {"n2"}
 
 
 def test_a_unit_handed_out_and_never_claimed_is_given_back(

@@ -33,8 +33,9 @@ The flow, in the manner of Weaviate's scheduler, but driven by etcd watches inst
 6. The periodic resync (``resync_interval``) asks both watches for a fresh snapshot and
    reconciles everything: a safety net, not the mechanism. The watches resume after
    disconnects, etcd restarts and leader changes, and relist after compaction.
-7. ``stop()`` stops the watches and the worker, terminates every running handle, revokes the
-   lease (the membership record goes at once) and joins every thread it started.
+7. ``stop()`` stops the watches and the worker, terminates every running handle, gives the
+   units this node holds back to the pool, revokes the lease (the membership record goes at
+   once) and joins every thread it started.
 
 A run is started at least once, and at most once per process, on each of its nodes: after a
 crash the restarted node runs again whatever it had not recorded.
@@ -123,6 +124,7 @@ class _State(enum.Enum):
 class _Running:
     version: int
     handle: TaskHandle
+    units: bool = False
 
 
 class Scheduler:
@@ -317,12 +319,32 @@ class Scheduler:
         stop_and_join(self._worker, timeout=30, logger=self.log, what="scheduler worker")
         for (namespace, task_id), running in list(self._running.items()):
             self._terminate(namespace, task_id, running, count=False)
+        unit_runs = [
+            (ns, tid, running.version)
+            for (ns, tid), running in self._running.items()
+            if running.units
+        ]
         self._running.clear()
         self._publish_running()
         self._recorder.flush_outbox()
         self._desk.flush_outbox()
+        self._give_back_units(unit_runs)
         if self._lease is not None:
             self._lease.stop()
+
+    def _give_back_units(self, runs: list[RunKey]) -> None:
+        """At stop: the units this node holds go back to the pool for the other nodes (a
+        node that leaves does not make them wait for its node-loss grace). Best effort: what
+        etcd does not take now is given back by the deciders after the grace."""
+        for run in runs:
+            try:
+                released, _ = self.manager.units.release_node(*run, self.node_id)
+            except EtcdError as exc:
+                self.log.warning("could not give back the units of %s/%s v%d: %s", *run, exc)
+                continue
+            if released:
+                self.metrics.units_reassigned.labels(namespace=run[0]).inc(released)
+                self.log.info("gave back %d unit(s) of %s/%s v%d at stop", released, *run)
 
     def check_timers(self) -> None:
         """Look at the timers now. The worker sleeps until the earliest timer is due by the
@@ -883,7 +905,7 @@ class Scheduler:
         handle = self._calls.start(task)
         if handle is None:
             return False
-        self._running[task_id] = _Running(run.version, handle)
+        self._running[task_id] = _Running(run.version, handle, bool(run.record.unit_count))
         self._local[namespace].setdefault(tid, set()).add(run.version)
         self.metrics.task_starts.labels(namespace=namespace).inc()
         latency = (self.manager.now() - task.started_at).total_seconds()
