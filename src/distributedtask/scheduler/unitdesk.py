@@ -110,6 +110,7 @@ class UnitDesk:
         self._ready_at: dict[tuple[RunKey, str], float] = {}
         self._out: dict[RunKey, dict[str, Claim]] = {}
         self._held_read: set[RunKey] = set()
+        self._held_reading: set[RunKey] = set()  # read by one worker while the others wait
         self._orphans: dict[RunKey, list[Claim]] = {}
         self._checks: dict[RunKey, set[str] | None] = {}  # None: looked, nothing missing
         self._outbox: dict[tuple[RunKey, str], _Pending] = {}
@@ -124,9 +125,18 @@ class UnitDesk:
         run = _run(task)
         namespace, task_id, version = run
         with self._cond:
+            while run in self._held_reading:  # another worker of this node reads them
+                self._cond.wait()
             first = run not in self._held_read
+            if first:
+                self._held_reading.add(run)
         if first:
-            held = self._units.held(namespace, task_id, version, self._node)
+            try:
+                held = self._units.held(namespace, task_id, version, self._node)
+            finally:
+                with self._cond:
+                    self._held_reading.discard(run)
+                    self._cond.notify_all()
             with self._cond:
                 if run not in self._held_read:
                     self._held_read.add(run)
