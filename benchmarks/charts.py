@@ -32,6 +32,7 @@ def draw(key: str, entry: dict[str, Any], directory: Path) -> Path:
         "client": _client,
         "fanout": _fanout,
         "widetask": _widetask,
+        "units": _units,
     }[key]
     fig = drawer(entry)
     verdict = {True: "goal met", False: "goal missed", None: "no goal"}[entry.get("met")]
@@ -204,6 +205,53 @@ def _fanout(entry: dict[str, Any]) -> Any:
 
 def _widetask(entry: dict[str, Any]) -> Any:
     return _bar_rows(entry["rows"], "raw", width=3.6)
+
+
+def _units(entry: dict[str, Any]) -> Any:
+    data = entry["data"]
+    ours: list[dict[str, Any]] = data["ours"]
+    raws: list[dict[str, Any]] = data["raw"]
+
+    def raw(name: str) -> float:
+        return sum(float(r[name]) for r in raws) / len(raws)
+
+    k0, k1 = ours[0]["k"], ours[-1]["k"]
+    names = [f"ours, K={o['k']}" for o in ours] + [f"raw, {k0} threads"]
+    colors = [OURS] * len(ours) + [BASE]
+    panels = [
+        ("round trips per unit", [o["trips_per_unit"] for o in ours] + [2.0], 3.0, "goal: 3"),
+        (
+            f"s from add to FINISHED, {data['units']:,} units",
+            [o["time_s"] for o in ours] + [raw("time_s")],
+            2 * raw("time_s"),
+            f"goal (K={k0}): 2x raw",
+        ),
+        (
+            "etcd bytes sent per unit transition",
+            [o["bytes_per_transition"] for o in ours] + [raw("bytes_per_transition")],
+            1.25 * ours[0]["bytes_per_transition"],
+            f"goal: K={k1} <= 1.25x K={k0}",
+        ),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 4.5))
+    for ax, (label, values, bound, goal) in zip(axes, panels, strict=True):
+        ax.bar(names, values, color=colors)
+        for x, value in enumerate(values):
+            ax.annotate(f"{value:,.3g}", (x, value), ha="center", va="bottom", fontsize=8)
+        ax.axhline(bound, color=OTHER, linestyle="--", label=goal)
+        ax.set_ylabel(label)
+        ax.tick_params(axis="x", labelsize=8)
+    rest = [o["bytes_per_transition_less_declarations"] for o in ours]
+    axes[2].bar(
+        names[: len(ours)],
+        [o["bytes_per_transition"] - r for o, r in zip(ours, rest, strict=True)],
+        bottom=rest,
+        color="#aec7e8",
+        label="the nodes' reads of the declared units",
+    )
+    for ax in axes:
+        ax.legend(fontsize=8, loc="lower right")
+    return fig
 
 
 def main() -> None:

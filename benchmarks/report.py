@@ -35,6 +35,13 @@ _FANOUT = (
     "add, the record and its bucket's assignment; none per progress write). See Findings 7."
 )
 _WIDE = "Missed: the note gives the requests sent, by path. See Findings 8."
+_UNITS_BYTES = (
+    "Missed: every node reads the run with its declared units once (compressed, ~2.3 bytes a "
+    "unit here): O(units) per node, O(nodes) per transition. The transitions themselves are "
+    "flat (the row that takes those reads out). See Findings 9."
+)
+_UNITS_TRIPS = "Missed: the note gives the requests by kind. See Findings 9."
+_UNITS_TIME = "Missed: see Findings 9 for where the time goes."
 
 MISSED: list[tuple[str, str, str]] = [
     ("propagation", "add->start p50", _PROPAGATION),
@@ -44,6 +51,9 @@ MISSED: list[tuple[str, str, str]] = [
     ("throughput", "", _SINGLE),
     ("fanout", "", _FANOUT),
     ("widetask", "", _WIDE),
+    ("units", "etcd bytes sent per unit transition", _UNITS_BYTES),
+    ("units", "round trips per unit", _UNITS_TRIPS),
+    ("units", "add -> FINISHED", _UNITS_TIME),
 ]
 """``(case, row name prefix, reason)``: the first that matches a missed row is written next
 to it."""

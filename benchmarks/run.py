@@ -35,7 +35,17 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = HERE / "results"
 DEFAULT_README = HERE / "README.md"
 
-CASES = ("propagation", "throughput", "fanin", "idle", "scale", "client", "fanout", "widetask")
+CASES = (
+    "propagation",
+    "throughput",
+    "fanin",
+    "idle",
+    "scale",
+    "client",
+    "fanout",
+    "widetask",
+    "units",
+)
 """Case keys, in the order they run; each is the module ``benchmarks.cases.<key>``."""
 
 
@@ -43,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--quick", action="store_true", help="run every case small (~40 s)")
+    parser.add_argument("--quick", action="store_true", help="run every case small (~50 s)")
     parser.add_argument("--no-charts", action="store_true", help="do not draw the PNG charts")
     parser.add_argument(
         "--output", type=Path, default=None, help=f"results directory (default {DEFAULT_OUTPUT})"

@@ -25,6 +25,7 @@ CASES = {
     "client",
     "fanout",
     "widetask",
+    "units",
 }
 FIELDS = {"measured", "baseline", "ratio", "goal", "met"}
 
@@ -57,6 +58,15 @@ def test_quick_benchmarks_run_every_case_and_report_every_field(tmp_path: Path) 
         assert case["rows"], key
         for row in case["rows"]:
             assert set(row) >= FIELDS, f"{key}/{row.get('name')}"
+    # Units: counts, not timings. A unit costs a ticket, a claim and a completion (the
+    # classifier found them: not zero), and the run's other requests come on top.
+    rows = {row["name"]: row for row in results["cases"]["units"]["rows"]}
+    per_unit = [row for name, row in rows.items() if name.startswith("round trips per unit (")]
+    every = [row for name, row in rows.items() if name.startswith("all round trips")]
+    assert len(per_unit) == len(every) == 2, sorted(rows)
+    for row, total in zip(per_unit, every, strict=True):
+        assert 0 < row["measured"] <= 3 and row["met"] is True, row
+        assert total["measured"] >= row["measured"], (row, total)
     # No chart with --no-charts, and the repository's README was not touched.
     assert not (tmp_path / "charts").exists()
     assert (readme.read_bytes() if readme.exists() else None) == readme_before
