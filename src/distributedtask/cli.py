@@ -13,6 +13,13 @@ ours (etcd unreachable, no such task, task still running, task no longer running
 as one line ``dtask: error: ...`` on stderr, never a traceback; 64 for bad usage; 130 when
 interrupted.
 
+Units: ``add --units a,b`` or ``--units-file F`` declares a unit task (``F``: one unit a line,
+a plain id or a JSON object ``{"id", "group", "node"}``; blank lines ignored; a bad line is a
+usage error naming it, and nothing is written); ``get`` adds ``unitSummary`` (unitview.py),
+``units`` shows them one by one, ``list`` adds a UNITS column (completed/declared: one small
+read per batch of unit tasks) and ``wait`` follows them (a line or bar for all the units, each
+group and each node, from a watch of the units' claim keys).
+
 Threading: the CLI is single-threaded except where it follows a watch or serves (``wait``,
 ``watch``, ``node``, ``ui``, ``demo``), whose threads are stopped and joined before it exits.
 ``node`` and ``ui`` stop on SIGTERM or SIGINT and exit 0.
@@ -21,6 +28,7 @@ Threading: the CLI is single-threaded except where it follows a watch or serves 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -35,16 +43,36 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import orjson
 
-from .describe import describe_changes, failed_attempts, node_state
+from .describe import NodeState, describe_changes, failed_attempts, node_state, unit_states
+from .etcd import txn as t
 from .etcd.client import EtcdClient
 from .etcd.watch import Changes, ResumableWatch, Snapshot
 from .exceptions import DistributedTaskError, InvalidTaskError, TaskNotFoundError
 from .follower import FollowedRun, RunFollower
 from .keys import prefix_range_end
 from .manager import Manager
-from .model import DEFAULT_POLICY, RunPolicy, Task, TaskStatus, format_time, task_to_dict
+from .model import (
+    DEFAULT_POLICY,
+    RunPolicy,
+    Task,
+    TaskStatus,
+    Unit,
+    UnitSpec,
+    format_time,
+    task_to_dict,
+)
+from .unitview import (
+    STATUSES,
+    group_name,
+    summarize_units,
+    summary_to_dict,
+    unit_to_dict,
+    units_from_claims,
+)
 
 if TYPE_CHECKING:
+    from rich.progress import TaskID
+
     from .console import ConsoleServer
 
 __all__ = ["main"]
@@ -167,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat decla
     p.add_argument("task_id")
     p.set_defaults(run=cmd_get)
 
+    p = sub.add_parser("units", help="the units of a unit task, by group")
+    p.add_argument("namespace")
+    p.add_argument("task_id")
+    p.add_argument("--version", type=int, help="the run (default: the current one)")
+    p.add_argument("--json", action="store_true", help="the list of units as JSON")
+    p.set_defaults(run=cmd_units)
+
     p = sub.add_parser("add", help="add a run of a task")
     p.add_argument("namespace")
     p.add_argument("task_id")
@@ -174,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat decla
     source.add_argument("--payload", help="the payload, as text")
     source.add_argument("--payload-file", help="read the payload from a file ('-': stdin)")
     p.add_argument("--nodes", help="comma-separated node ids (default: the live nodes)")
+    units = p.add_mutually_exclusive_group()
+    units.add_argument(
+        "--units", metavar="IDS", help="split the run into units: comma-separated ids"
+    )
+    units.add_argument(
+        "--units-file",
+        metavar="F",
+        help='the units, one a line: an id or {"id", "group", "node"} (\'-\': stdin)',
+    )
     policy = p.add_argument_group("run policy")
     for flag, kind, metavar, what in (
         ("--max-attempts", _attempts, "N", "attempts per node before the run fails (default 1)"),
@@ -386,17 +430,53 @@ def cmd_list(args: argparse.Namespace) -> int:
             task.id,
             str(task.version),
             task.status.value,
-            f"{len(task.finished_nodes)}/{len(task.nodes)}",
+            # a unit task's nodes complete units, not the run: the number of its nodes
+            str(len(task.nodes)) if task.units else f"{len(task.finished_nodes)}/{len(task.nodes)}",
             _age(task.started_at),
         ]
         for task in listed
     ]
+    if any(task.units for task in listed):  # a column only when some task has units
+        headers.insert(5, "UNITS")
+        completed = _units_completed(manager, listed)
+        for row, task in zip(rows, listed, strict=True):
+            cell = f"{completed[task.namespace, task.id]}/{len(task.units)}" if task.units else "-"
+            row.insert(5, cell)
     if any(task.attempts for task in listed):  # a column only when some node failed an attempt
         headers.append("ATTEMPTS")
         for row, task in zip(rows, listed, strict=True):
             row.append(failed_attempts(task))
     _table(rows, headers, sys.stdout)
     return 0
+
+
+def _units_completed(manager: Manager, tasks: Sequence[Task]) -> dict[tuple[str, str], int]:
+    """The completed units of each unit task of ``tasks`` by ``(namespace, id)``: the etcd
+    version of its completion counter (keys only), read in one transaction per batch of
+    tasks; a FINISHED run has completed every unit (no read)."""
+    out: dict[tuple[str, str], int] = {}
+    unread = []
+    for task in tasks:
+        if not task.units:
+            continue
+        if task.status is TaskStatus.FINISHED:
+            out[task.namespace, task.id] = len(task.units)
+        else:
+            unread.append(task)
+    for start in range(0, len(unread), t.MAX_TXN_OPS):
+        batch = unread[start : start + t.MAX_TXN_OPS]
+        keys = manager.keys
+        result = manager.client.txn(
+            success=[
+                t.get(keys.units_completed(task.namespace, task.id), keys_only=True)
+                for task in batch
+            ]
+        )
+        for index, task in enumerate(batch):
+            kv = result.range(index).first()
+            # clamped: the run may have been replaced since it was listed (a display only)
+            out[task.namespace, task.id] = min(len(task.units), 0 if kv is None else kv.version)
+    return out
 
 
 def cmd_get(args: argparse.Namespace) -> int:
@@ -407,7 +487,59 @@ def cmd_get(args: argparse.Namespace) -> int:
         node: {"fraction": p.fraction, "message": p.message, "updatedAt": format_time(p.updated_at)}
         for node, p in sorted(manager.get_progress(task.namespace, task.id, task.version).items())
     }
+    if task.units:
+        units = manager.get_units(task.namespace, task.id, task.version)
+        body["unitSummary"] = summary_to_dict(summarize_units(units.values()))
     _write_json(body, sys.stdout)
+    return 0
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _unit_row(unit: Unit) -> list[str]:
+    progress = unit.progress
+    return [
+        unit.id,
+        unit.status.value,
+        unit.node or "-",
+        str(unit.attempts),
+        _one_line(unit.error) if unit.error else "-",
+        "-"
+        if progress is None
+        else f"{progress.fraction:.0%} {_one_line(progress.message)}".rstrip(),
+    ]
+
+
+def cmd_units(args: argparse.Namespace) -> int:
+    _, manager = connect(args)
+    task = _current(manager, args.namespace, args.task_id, args.version)
+    units = list(manager.get_units(task.namespace, task.id, task.version).values())
+    if args.json:
+        _write_json([unit_to_dict(unit) for unit in units], sys.stdout)
+        return 0
+    summary = summarize_units(units)
+    out = sys.stdout
+    print(
+        f"{task.namespace}/{task.id} version {task.version} {task.status.value}: "
+        f"{summary.completed}/{summary.total} units completed",
+        file=out,
+    )
+    # One table for every group, so the columns line up; each group's rows under its line.
+    headers = ["UNIT", "STATUS", "NODE", "ATTEMPTS", "ERROR", "PROGRESS"]
+    rows = {unit.id: _unit_row(unit) for unit in units}
+    widths = [max(len(c) for c in col) for col in zip(headers, *rows.values(), strict=True)]
+
+    def line(cells: list[str]) -> str:
+        return "  " + "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    print(line(headers), file=out)
+    for group in summary.groups:
+        counts = ", ".join(f"{group.counts[status]} {status.value}" for status in STATUSES)
+        print(f"group {group_name(group.group)}: {group.total} units, {counts}", file=out)
+        for unit in group.units:
+            print(line(rows[unit.id]), file=out)
     return 0
 
 
@@ -452,19 +584,95 @@ def _policy(args: argparse.Namespace) -> RunPolicy | None:
         raise UsageError(str(exc)) from None
 
 
+def _unit_specs(lines: Sequence[tuple[str, str]], nodes: Sequence[str] | None) -> list[UnitSpec]:
+    """The units of ``(where, text)`` lines (blank ones skipped): a plain id, or JSON — an
+    object ``{"id", "group", "node"}`` or a string id — when it starts with ``{``, ``[`` or
+    ``"``. Raises UsageError naming the line for a bad one, a unit declared twice, or an
+    affinity outside ``nodes`` (when given)."""
+    specs: list[UnitSpec] = []
+    first: dict[str, str] = {}
+    for where, raw in lines:
+        text = raw.strip()
+        if not text:
+            continue
+        try:
+            if text[0] in '{["':
+                try:
+                    data = orjson.loads(text)
+                except orjson.JSONDecodeError as exc:
+                    raise UsageError(
+                        f"{where}: not valid JSON ({exc.msg} at column {exc.colno})"
+                    ) from None
+                spec = UnitSpec(data) if isinstance(data, str) else UnitSpec.from_dict(data)
+            else:
+                spec = UnitSpec(text)
+        except InvalidTaskError as exc:
+            raise UsageError(f"{where}: {exc}") from None
+        if spec.id in first:
+            raise UsageError(
+                f"{where}: unit {spec.id!r} is declared twice (first {first[spec.id]})"
+            )
+        if nodes is not None and spec.node is not None and spec.node not in nodes:
+            raise UsageError(
+                f"{where}: unit {spec.id!r} has affinity to node {spec.node!r}, not in --nodes"
+            )
+        first[spec.id] = where
+        specs.append(spec)
+    return specs
+
+
+def _read_units(args: argparse.Namespace, nodes: Sequence[str] | None) -> list[UnitSpec] | None:
+    """The units of ``dtask add``'s ``--units`` or ``--units-file``; None for a plain task.
+    Raises UsageError (nothing is written then)."""
+    if args.units is not None:
+        parts = [part for part in args.units.split(",") if part.strip()]
+        specs = _unit_specs([(f"--units item {n}", p) for n, p in enumerate(parts, 1)], nodes)
+        if not specs:
+            raise UsageError("--units names no unit")
+        return specs
+    if args.units_file is None:
+        return None
+    name = args.units_file
+    if name == "-":
+        data = sys.stdin.buffer.read()
+        source = "--units-file stdin"
+    else:
+        try:
+            data = Path(name).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read units file {name!r}: {exc.strerror}") from None
+        source = f"units file {name!r}"
+    lines = []
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            lines.append((f"{source} line {number}", raw.decode("utf-8")))
+        except UnicodeDecodeError:
+            raise UsageError(f"{source} line {number}: not UTF-8") from None
+    specs = _unit_specs(lines, nodes)
+    if not specs:
+        raise UsageError(f"{source} names no unit")
+    return specs
+
+
 def cmd_add(args: argparse.Namespace) -> int:
-    payload = _read_payload(args)
+    if args.payload_file == "-" and args.units_file == "-":
+        raise UsageError("--payload-file and --units-file cannot both read stdin")
     nodes = None
     if args.nodes is not None:
         nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
         if not nodes:
             raise UsageError("--nodes names no node")
+    units = _read_units(args, nodes)
+    payload = _read_payload(args)
     policy = _policy(args)
     _, manager = connect(args)
-    task = manager.add_task(args.namespace, args.task_id, payload, nodes=nodes, policy=policy)
+    task = manager.add_task(
+        args.namespace, args.task_id, payload, nodes=nodes, policy=policy, units=units
+    )
+    with_units = f" with {len(task.units)} units" if task.units else ""
     print(
         f"added {task.namespace}/{task.id} version {task.version} "
-        f"on {', '.join(sorted(task.nodes))}"
+        f"on {', '.join(sorted(task.nodes))}{with_units}"
     )
     return 0
 
@@ -616,16 +824,20 @@ def cmd_wait(args: argparse.Namespace) -> int:
     _, manager = connect(args)
     task = _current(manager, args.namespace, args.task_id, args.version)
     plain = args.plain or not sys.stdout.isatty()
-    renderer = _PlainRenderer(task, sys.stdout) if plain else _RichRenderer(task)
+    renderer: _PlainRenderer | _RichRenderer = (
+        _PlainRenderer(sys.stdout) if plain else _RichRenderer()
+    )
+    per_node = not task.units  # a unit task's nodes record units, not completions or attempts
     follower = RunFollower(
         manager,
         task.namespace,
         task.id,
         task.version,
-        completions=True,
-        progress=True,
+        completions=per_node,
+        progress=per_node,
         pauses=True,
-        attempts=True,
+        attempts=per_node,
+        units=not per_node,
     )
     follower.state.completed.update(task.finished_nodes)
     follower.start()
@@ -645,10 +857,18 @@ def cmd_wait(args: argparse.Namespace) -> int:
             follower.changed.wait(0.2 if remaining is None else min(0.2, remaining))
             follower.changed.clear()
             with follower.lock:
-                renderer.update(follower.state)
+                rows = _wait_rows(task, follower.state)
+            renderer.update(rows)
+        final: list[Unit] | None = None
+        if task.units:
+            # The units' watch may lag the outcome's (two streams): the end is shown as one
+            # read of every unit says it is, not as the watch last saw it.
+            with contextlib.suppress(DistributedTaskError):
+                final = list(manager.get_units(task.namespace, task.id, task.version).values())
         with follower.lock:
-            renderer.update(follower.state)
+            rows = _wait_rows(task, follower.state, final)
             outcome = follower.state.outcome
+        renderer.update(rows)
     finally:
         renderer.stop()  # also on Ctrl-C: a live display must not keep redrawing
         follower.close()
@@ -660,23 +880,35 @@ def cmd_wait(args: argparse.Namespace) -> int:
     return WAIT_EXIT[outcome.status]
 
 
+def _wait_rows(
+    task: Task, state: FollowedRun, units: Sequence[Unit] | None = None
+) -> list[tuple[str, NodeState]]:
+    """``dtask wait``'s lines: one per node of a plain task; for a unit task, all its units,
+    each group and each node (``units``: every unit as read; default: as the watch saw them)."""
+    if not task.units:
+        return [
+            (node, node_state(state, node, task.policy.max_attempts)) for node in sorted(task.nodes)
+        ]
+    if units is None:
+        units = units_from_claims(task.units, state.unit_claims)
+    return unit_states(state, summarize_units(units), task.nodes)
+
+
 class _PlainRenderer:
-    def __init__(self, task: Task, out: TextIO) -> None:
-        self.task = task
+    def __init__(self, out: TextIO) -> None:
         self.out = out
-        self.seen: dict[str, tuple[float, str, str]] = {}
+        self.seen: dict[str, NodeState] = {}
 
     def start(self) -> None:
         pass
 
-    def update(self, state: FollowedRun) -> None:
-        for node in sorted(self.task.nodes):
-            line = node_state(state, node, self.task.policy.max_attempts)
-            if self.seen.get(node) != line:
-                self.seen[node] = line
+    def update(self, rows: Sequence[tuple[str, NodeState]]) -> None:
+        for name, line in rows:
+            if self.seen.get(name) != line:
+                self.seen[name] = line
                 fraction, label, message = line
                 print(
-                    f"{node}: {label} {fraction:.0%} {message}".rstrip(), file=self.out, flush=True
+                    f"{name}: {label} {fraction:.0%} {message}".rstrip(), file=self.out, flush=True
                 )
 
     def stop(self) -> None:
@@ -687,7 +919,7 @@ class _RichRenderer:
     BAR_WIDTH = 12
     OTHER_COLUMNS = 34 + BAR_WIDTH  # node (16), bar, percentage, label, the gaps, one spare
 
-    def __init__(self, task: Task) -> None:
+    def __init__(self) -> None:
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
         self.bars = Progress(
@@ -699,23 +931,22 @@ class _RichRenderer:
         from rich.markup import escape
 
         self.escape = escape
-        self.max_attempts = task.policy.max_attempts
-        self.ids = {
-            node: self.bars.add_task(escape(node), total=1.0, label="running", message="")
-            for node in sorted(task.nodes)
-        }
+        self.ids: dict[str, TaskID] = {}  # a bar per line, added in the order of the first rows
 
     def start(self) -> None:
         self.bars.start()
 
-    def update(self, state: FollowedRun) -> None:
+    def update(self, rows: Sequence[tuple[str, NodeState]]) -> None:
         # Messages are cut to the terminal's width, not the bars: rich would squeeze every
         # column of the table for one long message (a retry's error, say).
         limit = max(10, min(60, self.bars.console.width - self.OTHER_COLUMNS))
-        for node, bar in self.ids.items():
-            fraction, label, message = node_state(state, node, self.max_attempts)
-            if len(message) > limit:
-                message = message[: limit - 1] + "…"
+        for name, (fraction, label, text) in rows:
+            bar = self.ids.get(name)
+            if bar is None:
+                bar = self.ids[name] = self.bars.add_task(
+                    self.escape(name), total=1.0, label="", message=""
+                )
+            message = text if len(text) <= limit else text[: limit - 1] + "…"
             self.bars.update(bar, completed=fraction, label=label, message=self.escape(message))
 
     def stop(self) -> None:

@@ -9,6 +9,9 @@ timeline, ``dtask wait``'s node states and a node's row on a task page never dis
 - :func:`node_state` — one node of a followed run as ``(fraction, label, message)``, the label
   one of ``running``, ``retrying``, ``paused``, ``done``, ``failed``, ``cancelled``,
   ``stopped``;
+- :func:`unit_states` — the lines of a followed unit task (``dtask wait``'s): all its units,
+  each group, each node, as ``(name, (fraction, label, message))`` (a node's label also
+  ``idle``: it holds no unit now);
 - :func:`failed_attempts` — the ATTEMPTS cell of ``dtask list`` (``1 failed on n1``).
 
 Pure functions over decoded values; thread-safe. Values that cannot be decoded are told as
@@ -17,7 +20,7 @@ such (``unreadable value at ...``), never raised.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .etcd import txn as t
@@ -34,10 +37,18 @@ from .keys import (
     StateKey,
     TaskKey,
 )
-from .model import Task, TaskStatus
+from .model import Task, TaskStatus, Unit, UnitStatus
 from .records import AttemptRecord, MemberRecord, OutcomeRecord, RunState, decode_progress
+from .unitview import UnitSummary, group_name
 
-__all__ = ["Change", "describe_change", "describe_changes", "failed_attempts", "node_state"]
+__all__ = [
+    "Change",
+    "describe_change",
+    "describe_changes",
+    "failed_attempts",
+    "node_state",
+    "unit_states",
+]
 
 NodeState = tuple[float, str, str]
 """``(fraction, label, message)`` of one node of a run."""
@@ -155,6 +166,72 @@ def node_state(state: FollowedRun, node: str, max_attempts: int) -> NodeState:
             return fraction, "paused", message
         return fraction, "running" if reported else "retrying", message
     return fraction, "paused" if state.paused else "running", message
+
+
+def _count_state(
+    state: FollowedRun, counts: Mapping[UnitStatus, int], units: Iterable[Unit]
+) -> NodeState:
+    """``(fraction, label, message)`` of some units (all of a task's, or a group's)."""
+    total = sum(counts.values())
+    completed = counts[UnitStatus.COMPLETED]
+    finished = state.outcome is not None and state.outcome.status is TaskStatus.FINISHED
+    if finished or completed == total:  # FINISHED: every unit completed
+        return 1.0, "done", f"{total}/{total} completed"
+    parts = [f"{completed}/{total} completed"]
+    if counts[UnitStatus.IN_PROGRESS]:
+        parts.append(f"{counts[UnitStatus.IN_PROGRESS]} in progress")
+    retrying = sum(1 for u in units if u.status is UnitStatus.PENDING and u.attempts > 0)
+    if retrying:
+        parts.append(f"{retrying} retrying")
+    if counts[UnitStatus.FAILED]:
+        parts.append(f"{counts[UnitStatus.FAILED]} failed")
+    fraction = completed / total if total else 0.0
+    if counts[UnitStatus.FAILED]:
+        label = "failed"
+    elif state.outcome is not None:
+        label = "cancelled" if state.outcome.status is TaskStatus.CANCELLED else "stopped"
+    else:
+        label = "paused" if state.paused else "running"
+    return fraction, label, ", ".join(parts)
+
+
+def _unit_node_state(state: FollowedRun, summary: UnitSummary, node: str) -> NodeState:
+    """``(fraction, label, message)`` of one node of a unit task: its share of the units
+    completed."""
+    completed = summary.completed_by_node.get(node, 0)
+    held = summary.held_by_node.get(node, 0)
+    fraction = completed / summary.total if summary.total else 0.0
+    message = f"{completed} completed" + (f", {held} in progress" if held else "")
+    outcome = state.outcome
+    if outcome is not None:
+        if outcome.status is TaskStatus.FINISHED:
+            return fraction, "done", message
+        if outcome.node == node:
+            unit = f"unit {outcome.unit}: " if outcome.unit else ""
+            return fraction, "failed", f"{message}; {unit}{outcome.error or 'failed'}"
+        label = "cancelled" if outcome.status is TaskStatus.CANCELLED else "stopped"
+        return fraction, label, message
+    if state.paused:
+        return fraction, "paused", message
+    return fraction, "running" if held else "idle", message
+
+
+def unit_states(
+    state: FollowedRun, summary: UnitSummary, nodes: Iterable[str]
+) -> list[tuple[str, NodeState]]:
+    """The lines of a followed unit task (``dtask wait``'s): ``units`` (every unit), then
+    ``group G`` per group when some group is named (``group (no group)`` for the units of
+    none), then ``node N`` per node of ``nodes`` (sorted), whose fraction is its share of the
+    task's units completed. ``summary`` is of the run's units as the follower last saw them."""
+    everything = [unit for group in summary.groups for unit in group.units]
+    out = [("units", _count_state(state, summary.counts, everything))]
+    if any(group.group for group in summary.groups):
+        out.extend(
+            (f"group {group_name(g.group)}", _count_state(state, g.counts, g.units))
+            for g in summary.groups
+        )
+    out.extend((f"node {node}", _unit_node_state(state, summary, node)) for node in sorted(nodes))
+    return out
 
 
 def failed_attempts(task: Task) -> str:

@@ -3,10 +3,10 @@
 
 It watches the run's outcome key (listed together with its record, so a run that is already
 over, removed or replaced is noticed at once) and its record key (``restore`` replaces a live
-run), and, on request, the run's completion keys, progress keys, run state (paused or not) and
-failed-attempt counters. These are per-run keys: following a run costs what that run writes,
-whatever else the cluster does; a follower with no options (``Manager.wait_for_task``'s)
-watches the two keys alone. Each range is a
+run), and, on request, the run's completion keys, progress keys, run state (paused or not),
+failed-attempt counters and, for a unit task, its units' claim keys. These are per-run keys:
+following a run costs what that run writes, whatever else the cluster does; a follower with no
+options (``Manager.wait_for_task``'s) watches the two keys alone. Each range is a
 :class:`~distributedtask.etcd.watch.ResumableWatch`, so a follower survives disconnects, etcd
 restarts and compaction like every other watcher.
 
@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING
 from .etcd import txn as t
 from .etcd.watch import Changes, ResumableWatch, Snapshot
 from .exceptions import CorruptRecordError
-from .keys import AttemptKey, DoneKey, OutcomeKey, TaskKey, prefix_range_end
+from .keys import AttemptKey, DoneKey, OutcomeKey, TaskKey, UnitClaimKey, prefix_range_end
 from .model import Progress
-from .records import AttemptRecord, OutcomeRecord, RunState, TaskRecord
+from .records import AttemptRecord, OutcomeRecord, RunState, TaskRecord, UnitClaim
 
 if TYPE_CHECKING:
     from .manager import Manager
@@ -52,7 +52,9 @@ class FailedAttempts:
 @dataclass
 class FollowedRun:
     """What a follower knows of its run. ``gone``: removed or replaced before it ended.
-    ``paused`` and ``attempts`` (by node; absent: none failed) are followed on request."""
+    ``paused``, ``attempts`` (by node; absent: none failed) and ``unit_claims`` (the claim
+    records of the run's units by unit id; absent: never claimed, PENDING) are followed on
+    request."""
 
     completed: set[str] = field(default_factory=set)
     progress: dict[str, Progress] = field(default_factory=dict)
@@ -60,6 +62,7 @@ class FollowedRun:
     gone: bool = False
     paused: bool = False
     attempts: dict[str, FailedAttempts] = field(default_factory=dict)
+    unit_claims: dict[str, UnitClaim] = field(default_factory=dict)
 
     @property
     def over(self) -> bool:
@@ -77,8 +80,9 @@ class RunFollower:
     """Follow run ``version`` of ``(namespace, task_id)``; see the module doc.
 
     ``completions``, ``progress``, ``pauses`` (the run state key: :attr:`FollowedRun.paused`)
-    and ``attempts`` (the failed-attempt counters: :attr:`FollowedRun.attempts`) add a watch
-    each on those keys of the run; ``on_change`` is called (on a watch thread) after every
+    ``attempts`` (the failed-attempt counters: :attr:`FollowedRun.attempts`) and ``units``
+    (the units' claims of a unit task: :attr:`FollowedRun.unit_claims`) add a watch each on
+    those keys of the run; ``on_change`` is called (on a watch thread) after every
     change. :meth:`start` raises :class:`~distributedtask.exceptions.EtcdError` if etcd cannot
     be read to start.
     """
@@ -94,6 +98,7 @@ class RunFollower:
         progress: bool = False,
         pauses: bool = False,
         attempts: bool = False,
+        units: bool = False,
         on_change: Callable[[], None] | None = None,
     ) -> None:
         self.manager = manager
@@ -128,6 +133,9 @@ class RunFollower:
         if attempts:
             prefix = keys.task_attempts(namespace, task_id)
             self._watches.append(self._watch(prefix, prefix_range_end(prefix), self._on_attempts))
+        if units:
+            prefix = keys.unit_claims(namespace, task_id)
+            self._watches.append(self._watch(prefix, prefix_range_end(prefix), self._on_claims))
 
     def _watch(
         self,
@@ -296,4 +304,25 @@ class RunFollower:
                     attempts[parsed.node_id] = FailedAttempts(kv.version, "(unreadable)", None)
                 else:
                     attempts[parsed.node_id] = FailedAttempts(kv.version, record.error, record.at)
+            self._notify()
+
+    def _on_claims(self, batch: Snapshot | Changes) -> None:
+        parse = self.manager.keys.parse
+        with self.lock:
+            claims = self.state.unit_claims
+            if isinstance(batch, Snapshot):
+                claims.clear()
+            for deleted, kv in _kvs(batch):
+                parsed = parse(kv.key)
+                if not isinstance(parsed, UnitClaimKey):
+                    continue
+                if deleted:  # the run was removed: the outcome watch says so
+                    claims.pop(parsed.unit_id, None)
+                    continue
+                try:
+                    claim = UnitClaim.decode(kv.value)
+                except CorruptRecordError:  # unreadable: keep what we knew
+                    continue
+                if claim.version == self.version:
+                    claims[parsed.unit_id] = claim
             self._notify()

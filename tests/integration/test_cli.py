@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -926,6 +927,355 @@ def test_import_of_an_unreadable_file(dtask: Dtask, manager: dt.Manager, tmp_pat
     assert str(missing) in line
 
 
+# ---- units -----------------------------------------------------------------------------------
+
+
+def _claim(manager: dt.Manager, task: dt.Task, node: str, expected: str) -> None:
+    """``node`` claims the unit ``expected`` (the only one it may take: see the callers)."""
+    unit = manager.claim_unit(NS, task.id, task.version, node)
+    assert unit is not None and unit.id == expected, unit
+
+
+def _complete(manager: dt.Manager, task: dt.Task, node: str, expected: str) -> None:
+    _claim(manager, task, node, expected)
+    manager.record_unit_completion(NS, task.id, task.version, expected, node)
+
+
+def test_add_with_units(dtask: Dtask, manager: dt.Manager) -> None:
+    out = ok(dtask("add", NS, "t1", "--nodes", "n1,n2", "--units", "a, b,,c"))
+    task = manager.get_task(NS, "t1")
+    assert task is not None and added_version(out) == task.version
+    assert out == f"added {NS}/t1 version {task.version} on n1, n2 with 3 units\n"
+    assert task.units == (dt.UnitSpec("a"), dt.UnitSpec("b"), dt.UnitSpec("c"))
+    assert orjson.loads(ok(dtask("get", NS, "t1")))["units"] == [
+        {"id": u, "group": "", "node": None} for u in "abc"
+    ]
+
+
+def test_add_with_a_units_file(dtask: Dtask, manager: dt.Manager, tmp_path: Path) -> None:
+    path = tmp_path / "units.jsonl"
+    path.write_text(
+        '{"id": "s1", "group": "coll-a", "node": "n1"}\n'
+        "\n"
+        '  {"id": "s2", "group": "coll-a"}  \r\n'
+        "plain-id\n"
+        '"quoted id"\n'
+        '{"id": "s3", "group": "coll-b", "node": null}\n'
+        "   \n"
+    )
+    out = ok(dtask("add", NS, "t1", "--nodes", "n1,n2", "--units-file", str(path)))
+    assert out.endswith(" with 5 units\n"), out
+    task = manager.get_task(NS, "t1")
+    assert task is not None and task.units == (
+        dt.UnitSpec("s1", group="coll-a", node="n1"),
+        dt.UnitSpec("s2", group="coll-a"),
+        dt.UnitSpec("plain-id"),
+        dt.UnitSpec("quoted id"),
+        dt.UnitSpec("s3", group="coll-b"),
+    )
+
+
+def test_add_with_units_from_stdin(dtask: Dtask, manager: dt.Manager) -> None:
+    ids = [f"u{i}" for i in range(300)]
+    out = ok(
+        dtask(
+            "add", NS, "t1", "--nodes", "n1", "--payload", "p", "--units-file", "-",
+            stdin="\n".join(ids) + "\n",
+        )
+    )  # fmt: skip
+    task = manager.get_task(NS, "t1")
+    assert task is not None and added_version(out) == task.version
+    assert [u.id for u in task.units] == ids and task.payload == b"p"
+
+
+@pytest.mark.parametrize(
+    ("content", "line", "what"),
+    [
+        (b'a\n{"id": "b"\n', 2, "not valid JSON"),
+        (b'a\n\n{"id": "b", "colour": "red"}\n', 3, "unknown field 'colour'"),
+        (b'a\n{"id": 7}\n', 2, "string 'id'"),
+        (b"a\n[1, 2]\n", 2, "string 'id'"),
+        (b"a\nbad\x01id\n", 2, "control character"),
+        (b'a\nb\n\n{"id": "a", "group": "g"}\n', 4, "declared twice (first "),
+        (b'a\n{"id": "b", "node": "n9"}\n', 2, "'n9', not in --nodes"),
+        (b'a\n{"id": "b", "group": ""}\n{"id": "c", "group": "bad\\u0001"}\n', 3, "group"),
+        (b"a\n\xff\xfe\n", 2, "not UTF-8"),
+    ],
+    ids=[
+        "bad-json",
+        "unknown-field",
+        "id-not-a-string",
+        "not-an-object",
+        "control-character",
+        "duplicate",
+        "affinity-outside-nodes",
+        "bad-group",
+        "not-utf8",
+    ],
+)
+def test_bad_units_file_lines_are_usage_errors_naming_the_line(
+    dtask: Dtask, manager: dt.Manager, tmp_path: Path, content: bytes, line: int, what: str
+) -> None:
+    path = tmp_path / "units.txt"
+    path.write_bytes(content)
+    message = error_line(
+        dtask("add", NS, "t1", "--nodes", "n1", "--units-file", str(path)), EXIT_USAGE
+    )
+    assert f"units file {str(path)!r} line {line}: " in message, message
+    assert what in message, message
+    assert manager.list_tasks() == {}
+    # the same from stdin
+    message = error_line(
+        dtask("add", NS, "t1", "--nodes", "n1", "--units-file", "-", stdin=content), EXIT_USAGE
+    )
+    assert f"--units-file stdin line {line}: " in message and what in message, message
+    assert manager.list_tasks() == {}
+
+
+def test_bad_units_are_usage_errors_that_write_nothing(
+    dtask: Dtask, manager: dt.Manager, tmp_path: Path
+) -> None:
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n\n")
+    missing = tmp_path / "missing.txt"
+    for args, what in (
+        (["--units", " , ,"], "--units names no unit"),
+        (["--units", "a,b,a"], "--units item 3: unit 'a' is declared twice (first --units item 1)"),
+        (["--units", "a,x\x01"], "--units item 2: "),
+        (["--units-file", str(blank)], "names no unit"),
+        (["--units-file", str(missing)], "No such file or directory"),
+        (["--units-file", "-", "--payload-file", "-"], "cannot both read stdin"),
+    ):
+        message = error_line(dtask("add", NS, "t1", "--nodes", "n1", *args), EXIT_USAGE)
+        assert what in message, (args, message)
+    line = argparse_error(dtask("add", NS, "t1", "--units", "a", "--units-file", str(blank)))
+    assert "not allowed with" in line
+    # checked before connecting: no etcd at all is still a usage error
+    result = run_dtask(
+        ["--endpoints", f"http://127.0.0.1:{free_port()}", "--timeout", "0.5",
+         "add", NS, "t1", "--units-file", str(blank)],
+        timeout=20,
+    )  # fmt: skip
+    error_line(result, EXIT_USAGE)
+    assert manager.list_tasks() == {}
+
+
+def test_add_with_units_affine_to_a_node_not_assigned_fails(
+    dtask: Dtask, manager: dt.Manager, scheduler_factory: Callable[[str], dt.Scheduler]
+) -> None:
+    scheduler_factory("m1")  # no --nodes: the Manager checks the affinity against live nodes
+    line = error_line(
+        dtask("add", NS, "t1", "--units-file", "-", stdin='{"id": "a", "node": "n9"}')
+    )
+    assert "'n9'" in line
+    assert manager.list_tasks() == {}
+
+
+def _unit_task(manager: dt.Manager) -> dt.Task:
+    """A unit task in every state: a1 COMPLETED by n1, a2 IN_PROGRESS on n2 (50% half), b1
+    PENDING after a failed attempt on n1 (retried in 5 minutes), b2 and c never claimed.
+    Every unit has affinity, so which unit a claim takes does not depend on how units are
+    handed out (n3 never claims)."""
+    units = [
+        dt.UnitSpec("a1", group="coll-a", node="n1"),
+        dt.UnitSpec("a2", group="coll-a", node="n2"),
+        dt.UnitSpec("b1", group="coll-b", node="n1"),
+        dt.UnitSpec("b2", group="coll-b", node="n3"),
+        dt.UnitSpec("c", node="n3"),
+    ]
+    policy = dt.RunPolicy(max_attempts=2, retry_backoff=timedelta(minutes=5))
+    task = manager.add_task(NS, "t1", nodes=["n1", "n2", "n3"], policy=policy, units=units)
+    _complete(manager, task, "n1", "a1")
+    _claim(manager, task, "n2", "a2")
+    manager.record_unit_progress(NS, "t1", task.version, "a2", "n2", 0.5, "half")
+    _claim(manager, task, "n1", "b1")
+    manager.record_unit_failure(NS, "t1", task.version, "b1", "n1", "boom\nand more")
+    return task
+
+
+def test_get_shows_a_summary_of_the_units(dtask: Dtask, manager: dt.Manager) -> None:
+    task = _unit_task(manager)
+    body = orjson.loads(ok(dtask("get", NS, "t1")))
+    assert body["version"] == task.version and len(body["units"]) == 5
+    zero = {"COMPLETED": 0, "IN_PROGRESS": 0, "PENDING": 0, "FAILED": 0}
+    assert body["unitSummary"] == {
+        "total": 5,
+        "counts": {**zero, "COMPLETED": 1, "IN_PROGRESS": 1, "PENDING": 3},
+        "groups": [
+            {"group": "coll-a", "total": 2, "counts": {**zero, "COMPLETED": 1, "IN_PROGRESS": 1}},
+            {"group": "coll-b", "total": 2, "counts": {**zero, "PENDING": 2}},
+            {"group": "", "total": 1, "counts": {**zero, "PENDING": 1}},
+        ],
+        "completedByNode": {"n1": 1},
+        "inProgressByNode": {"n2": 1},
+    }
+    manager.add_task(NS, "plain", nodes=["n1"])
+    assert "unitSummary" not in orjson.loads(ok(dtask("get", NS, "plain")))
+
+
+def test_units_table_by_group(dtask: Dtask, manager: dt.Manager) -> None:
+    task = _unit_task(manager)
+    lines = ok(dtask("units", NS, "t1")).splitlines()
+    assert lines[0] == f"{NS}/t1 version {task.version} STARTED: 1/5 units completed"
+    assert lines[1].split() == ["UNIT", "STATUS", "NODE", "ATTEMPTS", "ERROR", "PROGRESS"]
+    zero = "0 COMPLETED, 0 IN_PROGRESS"
+    assert lines[2] == "group coll-a: 2 units, 1 COMPLETED, 1 IN_PROGRESS, 0 PENDING, 0 FAILED"
+    assert lines[3].split() == ["a1", "COMPLETED", "n1", "0", "-", "-"]
+    assert lines[4].split() == ["a2", "IN_PROGRESS", "n2", "0", "-", "50%", "half"]
+    assert lines[5] == f"group coll-b: 2 units, {zero}, 2 PENDING, 0 FAILED"
+    assert lines[6].split() == ["b1", "PENDING", "n1", "1", "boom", "and", "more", "-"]
+    assert lines[7].split() == ["b2", "PENDING", "-", "0", "-", "-"]
+    assert lines[8] == f"group (no group): 1 units, {zero}, 1 PENDING, 0 FAILED"
+    assert lines[9].split() == ["c", "PENDING", "-", "0", "-", "-"]
+    assert len(lines) == 10
+    # the columns line up across groups
+    rows = [lines[1], *lines[3:5], *lines[6:8], lines[9]]
+    assert len({row.index(row.split()[1]) for row in rows}) == 1, rows
+    assert ok(dtask("units", NS, "t1", "--version", str(task.version))).splitlines() == lines
+
+
+def test_units_json(dtask: Dtask, manager: dt.Manager) -> None:
+    task = _unit_task(manager)
+    units = orjson.loads(ok(dtask("units", NS, "t1", "--json")))
+    assert [u["id"] for u in units] == ["a1", "a2", "b1", "b2", "c"]
+    a1, a2, b1, b2, _ = units
+    assert a1 == {
+        "id": "a1",
+        "group": "coll-a",
+        "node": "n1",
+        "status": "COMPLETED",
+        "attempts": 0,
+        "error": None,
+        "progress": None,
+    }
+    assert a2["status"] == "IN_PROGRESS" and a2["node"] == "n2"
+    assert a2["progress"]["fraction"] == 0.5 and a2["progress"]["message"] == "half"
+    assert datetime.fromisoformat(a2["progress"]["updatedAt"].replace("Z", "+00:00")).tzinfo
+    assert b1["status"] == "PENDING" and b1["attempts"] == 1 and b1["error"] == "boom\nand more"
+    assert b2 == {**b2, "group": "coll-b", "node": None, "status": "PENDING"}
+    same = orjson.loads(ok(dtask("units", NS, "t1", "--json", "--version", str(task.version))))
+    assert same == units
+
+
+def test_units_of_a_plain_task_or_another_version_fail(dtask: Dtask, manager: dt.Manager) -> None:
+    task = manager.add_task(NS, "plain", nodes=["n1"])
+    assert "has no units" in error_line(dtask("units", NS, "plain"))
+    line = error_line(dtask("units", NS, "plain", "--version", str(task.version + 9)))
+    assert "does not exist" in line
+    assert "does not exist" in error_line(dtask("units", NS, "nothing"))
+
+
+def test_list_shows_units_completed(dtask: Dtask, manager: dt.Manager) -> None:
+    running = _unit_task(manager)
+    done = manager.add_task(NS, "t2", nodes=["n1"], units=["x", "y"])
+    _complete(manager, done, "n1", "x")
+    _complete(manager, done, "n1", "y")
+    fresh = manager.add_task(NS, "t3", nodes=["n1"], units=["z"])
+    manager.add_task(NS, "t4", nodes=["n1", "n2"])
+    lines = ok(dtask("list")).splitlines()
+    assert lines[0].split() == ["NAMESPACE", "ID", "VERSION", "STATUS", "NODES", "UNITS", "AGE"]
+    rows = [line.split()[:6] for line in lines[1:]]
+    assert rows == [
+        [NS, "t1", str(running.version), "STARTED", "3", "1/5"],
+        [NS, "t2", str(done.version), "FINISHED", "1", "2/2"],
+        [NS, "t3", str(fresh.version), "STARTED", "1", "0/1"],
+        [NS, "t4", rows[3][2], "STARTED", "0/2", "-"],
+    ]
+    # the JSON stays the library's document
+    assert orjson.loads(ok(dtask("list", "--json"))) == orjson.loads(manager.list_tasks_payload())
+
+
+def test_wait_on_a_unit_task_follows_groups_and_nodes(
+    background: Callable[..., Background], manager: dt.Manager
+) -> None:
+    units = [
+        dt.UnitSpec("a1", group="coll-a"),
+        dt.UnitSpec("a2", group="coll-a"),
+        dt.UnitSpec("b1", group="coll-b"),
+        dt.UnitSpec("b2", group="coll-b"),
+    ]
+    task = manager.add_task(NS, "t1", nodes=["n1", "n2"], units=units)
+    waiter = background("wait", NS, "t1", "--plain")
+    initial = [
+        "units: running 0% 0/4 completed",
+        "group coll-a: running 0% 0/2 completed",
+        "group coll-b: running 0% 0/2 completed",
+        "node n1: idle 0% 0 completed",
+        "node n2: idle 0% 0 completed",
+    ]
+    wait_until(lambda: len(waiter.out) >= 5, timeout=10, message=str(waiter.err))
+    assert waiter.out[:5] == initial
+
+    def shows(line: str) -> None:
+        wait_until(lambda: line in waiter.out, timeout=10, message=f"{line!r} in {waiter.out}")
+
+    first = manager.claim_unit(NS, "t1", task.version, "n1")
+    assert first is not None
+    shows("node n1: running 0% 0 completed, 1 in progress")
+    shows("units: running 0% 0/4 completed, 1 in progress")
+    shows(f"group {first.group}: running 0% 0/2 completed, 1 in progress")
+    manager.record_unit_completion(NS, "t1", task.version, first.id, "n1")
+    shows("units: running 25% 1/4 completed")
+    shows(f"group {first.group}: running 50% 1/2 completed")
+    shows("node n1: idle 25% 1 completed")
+
+    ended: list[dt.Task] = []
+
+    def finish() -> None:  # the rest, from another thread while the subprocess waits
+        for _ in range(100):  # until the last completion ends the run (bounded: no hang)
+            for node in ("n2", "n1"):
+                unit = manager.claim_unit(NS, "t1", task.version, node)
+                if unit is not None:
+                    after = manager.record_unit_completion(NS, "t1", task.version, unit.id, node)
+                    if after.status.terminal:
+                        ended.append(after)
+                        return
+
+    finisher = threading.Thread(target=finish)
+    finisher.start()
+    finisher.join(20)
+    assert not finisher.is_alive()
+    assert [t.status for t in ended] == [dt.TaskStatus.FINISHED]
+    assert waiter.wait(15) == 0, (waiter.out, waiter.err)
+    assert waiter.err == []
+    out = waiter.out
+    assert out[-1] == f"{NS}/t1 v{task.version} FINISHED"
+    by_node = Counter(u.node for u in manager.get_units(NS, "t1", task.version).values())
+    assert sum(by_node.values()) == 4 and set(by_node) <= {"n1", "n2"}, by_node
+    for line in (
+        "group coll-a: done 100% 2/2 completed",
+        "units: done 100% 4/4 completed",
+        "group coll-b: done 100% 2/2 completed",
+        f"node n1: done {by_node['n1'] * 25}% {by_node['n1']} completed",
+        f"node n2: done {by_node['n2'] * 25}% {by_node['n2']} completed",
+    ):
+        assert line in out, (line, out)
+    assert all(re.fullmatch(r"(units|group \S+|node n[12]): \w+ \d+%.*", x) for x in out[:-1])
+
+
+def test_wait_on_a_unit_task_that_fails(
+    background: Callable[..., Background], manager: dt.Manager
+) -> None:
+    units = [dt.UnitSpec("a", node="n2"), dt.UnitSpec("b", node="n1")]
+    task = manager.add_task(NS, "t1", nodes=["n1", "n2"], units=units)
+    waiter = background("wait", NS, "t1", "--plain")
+    wait_until(lambda: len(waiter.out) >= 3, timeout=10, message=str(waiter.err))
+    assert waiter.out[:3] == [  # no group named: no line per group
+        "units: running 0% 0/2 completed",
+        "node n1: idle 0% 0 completed",
+        "node n2: idle 0% 0 completed",
+    ]
+    _complete(manager, task, "n2", "a")
+    _claim(manager, task, "n1", "b")
+    manager.record_unit_failure(NS, "t1", task.version, "b", "n1", "boom")
+    assert waiter.wait(15) == 1, (waiter.out, waiter.err)
+    out = waiter.out
+    assert out[-1] == f"{NS}/t1 v{task.version} FAILED on n1: boom"
+    assert "units: failed 50% 1/2 completed, 1 failed" in out
+    assert "node n1: failed 0% 0 completed; unit b: boom" in out
+    assert "node n2: stopped 50% 1 completed" in out
+
+
 # ---- bad input and broken connections --------------------------------------------------------
 
 
@@ -935,7 +1285,10 @@ def test_import_of_an_unreadable_file(dtask: Dtask, manager: dt.Manager, tmp_pat
         ["list"],
         ["list", "--json"],
         ["get", NS, "t1"],
+        ["units", NS, "t1"],
+        ["units", NS, "t1", "--json"],
         ["add", NS, "t1", "--payload", "x", "--nodes", "n1"],
+        ["add", NS, "t1", "--nodes", "n1", "--units", "a,b"],
         ["add", NS, "t1"],
         ["cancel", NS, "t1"],
         ["pause", NS, "t1"],
@@ -964,6 +1317,8 @@ def test_etcd_unreachable(args: list[str]) -> None:
     ("args", "what"),
     [
         (["get", "", "t1"], "namespace"),
+        (["units", "", "t1"], "namespace"),
+        (["units", NS, ""], "id"),
         (["add", "", "t1", "--nodes", "n1"], "namespace"),
         (["add", NS, "", "--nodes", "n1"], "id"),
         (["add", NS, "t1", "--nodes", "bad\x01node"], "node"),
@@ -987,7 +1342,10 @@ def test_invalid_names(dtask: Dtask, manager: dt.Manager, args: list[str], what:
         ["no-such-command"],
         [],
         ["get", NS],
+        ["units", NS],
+        ["units", NS, "t1", "--version", "x"],
         ["add"],
+        ["add", NS, "t1", "--units"],
         ["cancel", NS, "t1", "--version", "abc"],
         ["pause", NS],
         ["resume"],
