@@ -1135,8 +1135,10 @@ class Manager:
         """Claim for ``node_id`` one PENDING unit it may take (no affinity, or affinity to it)
         and return it IN_PROGRESS under its name; None when nothing is claimable now (every
         unit it could take is claimed, or waits for its retry backoff). Two claimants of one
-        unit: one wins. Units are handed out in declaration order (see units.py); a unit given
-        back to the pool (a retry, a lost node's unit) is taken first.
+        unit: one wins. Units are handed out in declaration order (see units.py) — first those
+        with affinity to ``node_id``, then the others — and then units given back to the pool
+        (a retry after its backoff, a lost node's unit). Three round trips a unit with its
+        completion: a ticket (which also reads the pool), the claim, the completion.
 
         Raises :class:`InvalidTaskError` (``node_id`` not one of the task's nodes, or not a
         unit task; nothing written), :class:`TaskNotFoundError`, :class:`TaskNotRunningError`,

@@ -30,9 +30,15 @@ that node. Ticket *k* names the *k*-th unit of its list, and the node claims it:
      (lost node)   delete held, put pool entry
 
 So a unit costs three round trips (ticket, claim, completion), whatever the number of units or
-nodes, and no two claimants ever compete for a counter. A completion also takes the node's
-next ticket (``put counter, range counter`` in its success branch), so in a run of many units
-a node's next claim is one round trip: two per unit. Nested compares are evaluated against
+nodes, and no two claimants ever compete for a counter. On a Scheduler, a completion also takes
+the node's next ticket (``put counter, range counter`` in its success branch), so the node's
+next claim is one round trip: two per unit. (Only there: a ticket taken ahead and never used,
+its node gone, is a lost hand-out that only the Schedulers' looks find.)
+
+Order: a node takes the units with affinity to it, then the others, in declaration order; then
+units of the pool. A Scheduler knows the pool from its watch and takes from it first; a caller
+of :meth:`UnitTransitions.claim` without it has the pool read by its first ticket's
+transaction. Nested compares are evaluated against
 the state before the transaction (etcd), so exactly one completion sees ``units - 1`` earlier
 ones: FINISHED is written once, in the same transaction as the last completion, and so is each
 group's mark. ``r`` is the revision of the caller's own claim: only the claimant records a
@@ -56,7 +62,7 @@ from __future__ import annotations
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -71,7 +77,7 @@ from .exceptions import (
 )
 from .keys import Keys
 from .model import Progress, Task, TaskStatus, Unit, UnitSpec, UnitStatus, validate_name
-from .readmodel import build_task
+from .readmodel import NO_ATTEMPTS, build_task
 from .records import (
     GroupMark,
     OutcomeRecord,
@@ -225,14 +231,21 @@ class UnitTransitions:
         known: KnownRun,
         outcome: OutcomeRecord | None = None,
         state_kv: t.KeyValue | None = None,
+        attempt_kvs: Iterable[t.KeyValue] = (),
     ) -> Task:
-        """The run, built from what never changes and the outcome and state just read."""
+        """The run, built from what never changes and the outcome, state and node attempts
+        just read."""
         state = None
         if state_kv is not None:
             try:
                 state = RunState.decode(state_kv.value)
             except CorruptRecordError as exc:
                 self.m._skip(state_kv.key, exc)
+        try:
+            attempts = self.m.read.attempts_from(attempt_kvs)
+        except CorruptRecordError as exc:
+            self.m._skip(exc.key or b"", exc)
+            attempts = NO_ATTEMPTS
         return build_task(
             namespace,
             task_id,
@@ -242,6 +255,7 @@ class UnitTransitions:
             (),
             outcome,
             state,
+            attempts,
             decl=known.decl,
         )
 
@@ -256,17 +270,46 @@ class UnitTransitions:
         known: KnownRun,
         pool: Sequence[PoolItem] | None = None,
     ) -> Claim | None:
-        """Claim one unit for ``node_id`` (a node of the run): first a unit of the pool it may
-        take (``pool``: what the caller knows of it; None: read it), then the next unit with
-        affinity to it, then the next unit without affinity. None when nothing is claimable now.
+        """Claim one unit for ``node_id`` (a node of the run): the next unit with affinity to
+        it, then the next unit without affinity, then a unit of the pool it may take. With
+        ``pool`` (what the caller knows of the pool: a Scheduler's view) the pool goes first;
+        without, the first ticket's transaction reads it. None when nothing is claimable now.
 
         Raises :class:`TaskNotFoundError`, :class:`TaskNotRunningError`,
         :class:`InvalidTaskError` (not a unit task), :class:`EtcdError`.
         """
         decl = self.decl_of(known, namespace, task_id)
-        if pool is None:
-            # the pool and whether the run is live, in one read: with its tickets handed out
-            # (below), nothing else would ask etcd, and an ended run must raise, not say None
+        if pool is not None:  # the caller's view of the pool costs nothing: it goes first
+            got = self._from_pool(namespace, task_id, version, node_id, known, pool)
+            if got is not None:
+                return got
+        read: list[PoolItem] | None = None
+        hand = self._hand(namespace, task_id, version, node_id)
+        own = decl.of_node(node_id)
+        for is_own, units in ((True, own), (False, decl.free)):
+            got, items = self._by_ticket(
+                namespace,
+                task_id,
+                version,
+                node_id,
+                hand,
+                is_own,
+                units,
+                read_pool=pool is None and read is None,
+            )
+            if items is not None:
+                read = items
+            if got is not None:
+                return got
+            if is_own:
+                hand.own_exhausted = True
+            else:
+                hand.free_exhausted = True
+        if pool is not None:
+            return None
+        if read is None:
+            # the pool and whether the run is live, in one read: with its tickets handed out,
+            # nothing else would ask etcd, and an ended run must raise, not say None
             result = self.m.client.txn(
                 success=[
                     t.get(self.keys.task(namespace, task_id), keys_only=True),
@@ -275,27 +318,27 @@ class UnitTransitions:
                 ]
             )
             self._check_live(namespace, task_id, version, result)
-            now = self.m.now()
-            pool = [
-                item
-                for item in self.pool_items(result.range(2).kvs, version)
-                if item.entry.not_before <= now
-            ]
+            read = self.pool_items(result.range(2).kvs, version)
+        now = self.m.now()
+        ready = [item for item in read if item.entry.not_before <= now]
+        return self._from_pool(namespace, task_id, version, node_id, known, ready)
+
+    def _from_pool(
+        self,
+        namespace: str,
+        task_id: str,
+        version: int,
+        node_id: str,
+        known: KnownRun,
+        pool: Sequence[PoolItem],
+    ) -> Claim | None:
+        """Claim the first unit of ``pool`` the node may take and nobody took first."""
+        assert known.decl is not None
         for item in pool:
-            if item.eligible(node_id) and item.unit_id in decl.by_id:
+            if item.eligible(node_id) and item.unit_id in known.decl.by_id:
                 got = self._claim_pooled(namespace, task_id, version, node_id, known, item)
                 if got is not None:
                     return got
-        hand = self._hand(namespace, task_id, version, node_id)
-        own = decl.of_node(node_id)
-        for is_own, units in ((True, own), (False, decl.free)):
-            got = self._by_ticket(namespace, task_id, version, node_id, hand, is_own, units)
-            if got is not None:
-                return got
-            if is_own:
-                hand.own_exhausted = True
-            else:
-                hand.free_exhausted = True
         return None
 
     def _ahead_counter(
@@ -328,10 +371,15 @@ class UnitTransitions:
         hand: _Hand,
         own: bool,
         units: Sequence[UnitSpec],
-    ) -> Claim | None:
+        *,
+        read_pool: bool = False,
+    ) -> tuple[Claim | None, list[PoolItem] | None]:
         """Claim the unit of a ticket of one of the node's two lists — first of the tickets
         its completions took ahead, then, while the list is not known to be handed out, of
-        new ones — until one names a unit still unclaimed; None when none is left."""
+        new ones — until one names a unit still unclaimed; None when none is left. With
+        ``read_pool``, the first ticket's transaction also reads the run's pool, returned
+        with the claim (None when no ticket was drawn)."""
+        read: list[PoolItem] | None = None
         counter = (
             self.keys.unit_node_ticket(namespace, task_id, node_id)
             if own
@@ -345,24 +393,31 @@ class UnitTransitions:
                 exhausted = hand.own_exhausted if own else hand.free_exhausted
             if ticket is None:
                 if exhausted or not units:
-                    return None
+                    return None, read
+                pool_op = [t.get_prefix(self.keys.task_pool(namespace, task_id))]
                 result = self.m.client.txn(
                     compare=live,
-                    success=[t.put(counter, b""), t.get(counter, keys_only=True)],
+                    success=[
+                        t.put(counter, b""),
+                        t.get(counter, keys_only=True),
+                        *(pool_op if read_pool and read is None else []),
+                    ],
                     failure=self._why_reads(namespace, task_id, units[0].id),
                 )
                 if not result.succeeded:
                     self._check_live(namespace, task_id, version, result)
                     raise TaskNotFoundError(namespace, task_id, version)  # pragma: no cover
+                if read_pool and read is None:
+                    read = self.pool_items(result.range(2).kvs, version)
                 kv = result.range(1).first()
                 ticket = 0 if kv is None else kv.version
                 if ticket > len(units) or ticket <= 0:
-                    return None  # the list is handed out (tickets taken ahead are used first)
+                    return None, read  # the list is handed out (tickets ahead are used first)
             elif ticket > len(units) or ticket <= 0:
                 continue
             got = self._claim_fresh(namespace, task_id, version, node_id, units[ticket - 1])
             if got is not None:
-                return got
+                return got, read
             # given to the pool by a look for lost hand-outs meanwhile: take the next one
 
     def _claim_fresh(
@@ -565,10 +620,14 @@ class UnitTransitions:
         node_id: str,
         known: KnownRun,
         claim: Claim | None = None,
+        *,
+        take_ahead: bool = False,
     ) -> Task:
         """Record ``unit_id`` COMPLETED by its claimant ``node_id``; FINISHED in the same
         transaction when it is the last unit. ``claim``: the caller's, when it holds it (else
-        this process's claims are looked up, or the claim is read). Returns the run after the
+        this process's claims are looked up, or the claim is read). ``take_ahead``: also take
+        the node's next ticket, for its next claim through this object (a Scheduler's unit
+        desk, which looks for hand-outs lost if it stops first). Returns the run after the
         call.
 
         Raises :class:`UnitClaimError`, :class:`TaskNotFoundError`,
@@ -593,10 +652,8 @@ class UnitTransitions:
         outcome = OutcomeRecord(TaskStatus.FINISHED, now, token)
         completed = UnitClaim(version, UnitStatus.COMPLETED, node_id, attempts, token)
         hand = self._hand(namespace, task_id, version, node_id)
-        ahead = self._ahead_counter(namespace, task_id, node_id, hand, decl)
-        take_ahead = (
-            [] if ahead is None else [t.put(ahead[1], b""), t.get(ahead[1], keys_only=True)]
-        )
+        ahead = self._ahead_counter(namespace, task_id, node_id, hand, decl) if take_ahead else None
+        ahead_ops = [] if ahead is None else [t.put(ahead[1], b""), t.get(ahead[1], keys_only=True)]
         result = self.m.client.txn(
             compare=[
                 *self.m._live(namespace, task_id, version),
@@ -621,7 +678,8 @@ class UnitTransitions:
                     ],
                 ),
                 t.get(keys.state(namespace, task_id)),
-                *take_ahead,
+                *ahead_ops,
+                t.get_prefix(keys.task_attempts(namespace, task_id)),  # node attempts, if any
             ],
             failure=self._why_reads(namespace, task_id, unit_id),
         )
@@ -639,8 +697,17 @@ class UnitTransitions:
                 known,
                 outcome if finished else None,
                 result.range(6).first(),
+                result.range(7 + len(ahead_ops)).kvs,
             )
-        return self._explain(namespace, task_id, version, unit_id, node_id, known, result, token)
+        again = None
+        if claim is None:  # the public path: the node holds whatever claim is current
+
+            def again(held: Claim) -> Task:
+                return self.complete(namespace, task_id, version, unit_id, node_id, known, held)
+
+        return self._explain(
+            namespace, task_id, version, unit_id, node_id, known, result, token, again
+        )
 
     def _settled(
         self,
@@ -670,9 +737,15 @@ class UnitTransitions:
         known: KnownRun,
         result: t.TxnResult,
         token: str,
+        again: Callable[[Claim], Task] | None = None,
+        *,
+        completing: bool = True,
     ) -> Task:
         """After a unit transaction's compare failed: our own earlier write (a lost
-        response), or why not."""
+        response), or why not — what :meth:`_holder`'s read would have said. ``again``: how
+        to record once more when the node holds the unit IN_PROGRESS under another claim
+        than the one compared (this process remembered an older one: the unit was given back
+        and claimed again by the node elsewhere); None: that is a :class:`UnitClaimError`."""
         self._forget((namespace, task_id, version), unit_id)
         kv = result.range(2).first()
         claim = self._claim_of(kv)
@@ -681,15 +754,23 @@ class UnitTransitions:
             if task is None or task.version != version:
                 raise TaskNotFoundError(namespace, task_id, version)
             return task
-        if claim is not None and claim.node == node_id and claim.status is UnitStatus.COMPLETED:
+        if completing:
             self._check_live_or_done(namespace, task_id, version, result)
+        else:
+            self._check_live(namespace, task_id, version, result)
+        if claim is None or kv is None or claim.version != version:
+            raise UnitClaimError(unit_id, node_id, None)
+        mine, status = claim.node == node_id, claim.status
+        if mine and status is UnitStatus.COMPLETED and completing:
             return self._settled(namespace, task_id, version, unit_id, node_id, known, claim)
-        self._check_live(namespace, task_id, version, result)
-        holder = None if claim is None else claim.node
-        state = "" if claim is None else f", {claim.status.value}"
-        if holder == node_id:
+        if mine and status is UnitStatus.IN_PROGRESS and again is not None:
+            spec = self.decl_of(known, namespace, task_id).by_id[unit_id]
+            return again(Claim(spec, kv.mod_revision, claim.attempts))
+        holder = None if mine or status is UnitStatus.PENDING else claim.node
+        state = f", {status.value}"
+        if mine and status is not UnitStatus.COMPLETED:
             state += ", given back meanwhile"
-        raise UnitClaimError(unit_id, node_id, holder if holder != node_id else None, state)
+        raise UnitClaimError(unit_id, node_id, holder, state)
 
     def fail(
         self,
@@ -715,7 +796,7 @@ class UnitTransitions:
         if spec is None:
             raise InvalidTaskError(f"task {namespace}/{task_id} has no unit {unit_id!r}", "unit_id")
         claim_revision, attempts, done = self._holder(
-            namespace, task_id, version, unit_id, node_id, claim
+            namespace, task_id, version, unit_id, node_id, claim, completing=False
         )
         if done is not None:
             raise UnitClaimError(unit_id, node_id, None, f", {done.status.value}")
@@ -756,6 +837,7 @@ class UnitTransitions:
                 t.put(keys.outcome(namespace, task_id), outcome.encode()),
                 t.get(keys.state(namespace, task_id)),
             ]
+        writes.append(t.get_prefix(keys.task_attempts(namespace, task_id)))  # node attempts
         result = self.m.client.txn(
             compare=[
                 *self.m._live(namespace, task_id, version),
@@ -766,8 +848,26 @@ class UnitTransitions:
         )
         if result.succeeded:
             self._forget((namespace, task_id, version), unit_id)
-            return self.task(namespace, task_id, version, known, outcome, result.range(3).first())
-        return self._explain(namespace, task_id, version, unit_id, node_id, known, result, token)
+            state_kv, attempt_kvs = result.range(3).first(), result.range(4).kvs
+            return self.task(namespace, task_id, version, known, outcome, state_kv, attempt_kvs)
+        again = None
+        if claim is None:  # the public path: the node holds whatever claim is current
+
+            def again(held: Claim) -> Task:
+                return self.fail(namespace, task_id, version, unit_id, node_id, error, known, held)
+
+        return self._explain(
+            namespace,
+            task_id,
+            version,
+            unit_id,
+            node_id,
+            known,
+            result,
+            token,
+            again,
+            completing=False,
+        )
 
     def progress(
         self,
@@ -796,37 +896,33 @@ class UnitTransitions:
     # ---- reading --------------------------------------------------------------------------
 
     def get_units(self, namespace: str, task_id: str, version: int) -> dict[str, Unit]:
-        """Every unit of ``version`` in declaration order, read at one revision. Raises
-        :class:`TaskNotFoundError`, :class:`InvalidTaskError` (not a unit task),
-        :class:`EtcdError`."""
-        keys = self.keys
+        """Every unit of ``version`` in declaration order, read at one revision with the run.
+        A restored FINISHED run (no claims: a snapshot holds none) shows every unit COMPLETED.
+        Raises :class:`TaskNotFoundError`, :class:`InvalidTaskError` (not a unit task),
+        :class:`CorruptRecordError` (the run cannot be read), :class:`EtcdError`."""
+        keys, read = self.keys, self.m.read
         result = self.m._read(
             [
-                t.get(keys.task(namespace, task_id), keys_only=True),
-                t.get(keys.unit_decl(namespace, task_id)),
+                *read.run_ops(namespace, task_id),
                 t.get_prefix(keys.unit_claims(namespace, task_id)),
                 t.get_prefix(keys.unit_progresses(namespace, task_id)),
             ]
         )
-        record_kv = result.range(0).first()
-        if record_kv is None or record_kv.mod_revision != version:
-            known = self.m.known_run(namespace, task_id, version)  # a restored terminal run?
-            if known.record.version != version:
-                raise TaskNotFoundError(namespace, task_id, version)
-        decl_kv = result.range(1).first()
-        if decl_kv is None:
+        run = read.run_from(namespace, task_id, result)
+        if run is None or run.task.version != version:
+            raise TaskNotFoundError(namespace, task_id, version)
+        if run.decl is None:
             raise InvalidTaskError(f"task {namespace}/{task_id} has no units", "task_id")
-        decl = UnitDecl.decode(decl_kv.value)
         claims: dict[str, UnitClaim] = {}
         prefix = keys.unit_claims(namespace, task_id)
-        for kv in result.range(2).kvs:
+        for kv in result.range(read.RUN_OPS).kvs:
             uid = Keys.name_under(prefix, kv.key)
             claim = self._claim_of(kv)
             if uid is not None and claim is not None and claim.version == version:
                 claims[uid] = claim
         progress: dict[str, Progress] = {}
         prefix = keys.unit_progresses(namespace, task_id)
-        for kv in result.range(3).kvs:
+        for kv in result.range(read.RUN_OPS + 1).kvs:
             uid = Keys.name_under(prefix, kv.key)
             if uid is None:
                 continue
@@ -834,12 +930,15 @@ class UnitTransitions:
                 progress[uid] = decode_progress(kv.value)
             except CorruptRecordError as exc:
                 self.m._skip(kv.key, exc)
+        unclaimed = (
+            UnitStatus.COMPLETED if run.task.status is TaskStatus.FINISHED else UnitStatus.PENDING
+        )
         out: dict[str, Unit] = {}
-        for spec in decl.units:
+        for spec in run.decl.units:
             claim = claims.get(spec.id)
             if claim is None:
                 out[spec.id] = Unit(
-                    spec.id, spec.group, None, UnitStatus.PENDING, 0, None, progress.get(spec.id)
+                    spec.id, spec.group, None, unclaimed, 0, None, progress.get(spec.id)
                 )
             else:
                 out[spec.id] = Unit(

@@ -385,7 +385,14 @@ class UnitDesk:
                 self._metrics.units_failed.labels(namespace=namespace).inc()
             else:
                 self._units.complete(
-                    namespace, task_id, version, unit_id, self._node, known, record.claim
+                    namespace,
+                    task_id,
+                    version,
+                    unit_id,
+                    self._node,
+                    known,
+                    record.claim,
+                    take_ahead=True,
                 )
                 self._metrics.units_completed.labels(namespace=namespace).inc()
         except UnitClaimError as exc:
