@@ -12,11 +12,21 @@ Who reads what (keys.py): the Manager lists ``P/cluster/tasks/``, ``P/cluster/ou
 Scheduler watches ``P/cluster/`` and ``P/assign/<its bucket>/`` only. Nothing is planted under
 the ranges of the 0.1 layout (``P/tasks/``, ``P/runs/``, ...): a key there makes the prefix one
 of another layout (tests/integration/test_layout.py).
+
+Units (the last sections): a unit task's declaration (``P/units/decl/``, zlib) is read with its
+run — unreadable, it makes the run unreadable; claims (``P/units/run/<ns>/<id>/claim/``) are
+read by ``get_units`` and the unit transitions, which skip what they cannot read; the pool
+(``P/cluster/pool/``) is read by ``claim_unit`` and watched by every Scheduler, with the group
+marks (``P/cluster/groups/``); a node's acknowledgements of groups are read by
+``acked_groups``. The unit tests here count skips with ``Manager.skipped_records`` and the
+Scheduler's metric (no log capture), so they also run with ``-p no:logging``.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -27,16 +37,22 @@ from prometheus_client import CollectorRegistry
 from tests.support import RecordingProvider, Schedulers, keys_under, metric
 
 import distributedtask as dt
+from distributedtask.etcd import txn
 from distributedtask.exceptions import CorruptRecordError
-from distributedtask.keys import BUCKETS, bucket_of
-from distributedtask.model import Progress
+from distributedtask.keys import BUCKETS, bucket_of, prefix_range_end
+from distributedtask.model import Progress, UnitSpec, UnitStatus
 from distributedtask.records import (
     INLINE_NODES,
+    MAX_DECL_BYTES,
     DoneRecord,
+    GroupMark,
     MemberRecord,
     NodeList,
     OutcomeRecord,
+    PoolEntry,
     TaskRecord,
+    UnitClaim,
+    UnitDecl,
     encode_progress,
 )
 from distributedtask.testing import wait_until
@@ -778,3 +794,365 @@ def test_a_task_failing_with_an_undecodable_message_becomes_failed(
     failed = mgr.get_task(NS, "t")
     assert failed is not None and failed.version == task.version
     assert (failed.error, failed.failed_node) == (STORED, NODE)
+
+
+# ---- units: declarations ------------------------------------------------------------------------
+
+UNITS = ["a", "b", "c"]
+CLAIM = orjson.loads(UnitClaim(1, UnitStatus.IN_PROGRESS, NODE, 0, "x").encode())
+POOL = orjson.loads(PoolEntry(1, 0, T0).encode())
+MARK = orjson.loads(GroupMark(1, T0).encode())
+
+
+def compressed(data: object) -> bytes:
+    return zlib.compress(orjson.dumps(data))
+
+
+def inflating_past_the_limit() -> bytes:
+    """zlib data that inflates to more than MAX_DECL_BYTES (about 64 KiB of it)."""
+    compressor = zlib.compressobj(9)
+    parts = [compressor.compress(b'{"v":2,"units":[')]
+    chunk = b" " * (1 << 20)
+    parts += [compressor.compress(chunk) for _ in range(MAX_DECL_BYTES // len(chunk) + 1)]
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
+# Declarations that make their unit task (added by the Manager: a record of 3 units) unreadable;
+# None: the declaration is deleted. The listing reports the task record's key, but for a
+# declaration that does not match the record's count of units: the declaration's key.
+CORRUPT_DECLS: dict[str, bytes | None] = {
+    "decl-missing": None,
+    "decl-empty": b"",
+    "decl-not-zlib": orjson.dumps({"v": 2, "units": [[u, ""] for u in UNITS]}),
+    "decl-truncated": UnitDecl(tuple(UnitSpec(u) for u in UNITS)).encode()[:12],
+    "decl-json": zlib.compress(b"{"),
+    "decl-null": zlib.compress(b"null"),
+    "decl-past": compressed({"v": 1, "units": [[u, ""] for u in UNITS]}),
+    "decl-future": compressed({"v": 3, "units": [[u, ""] for u in UNITS]}),
+    "decl-rows": compressed({"v": 2, "units": "a,b,c"}),
+    "decl-row": compressed({"v": 2, "units": [["a", ""], ["b", 5], ["c", ""]]}),
+    "decl-name": compressed({"v": 2, "units": [["a", ""], ["b\n", ""], ["c", ""]]}),
+    "decl-twice": compressed({"v": 2, "units": [["a", ""], ["b", ""], ["a", ""]]}),
+    "decl-bomb": inflating_past_the_limit(),
+    "decl-mismatch": UnitDecl((UnitSpec("a"), UnitSpec("b"))).encode(),
+}
+DECL_KEY_REPORTED = {"decl-mismatch"}
+
+
+def plant_unit_tasks(mgr: dt.Manager, client: dt.EtcdClient) -> dict[str, bytes]:
+    """A good unit task and one per CORRUPT_DECLS; returns the key list_tasks reports for each
+    corrupt one."""
+    keys = mgr.keys
+    mgr.add_task(NS, "good-units", nodes=[NODE], units=UNITS)
+    reported = {}
+    for task_id, value in CORRUPT_DECLS.items():
+        mgr.add_task(NS, task_id, nodes=[NODE], units=UNITS)
+        decl_key = keys.unit_decl(NS, task_id)
+        if value is None:
+            client.txn(success=[txn.delete(decl_key)])
+        else:
+            client.put(decl_key, value)
+        reported[task_id] = decl_key if task_id in DECL_KEY_REPORTED else keys.task(NS, task_id)
+    return reported
+
+
+def test_a_unit_task_with_an_unreadable_declaration_is_unreadable_and_skipped(
+    mgr: dt.Manager, client: dt.EtcdClient, dtask_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reported = plant_unit_tasks(mgr, client)
+    other = dt.Manager(client, prefix=dtask_prefix)  # another process: nothing cached
+    for task_id in CORRUPT_DECLS:
+        with pytest.raises(CorruptRecordError):
+            other.get_task(NS, task_id)
+    skipped: list[bytes] = []
+    monkeypatch.setattr(other, "_skip", lambda key, exc: skipped.append(key))
+    listed = other.list_tasks()
+    assert [t.id for t in listed[NS]] == ["good-units"]
+    assert listed[NS][0].units == tuple(UnitSpec(u) for u in UNITS)
+    assert sorted(skipped) == sorted(reported.values())  # each run once, by the key to blame
+    payload = orjson.loads(other.snapshot())
+    assert [item["ID"] for item in payload["tasks"][NS]] == ["good-units"]
+
+
+@pytest.mark.parametrize("task_id", sorted(CORRUPT_DECLS))
+def test_unit_calls_on_a_run_with_an_unreadable_declaration_raise_our_errors(
+    mgr: dt.Manager, client: dt.EtcdClient, dtask_prefix: str, task_id: str
+) -> None:
+    """A Manager that did not add the run (another process) cannot claim or record its units:
+    CorruptRecordError, nothing written. ``get_units`` reads the run with the read model's
+    checks: CorruptRecordError too (a missing declaration, one that does not match the
+    record's count of units)."""
+    task = mgr.add_task(NS, task_id, nodes=[NODE], units=UNITS)
+    value = CORRUPT_DECLS[task_id]
+    decl_key = mgr.keys.unit_decl(NS, task_id)
+    if value is None:
+        client.txn(success=[txn.delete(decl_key)])
+    else:
+        client.put(decl_key, value)
+    other = dt.Manager(client, prefix=dtask_prefix)
+    with pytest.raises(CorruptRecordError):
+        other.claim_unit(NS, task_id, task.version, NODE)
+    with pytest.raises(CorruptRecordError):
+        other.record_unit_completion(NS, task_id, task.version, "a", NODE)
+    with pytest.raises(CorruptRecordError):
+        other.record_unit_failure(NS, task_id, task.version, "a", NODE, "x")
+    with pytest.raises(CorruptRecordError):
+        other.get_units(NS, task_id, task.version)
+    assert unit_run_keys(client, other, task_id) == []  # no claim, no ticket
+
+
+def unit_run_keys(client: dt.EtcdClient, manager: dt.Manager, task_id: str) -> list[bytes]:
+    """The keys under ``P/units/run/<ns>/<task_id>/``."""
+    prefix = manager.keys.unit_run(NS, task_id)
+    return [kv.key for kv in client.range(prefix, prefix_range_end(prefix), keys_only=True).kvs]
+
+
+def test_a_unit_task_with_an_unreadable_declaration_can_be_cancelled_and_replaced(
+    mgr: dt.Manager, client: dt.EtcdClient, dtask_prefix: str
+) -> None:
+    task = mgr.add_task(NS, "t", nodes=[NODE], units=UNITS)
+    client.put(mgr.keys.unit_decl(NS, "t"), b"garbage")
+    other = dt.Manager(client, prefix=dtask_prefix)
+    with pytest.raises(dt.TaskAlreadyRunningError):
+        other.add_task(NS, "t", nodes=[NODE], units=UNITS)
+    with pytest.raises(CorruptRecordError, match="is now CANCELLED, but it cannot be read back"):
+        other.cancel_task(NS, "t", task.version)
+    fresh = other.add_task(NS, "t", nodes=[NODE], units=["x"])
+    assert other.get_task(NS, "t") == fresh and fresh.units == (UnitSpec("x"),)
+    unit = other.claim_unit(NS, "t", fresh.version, NODE)
+    assert unit is not None and unit.id == "x"
+    done = other.record_unit_completion(NS, "t", fresh.version, "x", NODE)
+    assert done.status is dt.TaskStatus.FINISHED
+
+
+# ---- units: claims ------------------------------------------------------------------------------
+
+CORRUPT_CLAIMS = {
+    "b": b"{",
+    "d": js(CLAIM, v=3),
+    "e": js(CLAIM, status="DONE"),
+    "f": js(CLAIM, attempts=-1),
+    "g": b"null",
+}
+
+
+def test_unreadable_claims_are_skipped_and_their_units_never_handed_out(
+    mgr: dt.Manager, client: dt.EtcdClient
+) -> None:
+    """A claim value that cannot be read is skipped (counted) wherever it is read: get_units
+    shows its unit PENDING and unclaimed; claim_unit hands out the other units (a claim key
+    exists, so the unit is never claimed again); only the claimant records a unit, and nobody
+    holds these: UnitClaimError. The run cannot finish, and can be cancelled."""
+    declared = ["a", *CORRUPT_CLAIMS, "h"]
+    task = mgr.add_task(NS, "t", nodes=[NODE, "node-2"], units=declared)
+    keys = mgr.keys
+    for unit, value in CORRUPT_CLAIMS.items():
+        client.put(keys.unit_claim(NS, "t", unit), value)
+    client.put(keys.unit_claims(NS, "t") + b"%zz", js(CLAIM))  # not a unit's key: ignored
+    before = mgr.skipped_records
+    units = mgr.get_units(NS, "t", task.version)
+    assert list(units) == declared
+    for unit in CORRUPT_CLAIMS:
+        assert (units[unit].status, units[unit].node) == (UnitStatus.PENDING, None)
+    assert mgr.skipped_records - before == len(CORRUPT_CLAIMS)
+
+    claimed = []
+    while (got := mgr.claim_unit(NS, "t", task.version, NODE)) is not None:
+        claimed.append(got.id)
+    assert claimed == ["a", "h"]
+    assert mgr.claim_unit(NS, "t", task.version, "node-2") is None
+    for unit in CORRUPT_CLAIMS:
+        with pytest.raises(dt.UnitClaimError):
+            mgr.record_unit_completion(NS, "t", task.version, unit, NODE)
+        with pytest.raises(dt.UnitClaimError):
+            mgr.record_unit_failure(NS, "t", task.version, unit, NODE, "x")
+    for unit in claimed:
+        after = mgr.record_unit_completion(NS, "t", task.version, unit, NODE)
+    assert after.status is dt.TaskStatus.STARTED
+    assert mgr.cancel_task(NS, "t", task.version).status is dt.TaskStatus.CANCELLED
+
+
+def test_a_claim_overwritten_with_garbage_while_held_cannot_be_recorded(
+    mgr: dt.Manager, client: dt.EtcdClient, dtask_prefix: str
+) -> None:
+    task = mgr.add_task(NS, "t", nodes=[NODE], units=["a", "b"])
+    unit = mgr.claim_unit(NS, "t", task.version, NODE)
+    assert unit is not None and unit.id == "a"
+    client.put(mgr.keys.unit_claim(NS, "t", "a"), b"[]")
+    with pytest.raises(dt.UnitClaimError):
+        mgr.record_unit_completion(NS, "t", task.version, "a", NODE)  # its claim, remembered
+    other = dt.Manager(client, prefix=dtask_prefix)
+    with pytest.raises(dt.UnitClaimError):
+        other.record_unit_completion(NS, "t", task.version, "a", NODE)  # its claim, read
+    # The held units of the node (a restart's view) skip it too; the other unit works.
+    assert other.units.held(NS, "t", task.version, NODE) == []
+    second = other.claim_unit(NS, "t", task.version, NODE)
+    assert second is not None and second.id == "b"
+    assert other.record_unit_completion(NS, "t", task.version, "b", NODE).status is (
+        dt.TaskStatus.STARTED
+    )
+
+
+def test_unreadable_unit_progress_and_acknowledgements_are_skipped(
+    mgr: dt.Manager, client: dt.EtcdClient
+) -> None:
+    task = mgr.add_task(NS, "t", nodes=[NODE], units=[UnitSpec("a", "g1"), UnitSpec("b", "g2")])
+    keys = mgr.keys
+    mgr.record_unit_progress(NS, "t", task.version, "a", NODE, 0.5, "half")
+    client.put(keys.unit_progress(NS, "t", "b"), js(PROGRESS, fraction=2))
+    client.put(keys.unit_progresses(NS, "t") + b"%zz", js(PROGRESS))  # not a unit's: ignored
+    before = mgr.skipped_records
+    units = mgr.get_units(NS, "t", task.version)
+    progress = units["a"].progress
+    assert progress is not None and progress.message == "half"
+    assert units["b"].progress is None
+    assert mgr.skipped_records - before == 1
+
+    mgr.units.ack_group(NS, "t", task.version, NODE, "g1")
+    client.put(keys.group_ack(NS, "t", NODE, "g2"), b"{")
+    client.put(keys.group_ack(NS, "t", NODE, ""), js(MARK, version=task.version + 1))  # stale
+    client.put(keys.group_acks(NS, "t", NODE) + b"g3", js(MARK, version=task.version))  # no "="
+    before = mgr.skipped_records
+    assert mgr.units.acked_groups(NS, "t", task.version, NODE) == {"g1"}
+    assert mgr.skipped_records - before == 1
+
+
+# ---- units: the pool and group marks ------------------------------------------------------------
+
+
+def test_claim_unit_skips_garbage_in_the_pool(mgr: dt.Manager, client: dt.EtcdClient) -> None:
+    policy = dt.RunPolicy(max_attempts=2, retry_backoff=timedelta(0))
+    task = mgr.add_task(NS, "t", nodes=[NODE], units=["a", "b"], policy=policy)
+    keys = mgr.keys
+    client.put(keys.pool(NS, "t", "a"), b"{")  # unreadable: skipped, counted
+    client.put(keys.pool(NS, "t", "b"), js(POOL, version=task.version))  # no PENDING claim
+    client.put(keys.pool(NS, "t", "ghost"), js(POOL, version=task.version))  # not declared
+    client.put(keys.pool(NS, "t", "c"), js(POOL, version=task.version + 1))  # another run's
+    client.put(keys.task_pool(NS, "t") + b"%zz", js(POOL, version=task.version))  # not ours
+    client.put(keys.task_pool(NS, "t") + b"a/b", js(POOL, version=task.version))  # not ours
+    before = mgr.skipped_records
+    first = mgr.claim_unit(NS, "t", task.version, NODE)
+    assert first is not None and first.id == "a"  # by ticket: no pool entry was claimable
+    assert mgr.skipped_records - before == 1
+    assert mgr.units.read_pool(NS, "t", task.version) != []  # "b", which cannot be claimed
+    # A real failure puts "a" in the pool (its garbage overwritten); it is claimed from there.
+    mgr.record_unit_failure(NS, "t", task.version, "a", NODE, "boom")
+    second = mgr.claim_unit(NS, "t", task.version, NODE)  # tickets first
+    assert second is not None and second.id == "b"
+    again = mgr.claim_unit(NS, "t", task.version, NODE)  # then the pool
+    assert again is not None and (again.id, again.attempts) == ("a", 1)
+    assert mgr.claim_unit(NS, "t", task.version, NODE) is None
+    mgr.record_unit_completion(NS, "t", task.version, "a", NODE)
+    done = mgr.record_unit_completion(NS, "t", task.version, "b", NODE)
+    assert done.status is dt.TaskStatus.FINISHED
+
+
+# Under P/cluster/pool/ and P/cluster/groups/: watched by every Scheduler. Suffixes after the
+# prefix's root; each unreadable value, and each key that is not ours, is counted once.
+UNIT_GARBAGE_WATCHED = {
+    b"cluster/pool/ns/good/a": b"{",
+    b"cluster/pool/ns/good/b": js(POOL, v=3),
+    b"cluster/pool/ns/good/c": js(POOL, delayMs=-1),
+    b"cluster/pool/ns/orphan/a": b"null",
+    b"cluster/pool/ns/good": js(POOL),  # not ours: too short
+    b"cluster/pool/ns/good/a/x": js(POOL),  # too long
+    b"cluster/pool/ns/good/%zz": js(POOL),  # a bad escape
+    b"cluster/pool/ns/good/=a": js(POOL),  # "=" is not a unit's escape
+    b"cluster/groups/ns/good/=g": b"{",
+    b"cluster/groups/ns/good/=": js(MARK, version="1"),
+    b"cluster/groups/ns/orphan/=g": js(MARK, at=None),
+    b"cluster/groups/ns/good/g": js(MARK),  # not ours: a group segment starts with "="
+    b"cluster/groups/ns/good/==": js(MARK),
+    b"cluster/groups/ns/good": js(MARK),
+    b"cluster/groups/": js(MARK),
+}
+# Well-formed and readable, but naming no unit that can be claimed: not counted.
+UNIT_PHANTOMS_WATCHED = {
+    b"cluster/pool/ns/good/ghost": js(POOL),  # a unit nobody declared, of version 1
+    b"cluster/groups/ns/good/=ghost": js(MARK),  # a group of version 1
+}
+
+
+class UnitWork:
+    """A ThreadProvider's unit function and group hook that remember what they did."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.units: list[tuple[str, str]] = []  # task id, unit id
+        self.groups: list[tuple[str, str]] = []  # task id, group
+
+    def run(self, task: dt.Task, ctx: dt.TaskContext) -> None:
+        assert ctx.unit is not None
+        with self.lock:
+            self.units.append((task.id, ctx.unit.id))
+
+    def group(self, task: dt.Task, group: str) -> None:
+        with self.lock:
+            self.groups.append((task.id, group))
+
+    def ran(self, task_id: str) -> list[str]:
+        with self.lock:
+            return sorted(unit for tid, unit in self.units if tid == task_id)
+
+    def grouped(self, task_id: str) -> list[str]:
+        with self.lock:
+            return sorted(group for tid, group in self.groups if tid == task_id)
+
+
+def test_a_scheduler_skips_garbage_pool_entries_and_group_marks_and_runs_unit_tasks(
+    schedulers: Schedulers,
+    mgr: dt.Manager,
+    client: dt.EtcdClient,
+    registry: CollectorRegistry,
+    dtask_prefix: str,
+) -> None:
+    """Garbage under P/cluster/pool/ and P/cluster/groups/, there when the Scheduler starts and
+    arriving through its watch, is counted once per key; the Scheduler keeps running unit
+    tasks, next to the garbage (the same ids) and after it; a unit task whose declaration is
+    unreadable is not run (and not counted: it is not in a watched range), and does not stop
+    the others."""
+    root = mgr.keys.root
+    mgr.ensure_format()
+    for suffix, value in {**UNIT_GARBAGE_WATCHED, **UNIT_PHANTOMS_WATCHED}.items():
+        client.put(root + suffix, value)
+    broken = mgr.add_task(NS, "broken", nodes=[NODE], units=UNITS)
+    client.put(mgr.keys.unit_decl(NS, "broken"), b"garbage")
+    work = UnitWork()
+    provider = dt.ThreadProvider(work.run, unit_concurrency=2, on_group_completed=work.group)
+    try:
+        # Its own Manager, as in another process: nothing of "broken" is cached there.
+        own = dt.Manager(client, prefix=dtask_prefix)
+        scheduler = schedulers.new(NODE, {NS: provider}, manager=own, node_loss_grace=None)
+        assert metric(registry, SKIPPED) == len(UNIT_GARBAGE_WATCHED)
+
+        units = [UnitSpec(f"u{i}", group=f"g{i % 2}") for i in range(6)]
+        good = mgr.add_task(NS, "good", nodes=[NODE], units=units)
+        final = mgr.wait_for_task(NS, "good", good.version, timeout=30)
+        assert final.status is dt.TaskStatus.FINISHED
+        assert work.ran("good") == sorted(u.id for u in units)
+        wait_until(lambda: work.grouped("good") == ["g0", "g1"], 30, message="group hooks")
+
+        # More garbage through the watch, then another unit task: it runs too.
+        late = {
+            root + b"cluster/pool/ns/good/late": b"{",
+            root + b"cluster/groups/ns/good/=late": b"[]",
+            root + b"cluster/pool/x": b"{}",
+        }
+        for key, value in late.items():
+            client.put(key, value)
+        client.put(root + b"cluster/pool/ns/good/late", b"{{")  # rewritten: not counted again
+        after = mgr.add_task(NS, "after", nodes=[NODE], units=["x", "y"])
+        final = mgr.wait_for_task(NS, "after", after.version, timeout=30)
+        assert final.status is dt.TaskStatus.FINISHED and work.ran("after") == ["x", "y"]
+        expected = len(UNIT_GARBAGE_WATCHED) + len(late)
+        wait_until(
+            lambda: metric(registry, SKIPPED) == expected, 30, message="late garbage counted"
+        )
+        assert metric(registry, "distributedtask_watch_restarts_total", reason="error") == 0
+        assert work.ran("broken") == []
+        assert client.range(mgr.keys.outcome(NS, "broken")).first() is None  # still STARTED
+        assert broken.descriptor not in scheduler.running().get(NS, set())
+    finally:
+        schedulers.close()
+        assert provider.join(10)

@@ -185,6 +185,7 @@ def test_dashboard_is_importable_json() -> None:
         "running tasks by namespace", "start rate", "termination rate", "start latency",
         "provider errors", "watch restarts", "resyncs", "node-loss", "lease losses",
         "live members", "skipped records", "record retries",
+        "units completed", "unit failures", "units reassigned", "group callbacks",
     ):  # fmt: skip
         assert wanted in titles, f"no panel about {wanted!r}"
 
@@ -198,6 +199,37 @@ def test_dashboard_uses_only_our_metrics_and_all_of_them() -> None:
     exprs = " ".join(expr for _, expr in dashboard_queries(load_dashboard()))
     assert "histogram_quantile(0.5," in exprs and "histogram_quantile(0.99," in exprs
     assert "distributedtask_start_latency_seconds_bucket" in exprs
+
+
+def namespaced_metrics() -> set[str]:
+    """The METRIC_NAMES entries whose series carry a ``namespace`` label."""
+    registry = CollectorRegistry()
+    Metrics(registry).touch(["ns"])
+    exported = exported_series()
+    return {
+        exported[sample.name][0]
+        for family in registry.collect()
+        for sample in family.samples
+        if "namespace" in sample.labels and sample.name in exported
+    }
+
+
+def test_dashboard_shows_every_namespaced_metric_by_namespace() -> None:
+    """A metric labelled by namespace (the units' among them) is shown per namespace: some
+    query reading it groups ``by (... namespace ...)`` and filters on ``$namespace``."""
+    wanted = namespaced_metrics()
+    assert {
+        "distributedtask_units_completed_total",
+        "distributedtask_units_failed_total",
+        "distributedtask_units_reassigned_total",
+        "distributedtask_group_callbacks_total",
+    } <= wanted
+    shown: set[str] = set()
+    for where, expr in dashboard_queries(load_dashboard()):
+        grouped = re.search(r"\bby\s*\([^()]*\bnamespace\b[^()]*\)", expr)
+        if grouped and 'namespace=~"$namespace"' in expr:
+            shown |= check_series(metric_names(expr), f"dashboard {where}")
+    assert wanted <= shown, f"not shown by namespace: {sorted(wanted - shown)}"
 
 
 @needs_promtool
@@ -318,6 +350,8 @@ def test_alert_rules_are_complete() -> None:
         "node loss": "distributedtask_node_loss_failures_total",
         "lease losses": "distributedtask_lease_losses_total",
         "members dropping": "distributedtask_members",
+        "units failing": "distributedtask_units_failed_total",
+        "units given back": "distributedtask_units_reassigned_total",
     }
     for what, metric in about.items():
         assert any(metric in expr for expr in exprs.values()), f"no alert about {what}"
@@ -348,7 +382,12 @@ def test_alert_rules_parse_with_promtool() -> None:
 @needs_promtool
 def test_alert_rules_unit_tests() -> None:
     text = ALERTS_TEST.read_text()
-    for alert in ("DistributedTaskNodeLoss", "DistributedTaskProviderErrors"):
+    for alert in (
+        "DistributedTaskNodeLoss",
+        "DistributedTaskProviderErrors",
+        "DistributedTaskUnitsFailing",
+        "DistributedTaskUnitsReassigned",
+    ):
         assert re.search(rf"alertname: {alert}\n\s+exp_alerts:\n\s+- exp_labels", text), (
             f"alerts_test.yml does not show {alert} firing"
         )

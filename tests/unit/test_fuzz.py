@@ -1,7 +1,8 @@
 """Fuzzing of everything that reads bytes we did not necessarily write: key parsing, the stored
-values of layout 2, the layout marker, and the public JSON form of tasks. Any input gives a value
-or *our* error, never another exception; whatever decodes survives its own encoder unchanged.
-Pure; no etcd.
+values of layout 2 (the units' among them, the compressed declaration included), the layout
+marker, and the public JSON form of tasks (with ``units`` and ``failedUnit``). Any input gives a
+value or *our* error, never another exception; whatever decodes survives its own encoder
+unchanged. Pure; no etcd.
 
 Complements tests/unit/test_keys.py, test_records.py and test_model.py (which hold the round
 trips of valid keys and records) with stronger properties: parse is canonical (a parsed key
@@ -29,6 +30,7 @@ from tests.layout import (
     built,
     check_parse,
     encode,
+    groups,
     in_range,
     moments,
     names,
@@ -48,6 +50,8 @@ from distributedtask.model import (
     Progress,
     Task,
     TaskStatus,
+    UnitSpec,
+    UnitStatus,
     task_from_json,
     task_to_json,
     tasks_from_payload,
@@ -57,10 +61,14 @@ from distributedtask.model import (
 from distributedtask.records import (
     CorruptRecordError,
     DoneRecord,
+    GroupMark,
     MemberRecord,
     NodeList,
     OutcomeRecord,
+    PoolEntry,
     TaskRecord,
+    UnitClaim,
+    UnitDecl,
     decode_format,
 )
 
@@ -87,6 +95,7 @@ json_scalars = st.one_of(
     st.sampled_from(
         ["", "v", "1", "2", "STARTED", "FINISHED", "=", "AA==", "0001-01-01T00:00:00Z", "n1"]
     ),
+    st.sampled_from(["PENDING", "IN_PROGRESS", "COMPLETED", "FAILED", "u1", "g"]),
 )
 json_values = st.recursive(
     json_scalars,
@@ -147,6 +156,16 @@ def shaped(kind: str, fields: dict[str, st.SearchStrategy[Any]]) -> st.SearchStr
 ms_values = st.integers(-62135596800000, 253402300799999)  # years 1..9999
 b64_values = st.binary(max_size=8).map(lambda b: base64.b64encode(b).decode())
 V2 = st.just(2)
+# Rows of a unit declaration: [id, group] or [id, group, node], now and then a near miss.
+unit_rows = st.lists(
+    st.one_of(
+        st.tuples(names, groups).map(list),
+        st.tuples(names, groups, st.none() | names).map(list),
+        st.lists(near_misses.filter(lambda v: v is not _OMIT), max_size=4),
+        st.sampled_from(["u1", None, {"id": "u1"}, ["u1", "u1"], ["u1", "", ""]]),
+    ),
+    max_size=4,
+)
 
 RECORD_SHAPES: dict[str, st.SearchStrategy[bytes]] = {
     "task": shaped(
@@ -184,6 +203,31 @@ RECORD_SHAPES: dict[str, st.SearchStrategy[bytes]] = {
             "startedAt": ms_values,
         },
     ),
+    "decl": shaped("decl", {"v": V2, "units": unit_rows}),
+    "claim": shaped(
+        "claim",
+        {
+            "v": V2,
+            "version": versions,
+            "status": st.sampled_from([s.value for s in UnitStatus]),
+            "attempts": st.integers(0, 2**63),
+            "token": tokens,
+            "node": names,
+            "error": texts,
+        },
+    ),
+    "pool": shaped(
+        "pool",
+        {
+            "v": V2,
+            "version": versions,
+            "delayMs": st.integers(0, 2**63),
+            "notBefore": ms_values,
+            "attempts": st.integers(0, 2**63),
+            "node": names,
+        },
+    ),
+    "group": shaped("group", {"v": V2, "version": versions, "at": ms_values}),
 }
 assert set(RECORD_SHAPES) == set(DECODERS)
 MARKER_SHAPES = st.builds(
@@ -220,6 +264,14 @@ TASK_DICTS = shaped_dicts(
         "failedNode": names,
         "finishedNodes": st.dictionaries(st.sampled_from(["n1", "n2"]), st.booleans()),
         "nodes": st.lists(names, max_size=3).map(lambda nodes: [*nodes, "n1", "n2"]),
+        "units": st.lists(
+            st.fixed_dictionaries(
+                {"id": names},
+                optional={"group": groups, "node": st.sampled_from(["n1", "n2", None])},
+            ),
+            max_size=3,
+        ),
+        "failedUnit": names,
     }
 )
 TASK_JSON = TASK_DICTS.map(stdlib_json)
@@ -242,7 +294,27 @@ def tasks(draw: st.DrawFn, namespace: str | None = None) -> Task:
         nodes=nodes,
         finished_nodes=draw(st.frozensets(st.sampled_from(sorted(nodes)))),
         failed_node=draw(st.none() | names),
+        units=tuple(
+            draw(
+                st.lists(
+                    st.builds(
+                        UnitSpec,
+                        UNIT_IDS,
+                        UNIT_GROUPS,
+                        st.none() | st.sampled_from(sorted(nodes)),
+                    ),
+                    max_size=4,
+                    unique_by=lambda u: u.id,
+                )
+            )
+        ),
+        failed_unit=draw(st.none() | UNIT_IDS),
     )
+
+
+# Unit ids and groups of the tasks above: awkward names drawn cheaply (no filtering).
+UNIT_IDS = st.sampled_from(["u1", "u2", "shard/1", "=", "%3D", "ü", "🎉", " x ", "x" * 256])
+UNIT_GROUPS = st.sampled_from(["", "g", "=", "==", "a/b", "é" * 128])
 
 
 # ---- key parsing --------------------------------------------------------------------------------
@@ -259,6 +331,10 @@ TOPS = [
     "progress",
     "format",
     "units",
+    "units/decl",
+    "units/run",
+    "cluster/pool",
+    "cluster/groups",
     "tasks",
     "outcomes",
     "runs",
@@ -270,6 +346,8 @@ ODD_SEGMENTS = (
     "%", "%2", "%2F", "%2f", "%zz", "%C3%BC", "%FF", "%C3", "%00", "%7F", "%41", "%25",
     "%E2%82%AC", "€", "0", "01", "1", "-1", "+1", "1.0", " 1", "a", "ab", ".", "..", "",
     "00", "0a", "0A", "3f", "3F", "40", "ff", "%30%30", "100",
+    "claim", "ticket", "aticket", "held", "count", "gcount", "progress", "acks", "decl", "run",
+    "=", "==", "=g", "=%3D", "=%3d", "=%2F", "=%", "=ü", "%3D", "pool", "groups",
 )
 # fmt: on
 segments = st.one_of(
@@ -410,6 +488,7 @@ def check_decoded(kind: str, raw: bytes) -> None:
         assert isinstance(value.payload, bytes) and isinstance(value.token, str)
         assert _positive(value.node_count) and _aware_ms(value.started_at)
         assert value.version is None or _positive(value.version)
+        assert type(value.unit_count) is int and value.unit_count >= 0
         assert TaskRecord.decode(raw, payload=False) == dataclasses.replace(value, payload=b"")
     elif isinstance(value, NodeList):
         assert value.nodes
@@ -419,9 +498,29 @@ def check_decoded(kind: str, raw: bytes) -> None:
         assert value.status.terminal and _aware_ms(value.finished_at)
         assert value.error is None or isinstance(value.error, str)
         assert value.node is None or validate_name(value.node, "node_id")
+        assert value.unit is None or validate_name(value.unit, "unit_id")
     elif isinstance(value, DoneRecord):
         assert _positive(value.version) and _aware_ms(value.at)
         assert isinstance(value.token, str)
+    elif isinstance(value, UnitDecl):
+        assert len(value.by_id) == len(value.units)
+        for spec in value.units:
+            validate_name(spec.id, "unit_id")
+            assert spec.group == "" or validate_name(spec.group, "group")
+            assert spec.node is None or validate_name(spec.node, "node_id")
+    elif isinstance(value, UnitClaim):
+        assert _positive(value.version) and isinstance(value.status, UnitStatus)
+        assert type(value.attempts) is int and value.attempts >= 0
+        assert isinstance(value.token, str)
+        assert value.node is None or validate_name(value.node, "node_id")
+        assert value.error is None or isinstance(value.error, str)
+    elif isinstance(value, PoolEntry):
+        assert _positive(value.version) and _aware_ms(value.not_before)
+        assert type(value.delay_ms) is int and value.delay_ms >= 0
+        assert type(value.attempts) is int and value.attempts >= 0
+        assert value.node is None or validate_name(value.node, "node_id")
+    elif isinstance(value, GroupMark):
+        assert _positive(value.version) and _aware_ms(value.at)
     elif isinstance(value, Progress):
         assert type(value.fraction) is float and math.isfinite(value.fraction)
         assert 0.0 <= value.fraction <= 1.0
@@ -486,6 +585,12 @@ def check_task(task: Task | None) -> None:
     assert task.error is None or (isinstance(task.error, str) and task.error)
     assert task.nodes and task.finished_nodes <= task.nodes
     assert task.failed_node is None or validate_name(task.failed_node, "node_id")
+    assert task.failed_unit is None or validate_name(task.failed_unit, "unit_id")
+    assert isinstance(task.units, tuple)
+    assert len({unit.id for unit in task.units}) == len(task.units)
+    for unit in task.units:
+        assert isinstance(unit, UnitSpec)
+        assert unit.node is None or unit.node in task.nodes
     # Whatever decodes is a Task the encoder can write again, unchanged.
     assert task_from_json(task_to_json(task)) == task
 

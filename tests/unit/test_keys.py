@@ -1,6 +1,7 @@
 """Unit tests of the key schema of layout 2 (src/distributedtask/keys.py): building, exact and
-total parsing of the seven kinds of key, escaping, assignment buckets, reserved prefix segments,
-prefix isolation and etcd range ends. Pure; no etcd."""
+total parsing of every kind of key (the units' among them: declarations, claims, the other keys
+under ``P/units/run/``, the pool and group marks, group segments), escaping, assignment
+buckets, reserved prefix segments, prefix isolation and etcd range ends. Pure; no etcd."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tests.layout import (
     in_range,
     names,
     one_of_each,
+    range_of,
     range_roots,
     rebuild,
     versions,
@@ -27,12 +29,17 @@ from distributedtask.keys import (
     BUCKETS,
     AssignKey,
     DoneKey,
+    GroupKey,
     Keys,
     MemberKey,
     NodesKey,
     OutcomeKey,
+    PoolKey,
     ProgressKey,
     TaskKey,
+    UnitClaimKey,
+    UnitDeclKey,
+    UnitRunKey,
     bucket_of,
     prefix_range_end,
 )
@@ -91,6 +98,30 @@ def test_key_layout() -> None:
     assert K.progress("ns", "id", 7, "node") == b"/dt/progress/ns/id/7/node"
 
 
+def test_unit_key_layout() -> None:
+    assert K.unit_decl("ns", "id") == b"/dt/units/decl/ns/id"
+    assert K.unit_run("ns", "id") == b"/dt/units/run/ns/id/"
+    assert K.unit_claims("ns", "id") == b"/dt/units/run/ns/id/claim/"
+    assert K.unit_claim("ns", "id", "u") == b"/dt/units/run/ns/id/claim/u"
+    assert K.unit_ticket("ns", "id") == b"/dt/units/run/ns/id/ticket"
+    assert K.unit_node_ticket("ns", "id", "n") == b"/dt/units/run/ns/id/aticket/n"
+    assert K.units_held("ns", "id", "n") == b"/dt/units/run/ns/id/held/n/"
+    assert K.unit_held("ns", "id", "n", "u") == b"/dt/units/run/ns/id/held/n/u"
+    assert K.units_completed("ns", "id") == b"/dt/units/run/ns/id/count"
+    assert K.group_counts("ns", "id") == b"/dt/units/run/ns/id/gcount/"
+    assert K.group_count("ns", "id", "g") == b"/dt/units/run/ns/id/gcount/=g"
+    assert K.group_count("ns", "id", "") == b"/dt/units/run/ns/id/gcount/="
+    assert K.unit_progresses("ns", "id") == b"/dt/units/run/ns/id/progress/"
+    assert K.unit_progress("ns", "id", "u") == b"/dt/units/run/ns/id/progress/u"
+    assert K.group_acks("ns", "id", "n") == b"/dt/units/run/ns/id/acks/n/"
+    assert K.group_ack("ns", "id", "n", "g") == b"/dt/units/run/ns/id/acks/n/=g"
+    assert K.task_pool("ns", "id") == b"/dt/cluster/pool/ns/id/"
+    assert K.pool("ns", "id", "u") == b"/dt/cluster/pool/ns/id/u"
+    assert K.task_groups("ns", "id") == b"/dt/cluster/groups/ns/id/"
+    assert K.group("ns", "id", "g") == b"/dt/cluster/groups/ns/id/=g"
+    assert K.group("ns", "id", "") == b"/dt/cluster/groups/ns/id/="
+
+
 def test_range_roots_layout() -> None:
     assert K.all_tasks() == b"/dt/cluster/tasks/"
     assert K.all_outcomes() == b"/dt/cluster/outcomes/"
@@ -99,6 +130,10 @@ def test_range_roots_layout() -> None:
     assert K.all_assignments() == b"/dt/assign/"
     assert K.all_done() == b"/dt/done/"
     assert K.all_progress() == b"/dt/progress/"
+    assert K.all_unit_decls() == b"/dt/units/decl/"
+    assert K.all_unit_runs() == b"/dt/units/run/"
+    assert K.all_pool() == b"/dt/cluster/pool/"
+    assert K.all_groups() == b"/dt/cluster/groups/"
     assert K.legacy == (b"/dt/members/", b"/dt/outcomes/", b"/dt/runs/", b"/dt/tasks/")
     # every range ends in "/", so no root is a prefix of a longer name
     for root in range_roots(K).values():
@@ -138,6 +173,7 @@ def test_prefix_without_leading_slash() -> None:
 
 def test_module_exports_the_layout_2_names() -> None:
     new = {"BUCKETS", "AssignKey", "DoneKey", "NodesKey", "bucket_of"}
+    new |= {"UnitDeclKey", "UnitClaimKey", "UnitRunKey", "PoolKey", "GroupKey"}
     assert new <= set(keys_module.__all__)
     assert all(hasattr(keys_module, name) for name in keys_module.__all__)
     assert not hasattr(keys_module, "RunKey")  # layout 1's per-node run keys are gone
@@ -203,6 +239,31 @@ def test_parse_rejects_keys_of_other_prefixes() -> None:
         (b"/dt/cluster/tasks/cluster/tasks", TaskKey("cluster", "tasks")),
         (b"/dt/done/done/assign/00", DoneKey("done", "assign", "00")),
         (b"/dt/assign/00/00/3f", AssignKey(0, "00", "3f")),
+        # units
+        (b"/dt/units/decl/ns/id", UnitDeclKey("ns", "id")),
+        (b"/dt/units/run/ns/id/claim/u", UnitClaimKey("ns", "id", "u")),
+        (b"/dt/units/run/ns/id/ticket", UnitRunKey("ns", "id", "ticket", ())),
+        (b"/dt/units/run/ns/id/aticket/n", UnitRunKey("ns", "id", "aticket", ("n",))),
+        (b"/dt/units/run/ns/id/held/n/u", UnitRunKey("ns", "id", "held", ("n", "u"))),
+        (b"/dt/units/run/ns/id/count", UnitRunKey("ns", "id", "count", ())),
+        (b"/dt/units/run/ns/id/gcount/=g", UnitRunKey("ns", "id", "gcount", ("g",))),
+        (b"/dt/units/run/ns/id/gcount/=", UnitRunKey("ns", "id", "gcount", ("",))),
+        (b"/dt/units/run/ns/id/progress/u", UnitRunKey("ns", "id", "progress", ("u",))),
+        (b"/dt/units/run/ns/id/acks/n/=g", UnitRunKey("ns", "id", "acks", ("n", "g"))),
+        (b"/dt/units/run/ns/id/acks/n/=", UnitRunKey("ns", "id", "acks", ("n", ""))),
+        (b"/dt/cluster/pool/ns/id/u", PoolKey("ns", "id", "u")),
+        (b"/dt/cluster/groups/ns/id/=g", GroupKey("ns", "id", "g")),
+        (b"/dt/cluster/groups/ns/id/=", GroupKey("ns", "id", "")),
+        (b"/dt/cluster/groups/ns/id/=%3D", GroupKey("ns", "id", "=")),
+        (b"/dt/cluster/groups/ns/id/=%3D%3D", GroupKey("ns", "id", "==")),
+        (b"/dt/cluster/groups/ns/id/=%2F", GroupKey("ns", "id", "/")),
+        (b"/dt/cluster/groups/ns/id/=a%3Db%2Fc", GroupKey("ns", "id", "a=b/c")),
+        # a unit, node or group named like a kind of key is just a name
+        (b"/dt/units/run/claim/ticket/claim/count", UnitClaimKey("claim", "ticket", "count")),
+        (b"/dt/units/run/ns/id/held/held/claim", UnitRunKey("ns", "id", "held", ("held", "claim"))),
+        (b"/dt/units/run/ns/id/gcount/=gcount", UnitRunKey("ns", "id", "gcount", ("gcount",))),
+        (b"/dt/cluster/pool/pool/groups/tasks", PoolKey("pool", "groups", "tasks")),
+        (b"/dt/units/decl/units/run", UnitDeclKey("units", "run")),
     ],
 )
 def test_parse(key: bytes, parsed: ParsedKey) -> None:
@@ -278,13 +339,13 @@ def test_kinds_never_share_a_range() -> None:
     for name, root in roots.items():
         for kind, key in samples.items():
             if name == "cluster":
-                # what every Scheduler watches: records, outcomes, run states and members,
-                # nothing per node
-                expected = kind in ("task", "outcome", "state", "member")
+                # what every Scheduler watches: records, outcomes, run states, members, the
+                # pool and group marks; nothing per node, and no unit transition but those
+                expected = kind in ("task", "outcome", "state", "member", "pool", "group")
             elif name.startswith("bucket "):
                 expected = name == f"bucket {bucket_of('c')}" and kind == "assign"
             else:
-                expected = name == kind
+                expected = name == range_of(kind)
             assert in_range(key, root) == expected, (name, kind)
             assert in_range(key, K.root)
             assert key != K.format
@@ -375,6 +436,73 @@ FOREIGN_KEYS = [
     b"/dt/progress/a/b/%31/n",
     b"/dt/progress/a/b/1/n/x",
     b"/dt/progress/a/b/9223372036854775808/n",  # beyond int64
+    # units
+    b"/dt/units",
+    b"/dt/units/",
+    b"/dt/units/decl",
+    b"/dt/units/decl/",
+    b"/dt/units/decl/a",
+    b"/dt/units/decl/a/",
+    b"/dt/units/decl/a/b/",
+    b"/dt/units/decl/a/b/c",
+    b"/dt/units/Decl/a/b",
+    b"/dt/units/run",
+    b"/dt/units/run/",
+    b"/dt/units/run/a",
+    b"/dt/units/run/a/b",
+    b"/dt/units/run/a/b/",
+    b"/dt/units/run/a/b/unknown",
+    b"/dt/units/run/a/b/unknown/u",
+    b"/dt/units/run/a/b/claim",
+    b"/dt/units/run/a/b/claim/",
+    b"/dt/units/run/a/b/claim/u/",
+    b"/dt/units/run/a/b/claim/u/x",
+    b"/dt/units/run/a/b/Claim/u",
+    b"/dt/units/run/a/b/ticket/",
+    b"/dt/units/run/a/b/ticket/x",
+    b"/dt/units/run/a/b/aticket",
+    b"/dt/units/run/a/b/aticket/",
+    b"/dt/units/run/a/b/aticket/n/x",
+    b"/dt/units/run/a/b/held/n",
+    b"/dt/units/run/a/b/held/n/",
+    b"/dt/units/run/a/b/held//u",
+    b"/dt/units/run/a/b/held/n/u/x",
+    b"/dt/units/run/a/b/count/",
+    b"/dt/units/run/a/b/count/x",
+    b"/dt/units/run/a/b/gcount",
+    b"/dt/units/run/a/b/gcount/",
+    b"/dt/units/run/a/b/gcount/g",  # a group segment starts with "="
+    b"/dt/units/run/a/b/gcount/==",  # "=" escaped is %3D
+    b"/dt/units/run/a/b/gcount/=g/x",
+    b"/dt/units/run/a/b/progress/=u",  # a unit is not a group
+    b"/dt/units/run/a/b/progress/u/x",
+    b"/dt/units/run/a/b/acks/n",
+    b"/dt/units/run/a/b/acks/n/g",
+    b"/dt/units/run/a/b/acks/=n/=g",  # a node is not a group
+    b"/dt/units/run/a/b/acks/n/=g/x",
+    b"/dt/units/run//b/claim/u",
+    b"/dt/units/run/a//claim/u",
+    b"/dt/units/run/a/b/c/claim/u",  # a task id with a slash is escaped
+    b"/dt/cluster/pool",
+    b"/dt/cluster/pool/",
+    b"/dt/cluster/pool/a",
+    b"/dt/cluster/pool/a/b",
+    b"/dt/cluster/pool/a/b/",
+    b"/dt/cluster/pool/a/b/=u",
+    b"/dt/cluster/pool/a/b/u/x",
+    b"/dt/cluster/pool//b/u",
+    b"/dt/cluster/groups",
+    b"/dt/cluster/groups/",
+    b"/dt/cluster/groups/a",
+    b"/dt/cluster/groups/a/b",
+    b"/dt/cluster/groups/a/b/",
+    b"/dt/cluster/groups/a/b/g",
+    b"/dt/cluster/groups/a/b/==",
+    b"/dt/cluster/groups/a/b/=a=b",  # "=" inside a group is escaped too
+    b"/dt/cluster/groups/a/b/=g/",
+    b"/dt/cluster/groups/a/b/=g/x",
+    b"/dt/cluster/groups/a/=b/=g",
+    b"/dt/cluster/Groups/a/b/=g",
 ]
 
 
@@ -434,8 +562,30 @@ def test_parse_rejects_non_canonical_or_bad_segments(segment: bytes) -> None:
         b"/dt/progress/" + segment + b"/id/1/node",
         b"/dt/progress/ns/" + segment + b"/1/node",
         b"/dt/progress/ns/id/1/" + segment,
+        b"/dt/units/decl/" + segment + b"/id",
+        b"/dt/units/decl/ns/" + segment,
+        b"/dt/units/run/" + segment + b"/id/claim/u",
+        b"/dt/units/run/ns/" + segment + b"/claim/u",
+        b"/dt/units/run/ns/id/claim/" + segment,
+        b"/dt/units/run/ns/id/aticket/" + segment,
+        b"/dt/units/run/ns/id/held/" + segment + b"/u",
+        b"/dt/units/run/ns/id/held/n/" + segment,
+        b"/dt/units/run/ns/id/progress/" + segment,
+        b"/dt/units/run/ns/id/acks/" + segment + b"/=g",
+        b"/dt/cluster/pool/" + segment + b"/id/u",
+        b"/dt/cluster/pool/ns/" + segment + b"/u",
+        b"/dt/cluster/pool/ns/id/" + segment,
+        b"/dt/cluster/groups/" + segment + b"/id/=g",
+        b"/dt/cluster/groups/ns/" + segment + b"/=g",
     ):
         assert K.parse(key) is None, key
+    if segment:  # "=" alone is the group "": any other segment after "=" must be canonical
+        for key in (
+            b"/dt/cluster/groups/ns/id/=" + segment,
+            b"/dt/units/run/ns/id/gcount/=" + segment,
+            b"/dt/units/run/ns/id/acks/n/=" + segment,
+        ):
+            assert K.parse(key) is None, key
 
 
 def test_canonical_escapes_parse() -> None:
@@ -452,6 +602,107 @@ def test_parse_takes_versions_up_to_int64() -> None:
     )
     assert K.parse(K.progress("ns", "t", MAX_VERSION + 1, "n")) is None
     assert K.parse(K.root + b"progress/ns/t/" + b"1" * 5000 + b"/n") is None
+
+
+# ---- units: claims, run keys, the pool and group marks --------------------------------------
+
+HOSTILE = ["a/b", "/", "%", "%25", "%2F", "=", "==", "=a", "a=b", " ", "..", "ü", "🎉", "x" * 256]
+GROUPS = ["", "g", "=", "==", "=g", "/", "a/b", "a=b/c", "%3D", "%", " ", "..", "🎉" * 64]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_group_segments_round_trip(group: str) -> None:
+    for kind, key in built(K, "ns", "t", "n", unit="u", group=group).items():
+        assert K.parse(key) == one_of_each("ns", "t", "n", unit="u", group=group)[kind], kind
+    segment = K.group("ns", "t", group)[len(K.task_groups("ns", "t")) :]
+    assert segment.startswith(b"=") and b"/" not in segment
+    assert (segment == b"=") == (group == "")
+    assert Keys.group_under(K.task_groups("ns", "t"), K.group("ns", "t", group)) == group
+    acks = K.group_acks("ns", "t", "n")
+    assert Keys.group_under(acks, K.group_ack("ns", "t", "n", group)) == group
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_unit_and_node_names_round_trip(name: str) -> None:
+    for ns, tid, node, unit in [
+        (name, "t", "n", "u"),
+        ("ns", name, "n", "u"),
+        ("ns", "t", name, name),
+    ]:
+        expected = one_of_each(ns, tid, node, unit=unit, group=unit)
+        for kind, key in built(K, ns, tid, node, unit=unit, group=unit).items():
+            assert K.parse(key) == expected[kind], (kind, key)
+    assert Keys.name_under(K.unit_claims("ns", "t"), K.unit_claim("ns", "t", name)) == name
+    assert (
+        Keys.name_under(K.units_held("ns", "t", name), K.unit_held("ns", "t", name, name)) == name
+    )
+    assert Keys.name_under(K.task_pool("ns", "t"), K.pool("ns", "t", name)) == name
+
+
+def test_the_group_named_empty_and_the_group_named_equals_are_distinct() -> None:
+    assert K.group("ns", "t", "") != K.group("ns", "t", "=")
+    assert K.group_count("ns", "t", "") != K.group_count("ns", "t", "=")
+    assert K.parse(K.group("ns", "t", "")) == GroupKey("ns", "t", "")
+    assert K.parse(K.group("ns", "t", "=")) == GroupKey("ns", "t", "=")
+    assert K.parse(K.group_ack("ns", "t", "n", "")) == UnitRunKey("ns", "t", "acks", ("n", ""))
+
+
+def test_unit_names_cannot_forge_other_unit_keys() -> None:
+    # a slash in a unit, node or group name never reaches into another key or range
+    assert K.unit_claim("ns", "t", "u/x") != K.unit_claim("ns", "t/u", "x")
+    assert not in_range(K.unit_claim("ns", "t", "u/x"), K.unit_claims("ns", "t/u"))
+    assert not in_range(K.unit_held("ns", "t", "n/u", "x"), K.units_held("ns", "t", "n"))
+    assert not in_range(K.unit_held("ns", "t", "n", "u"), K.units_held("ns", "t", "n-2"))
+    assert not in_range(K.unit_held("ns", "t", "nn", "u"), K.units_held("ns", "t", "n"))
+    assert not in_range(K.group_ack("ns", "t", "n/=g", "g"), K.group_acks("ns", "t", "n"))
+    assert not in_range(K.pool("ns", "t/x", "u"), K.task_pool("ns", "t"))
+    assert not in_range(K.group("ns", "t/x", "g"), K.task_groups("ns", "t"))
+    assert K.parse(K.group("ns", "t", "g/x")) == GroupKey("ns", "t", "g/x")
+    # a unit named like a kind of key stays under claim/ (or progress/)
+    for unit in ("ticket", "count", "held", "claim"):
+        key = K.unit_claim("ns", "t", unit)
+        assert K.parse(key) == UnitClaimKey("ns", "t", unit)
+        assert in_range(key, K.unit_claims("ns", "t"))
+        assert not in_range(K.unit_progress("ns", "t", unit), K.unit_claims("ns", "t"))
+    # the ticket and count keys are not prefixes of the ranges next to them
+    assert not in_range(K.unit_node_ticket("ns", "t", "n"), K.unit_ticket("ns", "t") + b"/")
+    assert not in_range(K.unit_claim("ns", "t", "u"), K.unit_run("ns", "t") + b"count/")
+
+
+def test_a_unit_run_range_never_covers_another_task() -> None:
+    for key in built(K, "ns", "ab", "n").values():
+        assert not in_range(key, K.unit_run("ns", "a"))
+        assert not in_range(key, K.task_pool("ns", "a"))
+        assert not in_range(key, K.task_groups("ns", "a"))
+    assert in_range(K.unit_claim("ns", "a", "u"), K.unit_run("ns", "a"))
+    assert in_range(K.unit_held("ns", "a", "n", "u"), K.unit_run("ns", "a"))
+    assert in_range(K.group_ack("ns", "a", "n", ""), K.unit_run("ns", "a"))
+    assert not in_range(K.unit_decl("ns", "a"), K.unit_run("ns", "a"))
+
+
+@given(names, names, names, names, st.just("") | names)
+@PROPERTY
+def test_every_unit_key_round_trips(ns: str, tid: str, node: str, unit: str, group: str) -> None:
+    expected = one_of_each(ns, tid, node, unit=unit, group=group)
+    for kind, key in built(K, ns, tid, node, unit=unit, group=group).items():
+        assert K.parse(key) == expected[kind], kind
+        assert in_range(key, range_roots(K)[range_of(kind)]), kind
+    assert in_range(K.unit_claim(ns, tid, unit), K.unit_claims(ns, tid))
+    assert in_range(K.unit_held(ns, tid, node, unit), K.units_held(ns, tid, node))
+    assert in_range(K.group_ack(ns, tid, node, group), K.group_acks(ns, tid, node))
+    assert in_range(K.pool(ns, tid, unit), K.task_pool(ns, tid))
+    assert in_range(K.group(ns, tid, group), K.task_groups(ns, tid))
+    assert Keys.group_under(K.task_groups(ns, tid), K.group(ns, tid, group)) == group
+
+
+@given(st.sampled_from(["cluster/groups/a/b/", "units/run/a/b/gcount/", "units/run/a/b/acks/n/"]))
+@settings(max_examples=20, deadline=None, database=None)
+def test_group_under_rejects_what_parse_rejects(where: str) -> None:
+    prefix = K.root + where.encode()
+    for segment in (b"g", b"==", b"=a=b", b"=%3d", b"=%zz", b"=\xff", b"=g/x", b"=%41"):
+        assert Keys.group_under(prefix, prefix + segment) is None, segment
+        assert K.parse(prefix + segment) is None, segment
+    assert Keys.group_under(prefix, b"/elsewhere/=g") is None
 
 
 # ---- buckets ----------------------------------------------------------------------------------
@@ -559,7 +810,9 @@ def test_parse_of_any_bytes_is_total(raw: bytes) -> None:
 
 
 segment_text = st.lists(
-    st.sampled_from([*"ab%/0123456789ACF~ .é", "%2F", "%25", "%C3%A9", "%2f", "%41", "3f", "40"]),
+    st.sampled_from(
+        [*"ab%/0123456789ACF~ .é=", "%2F", "%25", "%C3%A9", "%2f", "%41", "%3D", "3f", "40"]
+    ),
     max_size=16,
 ).map("".join)
 kinds = st.sampled_from(
@@ -575,6 +828,17 @@ kinds = st.sampled_from(
         "format",
         "tasks/",
         "runs/",
+        "units/decl/",
+        "units/run/",
+        "units/run/a/b/",
+        "units/run/a/b/claim/",
+        "units/run/a/b/held/",
+        "units/run/a/b/gcount/",
+        "units/run/a/b/gcount/=",
+        "units/run/a/b/acks/n/=",
+        "cluster/pool/",
+        "cluster/groups/",
+        "cluster/groups/a/b/=",
         "",
     ]
 )

@@ -1,5 +1,7 @@
-"""Unit tests of the data model (src/distributedtask/model.py): the value types, name validation,
-the Go-shaped RFC 3339 times and the public JSON form of a task. Pure; no etcd."""
+"""Unit tests of the data model (src/distributedtask/model.py): the value types (units among
+them: UnitSpec, UnitStatus, Unit and the rules of a declaration), name validation, the Go-shaped
+RFC 3339 times and the public JSON form of a task (``units`` and ``failedUnit`` included, and
+absent from a plain task's). Pure; no etcd."""
 
 from __future__ import annotations
 
@@ -23,13 +25,19 @@ from distributedtask.model import (
     Task,
     TaskDescriptor,
     TaskStatus,
+    Unit,
+    UnitSpec,
+    UnitStatus,
     format_time,
     parse_time,
+    task_from_dict,
     task_from_json,
+    task_to_dict,
     task_to_json,
     tasks_from_payload,
     tasks_to_payload,
     truncate_ms,
+    unit_specs,
     validate_name,
 )
 
@@ -205,6 +213,158 @@ def test_progress_is_a_frozen_value() -> None:
         progress.fraction = 1.0  # type: ignore[misc]
     assert progress == Progress(0.5, "half", T0)
     assert hash(progress) == hash(Progress(0.5, "half", T0))
+
+
+# ---- units ------------------------------------------------------------------------------------
+
+
+def test_unit_status_members_and_values() -> None:
+    assert [s.value for s in UnitStatus] == ["PENDING", "IN_PROGRESS", "COMPLETED", "FAILED"]
+    for status in UnitStatus:
+        assert status.name == status.value and str(status) == status.value
+        assert isinstance(status, str) and UnitStatus(status.value) is status
+    assert orjson.dumps(UnitStatus.IN_PROGRESS) == b'"IN_PROGRESS"'
+
+
+def test_unit_spec_defaults_and_fields() -> None:
+    spec = UnitSpec("shard-1")
+    assert (spec.id, spec.group, spec.node) == ("shard-1", "", None)
+    assert [f.name for f in dataclasses.fields(UnitSpec)] == ["id", "group", "node"]
+    assert UnitSpec("a", group="g", node="n") == UnitSpec("a", "g", "n")
+    assert hash(UnitSpec("a", "g")) == hash(UnitSpec("a", "g"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.id = "b"  # type: ignore[misc]
+
+
+def test_unit_fields_follow_the_contract() -> None:
+    assert [f.name for f in dataclasses.fields(Unit)] == [
+        "id",
+        "group",
+        "node",
+        "status",
+        "attempts",
+        "error",
+        "progress",
+    ]
+    unit = Unit("u", "", None, UnitStatus.PENDING)
+    assert (unit.attempts, unit.error, unit.progress) == (0, None, None)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        UnitSpec("a/b", "=", "n/1"),
+        UnitSpec("x" * 256, "g" * 256, "n" * 256),
+        UnitSpec("ü", "🎉"),
+        UnitSpec("=", "==", "="),
+        UnitSpec(".", "..", "~"),
+    ],
+)
+def test_unit_spec_accepts_names(spec: UnitSpec) -> None:
+    assert UnitSpec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize(
+    ("args", "what"),
+    [
+        (("",), "unit_id"),
+        (("a\x00",), "unit_id"),
+        (("x" * 257,), "unit_id"),
+        ((5,), "unit_id"),
+        ((None,), "unit_id"),
+        (("\ud800",), "unit_id"),
+        (("u", "g\n"), "group"),
+        (("u", "x" * 257), "group"),
+        (("u", None), "group"),  # no group is "", not None
+        (("u", 5), "group"),
+        (("u", "", ""), "node_id"),  # no affinity is None, not ""
+        (("u", "", "n\x7f"), "node_id"),
+        (("u", "", 5), "node_id"),
+    ],
+)
+def test_unit_spec_rejects_bad_names(args: tuple[Any, ...], what: str) -> None:
+    with pytest.raises(InvalidTaskError) as info:
+        UnitSpec(*args)
+    assert info.value.field == "units"
+    assert what in str(info.value)
+
+
+def test_unit_spec_json() -> None:
+    assert UnitSpec("u").to_dict() == {"id": "u", "group": "", "node": None}
+    assert UnitSpec("u", "g", "n").to_dict() == {"id": "u", "group": "g", "node": "n"}
+    assert UnitSpec.from_dict({"id": "u"}) == UnitSpec("u")
+    assert UnitSpec.from_dict({"id": "u", "group": None, "node": None}) == UnitSpec("u")
+    assert UnitSpec.from_dict({"id": "u", "group": "", "node": ""}) == UnitSpec("u")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        None,
+        "u",
+        ["u"],
+        {},
+        {"id": 5},
+        {"id": None},
+        {"group": "g"},
+        {"id": ""},
+        {"id": "u", "group": 5},
+        {"id": "u", "group": ["g"]},
+        {"id": "u", "node": 5},
+        {"id": "u", "node": ["n"]},
+        {"id": "u", "node": "a\nb"},
+        {"id": "u", "extra": 1},
+        {"id": "u", "ID": "v"},
+    ],
+)
+def test_unit_spec_from_dict_rejects(data: Any) -> None:
+    with pytest.raises(InvalidTaskError) as info:
+        UnitSpec.from_dict(data)
+    assert info.value.field == "units"
+
+
+def test_unit_specs_take_specs_and_plain_ids_in_order() -> None:
+    declared = unit_specs(["b", UnitSpec("a", "g"), "c"])
+    assert declared == (UnitSpec("b"), UnitSpec("a", "g"), UnitSpec("c"))
+    assert unit_specs(iter(["x", "y"])) == (UnitSpec("x"), UnitSpec("y"))
+    assert unit_specs(u for u in ["z"]) == (UnitSpec("z"),)
+    assert unit_specs([]) == ()  # add_task refuses an empty declaration, not unit_specs
+    many = unit_specs(f"shard-{i}" for i in range(10_000))
+    assert len(many) == 10_000 and many[-1] == UnitSpec("shard-9999")
+
+
+def test_unit_specs_check_affinity_against_the_nodes() -> None:
+    nodes = frozenset({"n1", "n2"})
+    assert unit_specs([UnitSpec("u", node="n1")], nodes) == (UnitSpec("u", node="n1"),)
+    assert unit_specs([UnitSpec("u", node="zz")]) == (UnitSpec("u", node="zz"),)  # no nodes
+    with pytest.raises(InvalidTaskError, match="not one of the task's nodes") as info:
+        unit_specs([UnitSpec("u", node="zz")], nodes)
+    assert info.value.field == "units"
+
+
+@pytest.mark.parametrize(
+    "units",
+    [
+        "abc",  # a str is not a collection of ids
+        b"abc",
+        None,
+        5,
+        ["a", "a"],
+        ["a", UnitSpec("a", "g")],  # an id twice, whatever its group
+        [UnitSpec("a", node="n1"), UnitSpec("a", node="n2")],
+        [3],
+        [None],
+        [b"a"],
+        [{"id": "a"}],  # JSON goes through UnitSpec.from_dict
+        [("a", "g")],
+        [""],
+        ["a\nb"],
+    ],
+)
+def test_unit_specs_reject(units: Any) -> None:
+    with pytest.raises(InvalidTaskError) as info:
+        unit_specs(units)
+    assert info.value.field == "units"
 
 
 # ---- validate_name ----------------------------------------------------------------------------
@@ -519,6 +679,93 @@ def test_task_json_round_trip(task: Task) -> None:
     assert task_from_json(raw.decode()) == task
 
 
+UNITS = (UnitSpec("shard-1", "coll-a"), UnitSpec("shard-2", "coll-a", "n1"), UnitSpec("u3"))
+
+
+def test_task_json_of_a_unit_task() -> None:
+    task = make_task(units=UNITS)
+    data = orjson.loads(task_to_json(task))
+    assert set(data) == API_KEYS | {"finishedNodes", "nodes", "units"}
+    assert data["units"] == [
+        {"id": "shard-1", "group": "coll-a", "node": None},
+        {"id": "shard-2", "group": "coll-a", "node": "n1"},
+        {"id": "u3", "group": "", "node": None},
+    ]
+    assert task_from_json(task_to_json(task)) == task
+    failed = make_task(
+        units=UNITS,
+        status=TaskStatus.FAILED,
+        finished_at=T1,
+        error="boom",
+        failed_node="n1",
+        failed_unit="shard-2",
+    )
+    data = orjson.loads(task_to_json(failed))
+    assert (data["failedUnit"], data["failedNode"], data["error"]) == ("shard-2", "n1", "boom")
+    assert task_from_json(task_to_json(failed)) == failed
+    assert task_from_dict(task_to_dict(failed)) == failed
+
+
+def test_a_plain_tasks_json_has_no_unit_keys() -> None:
+    for task in (make_task(), make_task(status=TaskStatus.FAILED, finished_at=T1, error="x")):
+        data = task_to_dict(task)
+        assert "units" not in data and "failedUnit" not in data
+    assert set(task_to_dict(make_task())) == API_KEYS | {"finishedNodes", "nodes"}
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"units": []}, ()),
+        ({"units": None}, ()),
+        ({"failedUnit": None}, None),
+        ({"failedUnit": ""}, None),
+        ({"units": [{"id": "u"}]}, (UnitSpec("u"),)),
+        ({"units": [{"id": "u", "group": None, "node": None}]}, (UnitSpec("u"),)),
+    ],
+)
+def test_task_from_json_reads_empty_unit_keys_as_a_plain_task(
+    changes: dict[str, Any], expected: object
+) -> None:
+    task = task_from_json(orjson.dumps(task_dict(**changes)))
+    if "units" in changes:
+        assert task.units == expected
+    else:
+        assert task.failed_unit is expected and task.units == ()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"units": "u1"},
+        {"units": {"u1": {}}},
+        {"units": ["u1"]},  # JSON names its units as objects
+        {"units": [{"id": "u"}, {"id": "u"}]},
+        {"units": [{"id": "u", "node": "stranger"}]},  # affinity to a node not of the task
+        {"units": [{"id": ""}]},
+        {"units": [{"id": "u", "group": 5}]},
+        {"units": [{"id": "u", "shard": 5}]},
+        {"failedUnit": 5},
+        {"failedUnit": ["u"]},
+        {"failedUnit": "a\nb"},
+        {"failedUnit": "x" * 257},
+    ],
+)
+def test_task_from_json_rejects_bad_units(changes: dict[str, Any]) -> None:
+    with pytest.raises(InvalidTaskError) as info:
+        task_from_json(orjson.dumps(task_dict(**changes)))
+    assert info.value.field == "data"
+
+
+def test_tasks_payload_with_unit_tasks_round_trips() -> None:
+    unit_task = make_task(id="units", units=UNITS)
+    plain = make_task(id="plain")
+    raw = tasks_to_payload({"ns": [unit_task, plain]})
+    assert tasks_from_payload(raw) == [plain, unit_task]
+    items = orjson.loads(raw)["tasks"]["ns"]
+    assert ["units" in item for item in items] == [False, True]
+
+
 names = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=20)
 tasks = st.builds(
     Task,
@@ -541,6 +788,24 @@ def test_task_json_round_trip_property(task: Task, data: st.DataObject) -> None:
     finished = data.draw(st.frozensets(st.sampled_from(sorted(task.nodes))))
     task = dataclasses.replace(task, finished_nodes=finished)
     assert task_from_json(task_to_json(task)) == task
+
+
+unit_specs_of_nodes = st.builds(
+    UnitSpec,
+    id=names,
+    group=st.just("") | names,
+    node=st.none() | st.sampled_from(["n1", "n2", "n3"]),
+)
+
+
+@given(st.lists(unit_specs_of_nodes, max_size=6, unique_by=lambda u: u.id), st.none() | names)
+@settings(max_examples=60, deadline=None, database=None)
+def test_unit_task_json_round_trip_property(units: list[UnitSpec], failed_unit: str | None) -> None:
+    task = make_task(units=tuple(units), failed_unit=failed_unit)
+    assert task_from_json(task_to_json(task)) == task
+    data = task_to_dict(task)
+    assert ("units" in data) == bool(units)
+    assert ("failedUnit" in data) == (failed_unit is not None)
 
 
 def test_task_from_json_accepts_weaviate_shape_without_optional_keys() -> None:

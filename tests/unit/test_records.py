@@ -1,13 +1,16 @@
 """Unit tests of the stored values of layout 2 (src/distributedtask/records.py): encode/decode
 round trips, the task record's header line and raw payload, node lists and their buckets, the
-format version and the layout marker, and that every decoder raises CorruptRecordError and
-nothing else on values it cannot read (garbage, layout 1's values, wrong fields). Pure; no etcd."""
+format version and the layout marker, the values of units (the zlib-compressed declaration and
+its inflation guard, claims, pool entries, group marks, a unit's progress), and that every
+decoder raises CorruptRecordError and nothing else on values it cannot read (garbage, layout 1's
+values, wrong fields, truncated or inflating zlib). Pure; no etcd."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import tracemalloc
+import zlib
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -28,19 +31,25 @@ from tests.layout import (
 from distributedtask import exceptions, records
 from distributedtask.exceptions import DistributedTaskError
 from distributedtask.keys import BUCKETS, bucket_of
-from distributedtask.model import Progress, TaskStatus
+from distributedtask.model import Progress, TaskStatus, UnitSpec, UnitStatus
 from distributedtask.records import (
     FORMAT_MARKER,
     FORMAT_VERSION,
+    MAX_DECL_BYTES,
     CorruptRecordError,
     DoneRecord,
+    GroupMark,
     MemberRecord,
     NodeList,
     OutcomeRecord,
+    PoolEntry,
     TaskRecord,
+    UnitClaim,
+    UnitDecl,
     decode_format,
     decode_progress,
     encode_progress,
+    encode_unit_progress,
 )
 
 UTC = timezone.utc
@@ -58,6 +67,12 @@ SAMPLES: dict[str, Any] = {
     "done": DoneRecord(version=42, at=T1, token="tok"),
     "progress": Progress(fraction=0.25, message="a quarter", updated_at=T0),
     "member": MemberRecord(node_id="node-1", namespaces=frozenset({"b", "a"}), started_at=T0),
+    "decl": UnitDecl(
+        (UnitSpec("shard-1", "coll-a"), UnitSpec("shard-2", "coll-a", "n1"), UnitSpec("u3"))
+    ),
+    "claim": UnitClaim(42, UnitStatus.FAILED, "n1", 2, "tok", "boom"),
+    "pool": PoolEntry(42, 1500, T1, "n1", 2),
+    "group": GroupMark(42, T1),
 }
 KINDS = list(DECODERS)
 assert set(SAMPLES) == set(KINDS)
@@ -430,6 +445,237 @@ def test_member_record_encoding() -> None:
     }
 
 
+# ---- units: the task record's count and the outcome's unit -----------------------------------
+
+
+def test_task_record_of_a_unit_task_counts_its_units() -> None:
+    record = TaskRecord(b"p", T0, 2, "tok", unit_count=10_000)
+    assert json_of("task", record.encode())["units"] == 10_000
+    assert TaskRecord.decode(record.encode()) == record
+    assert TaskRecord.decode(record.encode(), payload=False).unit_count == 10_000
+    assert "units" not in json_of("task", TASK.encode())  # a plain task's header is unchanged
+    assert TaskRecord.decode(TASK.encode()).unit_count == 0
+
+
+@pytest.mark.parametrize("unit", ["u1", "a/b =ü", "x" * 256])
+def test_outcome_record_names_the_failed_unit(unit: str) -> None:
+    record = OutcomeRecord(TaskStatus.FAILED, T1, "t", "boom", node="n1", unit=unit)
+    assert json_of("outcome", record.encode())["unit"] == unit
+    assert OutcomeRecord.decode(record.encode()) == record
+    assert "unit" not in json_of("outcome", SAMPLES["outcome"].encode())
+
+
+# ---- UnitDecl ---------------------------------------------------------------------------------
+
+
+def test_unit_decl_encoding_is_compressed_rows() -> None:
+    raw = SAMPLES["decl"].encode()
+    assert zlib.decompress(raw) == (
+        b'{"v":2,"units":[["shard-1","coll-a"],["shard-2","coll-a","n1"],["u3",""]]}'
+    )
+
+
+@pytest.mark.parametrize(
+    "units",
+    [
+        (UnitSpec("u"),),
+        (UnitSpec("a/b", "=", "n/1"), UnitSpec("=", "/", None), UnitSpec("ü", "🎉" * 64)),
+        tuple(UnitSpec(f"shard-{i:05d}", f"coll-{i % 7}") for i in range(10_000)),
+        tuple(UnitSpec("x" * 255 + c, "g" * 256, "n" * 256) for c in "abc"),
+    ],
+)
+def test_unit_decl_round_trip(units: tuple[UnitSpec, ...]) -> None:
+    decl = UnitDecl(units)
+    decoded = UnitDecl.decode(decl.encode())
+    assert decoded == decl and decoded.units == units
+    assert list(decoded.by_id) == [u.id for u in units]
+
+
+def test_unit_decl_of_many_alike_ids_compresses_well() -> None:
+    decl = UnitDecl(tuple(UnitSpec(f"shard-{i:05d}", "collection-a") for i in range(10_000)))
+    raw = decl.encode()
+    assert len(raw) < 64 * 1024  # what an add carries for 10,000 shards
+    assert len(zlib.decompress(raw)) > 5 * len(raw)
+
+
+def test_unit_decl_lists_by_affinity_and_group() -> None:
+    decl = UnitDecl(
+        (
+            UnitSpec("a", "g1"),
+            UnitSpec("b", "g1", "n1"),
+            UnitSpec("c", "", "n2"),
+            UnitSpec("d"),
+            UnitSpec("e", "g1", "n1"),
+        )
+    )
+    assert [u.id for u in decl.free] == ["a", "d"]
+    assert [u.id for u in decl.of_node("n1")] == ["b", "e"]
+    assert [u.id for u in decl.of_node("n2")] == ["c"]
+    assert decl.of_node("n3") == ()
+    assert decl.group_sizes == {"g1": 3, "": 2}
+    assert decl.by_id["c"] == UnitSpec("c", "", "n2")
+
+
+def test_unit_decl_with_a_null_node_decodes_as_no_affinity() -> None:
+    raw = stored("decl", {"v": 2, "units": [["u", "g", None], ["v", ""]]})
+    assert UnitDecl.decode(raw) == UnitDecl((UnitSpec("u", "g"), UnitSpec("v")))
+
+
+@pytest.mark.parametrize("raw", GARBAGE)
+def test_unit_decl_rejects_garbage_inside_zlib(raw: bytes) -> None:
+    corrupt("decl", zlib.compress(raw))
+    corrupt("decl", zlib.compress(raw, 0))
+
+
+@pytest.mark.parametrize("raw", [TASK.encode(), *LAYOUT_1_VALUES, FORMAT_MARKER])
+def test_unit_decl_rejects_values_that_are_not_zlib(raw: bytes) -> None:
+    corrupt("decl", raw, match="not zlib data")
+
+
+def test_unit_decl_rejects_duplicate_ids() -> None:
+    raw = stored("decl", {"v": 2, "units": [["u", ""], ["v", ""], ["u", "g"]]})
+    corrupt("decl", raw, match="appears twice")
+
+
+def test_unit_decl_truncated_raises_or_is_the_whole_declaration() -> None:
+    """Every truncation raises CorruptRecordError, or — when only the zlib trailer (the
+    Adler-32 checksum) is cut and the JSON inside is whole — decodes to the same declaration:
+    a prefix of the JSON is never a JSON document."""
+    decl = UnitDecl(tuple(UnitSpec(f"shard-{i}", f"g{i % 3}") for i in range(200)))
+    raw = decl.encode()
+    whole = 0
+    for end in range(len(raw)):
+        try:
+            decoded = UnitDecl.decode(raw[:end])
+        except CorruptRecordError:
+            continue
+        assert decoded == decl, end
+        assert end >= len(raw) - 8, end  # at most the end of the stream and its checksum
+        whole += 1
+    assert whole < 8
+
+
+def test_unit_decl_with_bytes_after_the_stream_decodes_the_stream() -> None:
+    decl = SAMPLES["decl"]
+    assert UnitDecl.decode(decl.encode() + b"junk") == decl
+
+
+def test_unit_decl_flipped_bytes_raise_only_corrupt_record_error() -> None:
+    raw = SAMPLES["decl"].encode()
+    for index in range(len(raw)):
+        for flip in (0x01, 0x80, 0xFF):
+            changed = bytearray(raw)
+            changed[index] ^= flip
+            with contextlib.suppress(CorruptRecordError):
+                UnitDecl.decode(bytes(changed))
+
+
+def _bomb(inflated: int, prefix: bytes = b"") -> bytes:
+    """zlib data that inflates to ``prefix`` then spaces, ``inflated`` bytes in all, built
+    without holding the inflated bytes."""
+    compressor = zlib.compressobj(9)
+    parts = [compressor.compress(prefix)]
+    chunk = b" " * (1 << 20)
+    left = inflated - len(prefix)
+    while left > 0:
+        parts.append(compressor.compress(chunk[: min(left, len(chunk))]))
+        left -= len(chunk)
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
+def test_unit_decl_inflating_past_the_limit_is_refused_with_bounded_memory() -> None:
+    bomb = _bomb(4 * MAX_DECL_BYTES, b'{"v":2,"units":[')
+    assert len(bomb) < MAX_DECL_BYTES // 100
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptRecordError, match=f"inflates to more than {MAX_DECL_BYTES}"):
+            UnitDecl.decode(bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The inflater holds at most about twice the limit while it grows its buffer: never the
+    # four times the limit the value inflates to.
+    assert peak < 3 * MAX_DECL_BYTES
+
+
+def test_unit_decl_limit_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = SAMPLES["decl"].encode()
+    size = len(zlib.decompress(raw))
+    monkeypatch.setattr(records, "MAX_DECL_BYTES", size)
+    assert UnitDecl.decode(raw) == SAMPLES["decl"]
+    monkeypatch.setattr(records, "MAX_DECL_BYTES", size - 1)
+    corrupt("decl", raw, match="inflates to more than")
+    corrupt("decl", _bomb(10 * size), match="inflates to more than")
+
+
+# ---- UnitClaim, PoolEntry, GroupMark, a unit's progress ----------------------------------------
+
+
+@pytest.mark.parametrize("status", list(UnitStatus))
+@pytest.mark.parametrize(("node", "error"), [(None, None), ("n1", None), ("a/b ü", "it broke\n")])
+def test_unit_claim_round_trip(status: UnitStatus, node: str | None, error: str | None) -> None:
+    claim = UnitClaim(2**63 - 1, status, node, 3, "tök", error)
+    decoded = UnitClaim.decode(claim.encode())
+    assert decoded == claim and decoded.status is status
+
+
+def test_unit_claim_encoding() -> None:
+    assert orjson.loads(SAMPLES["claim"].encode()) == {
+        "v": 2,
+        "version": 42,
+        "status": "FAILED",
+        "attempts": 2,
+        "token": "tok",
+        "node": "n1",
+        "error": "boom",
+    }
+    plain = orjson.loads(UnitClaim(1, UnitStatus.PENDING, None, 0, "t").encode())
+    assert plain == {"v": 2, "version": 1, "status": "PENDING", "attempts": 0, "token": "t"}
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [SAMPLES["pool"], PoolEntry(1, 0, T0), PoolEntry(2**63 - 1, 2**40, T1, "a/b ü", 2**31)],
+)
+def test_pool_entry_round_trip(entry: PoolEntry) -> None:
+    assert PoolEntry.decode(entry.encode()) == entry
+
+
+def test_pool_entry_encoding() -> None:
+    assert orjson.loads(SAMPLES["pool"].encode()) == {
+        "v": 2,
+        "version": 42,
+        "delayMs": 1500,
+        "notBefore": T1_MS,
+        "attempts": 2,
+        "node": "n1",
+    }
+    assert "node" not in orjson.loads(PoolEntry(1, 0, T0).encode())
+
+
+@pytest.mark.parametrize("mark", [SAMPLES["group"], GroupMark(1, T0), GroupMark(2**63 - 1, T1)])
+def test_group_mark_round_trip(mark: GroupMark) -> None:
+    assert GroupMark.decode(mark.encode()) == mark
+
+
+def test_group_mark_encoding() -> None:
+    assert orjson.loads(SAMPLES["group"].encode()) == {"v": 2, "version": 42, "at": T1_MS}
+
+
+def test_unit_progress_is_a_progress_record_that_names_its_node() -> None:
+    progress = Progress(0.5, "half ✓", T0)
+    raw = encode_unit_progress(progress, "n/1")
+    assert orjson.loads(raw) == {
+        "v": 2,
+        "fraction": 0.5,
+        "message": "half ✓",
+        "at": T0_MS,
+        "node": "n/1",
+    }
+    assert decode_progress(raw) == progress
+
+
 # ---- corrupt values ---------------------------------------------------------------------------
 
 
@@ -466,6 +712,31 @@ NOT_TIMES = [_DELETE, "2024-01-01T00:00:00Z", 1.5, 1.0, True, None, [1]]
 NOT_TOKENS = [_DELETE, 1, False, None, ["tok"]]
 NOT_NAMES = ["", 5, "a\nb", "a\x00", "x" * 257, ["n1"], {"n1": True}]
 NOT_NAME_LISTS = [_DELETE, None, "n1", {"n1": True}, [None], [""], *([n] for n in NOT_NAMES)]
+NOT_COUNTS = [_DELETE, -1, "1", 1.5, 1.0, True, None, [1]]
+NOT_UNIT_ROWS = [
+    _DELETE,
+    None,
+    "u",
+    {"u": ""},
+    ["u"],  # a row is a list
+    [None],
+    [[]],
+    [["u"]],  # [id, group] at least
+    [["u", "", "n", "x"]],  # ... and at most [id, group, node]
+    [{"id": "u", "group": ""}],
+    [[1, ""]],
+    [["", ""]],
+    [["u", None]],  # the group "" is "", not null
+    [["u", 5]],
+    [["u", ["g"]]],
+    [["u", "", ""]],  # no affinity is null, not ""
+    [["u", "", 5]],
+    [["a\nb", ""]],
+    [["u", "g\x00"]],
+    [["x" * 257, ""]],
+    [["u", "", "n\n"]],
+    [["u", "g"], ["v", "g"], ["u", "h"]],  # a unit id twice
+]
 BAD_VALUES: list[tuple[str, str, list[Any]]] = [
     ("task", "startedAt", NOT_TIMES),
     ("task", "nodeCount", NOT_POSITIVE_INTS),
@@ -486,6 +757,22 @@ BAD_VALUES: list[tuple[str, str, list[Any]]] = [
     ("member", "node", [_DELETE, None, *NOT_NAMES]),
     ("member", "namespaces", NOT_NAME_LISTS),
     ("member", "startedAt", NOT_TIMES),
+    ("task", "units", NOT_POSITIVE_INTS[1:]),  # a missing count is a plain task
+    ("outcome", "unit", NOT_NAMES),  # null or missing: no unit failed
+    ("decl", "units", NOT_UNIT_ROWS),
+    ("claim", "version", NOT_POSITIVE_INTS),
+    ("claim", "status", [_DELETE, "STARTED", "DONE", "pending", "in_progress", 3, None]),
+    ("claim", "attempts", NOT_COUNTS),
+    ("claim", "token", NOT_TOKENS),
+    ("claim", "error", [5, True, ["boom"]]),
+    ("claim", "node", NOT_NAMES),
+    ("pool", "version", NOT_POSITIVE_INTS),
+    ("pool", "delayMs", NOT_COUNTS),
+    ("pool", "notBefore", NOT_TIMES),
+    ("pool", "node", NOT_NAMES),
+    ("pool", "attempts", NOT_COUNTS),
+    ("group", "version", NOT_POSITIVE_INTS),
+    ("group", "at", NOT_TIMES),
 ]
 BAD_FIELDS = [(kind, field, value) for kind, field, values in BAD_VALUES for value in values]
 
@@ -505,10 +792,14 @@ def test_decoders_ignore_unknown_fields(kind: str) -> None:
     assert decoder(variant(kind, extra=[1, 2], payload="AA==")) == decoder(variant(kind))
 
 
+# A completion record holds every field of a group mark (version, at): their keys tell them apart.
+DECODES_AS = {("group", "done")}
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_decoders_reject_values_of_another_kind(kind: str) -> None:
     for other in KINDS:
-        if other != kind:
+        if other != kind and (kind, other) not in DECODES_AS:
             corrupt(kind, encode(SAMPLES[other]))  # as stored
             corrupt(kind, stored(kind, VALID[other], payload=TASK.payload))  # framed as ours
 
@@ -521,6 +812,8 @@ def test_decoders_reject_values_of_another_kind(kind: str) -> None:
         ("done", "at"),
         ("progress", "at"),
         ("member", "startedAt"),
+        ("pool", "notBefore"),
+        ("group", "at"),
     ],
 )
 @pytest.mark.parametrize("ms", [10**17, -(10**17), 2**64 - 1, -(2**63)])
