@@ -595,7 +595,7 @@ class PoolEntry:
     back (a failed attempt with attempts left, a lost claimant's unit, a lost hand-out),
     claimable by ``node`` (its affinity) or any node of the run, after ``delay_ms``
     (the retry backoff; ``not_before`` is the same moment on the writer's clock), with its
-    failed ``attempts`` so far.
+    failed ``attempts`` so far and the latest one's ``error``.
 
     The entry is written in the same transaction as the unit's PENDING claim, so its
     ``mod_revision`` is the claim's: a claim from the pool compares it.
@@ -606,6 +606,7 @@ class PoolEntry:
     not_before: datetime
     node: str | None = None
     attempts: int = 0
+    error: str | None = None
 
     def encode(self) -> bytes:
         body: dict[str, Any] = {
@@ -615,6 +616,8 @@ class PoolEntry:
             "notBefore": to_epoch_ms(self.not_before),
             "attempts": self.attempts,
         }
+        if self.error is not None:
+            body["error"] = self.error
         if self.node is not None:
             body["node"] = self.node
         return orjson.dumps(body)
@@ -628,7 +631,11 @@ class PoolEntry:
             raise CorruptRecordError(f"{what}: bad delayMs")
         if type(attempts) is not int or attempts < 0:
             raise CorruptRecordError(f"{what}: bad attempts")
+        error = data.get("error")
+        if error is not None and not isinstance(error, str):
+            raise CorruptRecordError(f"{what}: bad error")
         return cls(
+            error=error,
             version=_positive_int(data, "version", what),
             delay_ms=delay,
             not_before=_ms(data, "notBefore", what),

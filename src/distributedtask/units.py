@@ -111,14 +111,22 @@ def _token() -> str:
 @dataclass(frozen=True)
 class Claim:
     """A unit a node holds IN_PROGRESS: its declaration, the ``revision`` of its claim (what
-    its completion compares) and its failed attempts so far."""
+    its completion compares), its failed attempts so far and the latest one's message."""
 
     spec: UnitSpec
     revision: int
     attempts: int = 0
+    error: str | None = None
 
     def unit(self, node_id: str) -> Unit:
-        return Unit(self.spec.id, self.spec.group, node_id, UnitStatus.IN_PROGRESS, self.attempts)
+        return Unit(
+            self.spec.id,
+            self.spec.group,
+            node_id,
+            UnitStatus.IN_PROGRESS,
+            self.attempts,
+            self.error,
+        )
 
 
 @dataclass(frozen=True)
@@ -153,9 +161,8 @@ class UnitTransitions:
         self.keys: Keys = manager.keys
         self._lock = threading.Lock()
         self._hands: OrderedDict[tuple[str, str, int, str], _Hand] = OrderedDict()
-        self._claims: OrderedDict[tuple[str, str, int, str], tuple[str, int, int]] = (
-            OrderedDict()
-        )  # (ns, id, version, unit) -> (node, claim revision, attempts): claims made here
+        self._claims: OrderedDict[tuple[str, str, int, str], tuple[str, Claim]] = OrderedDict()
+        """(ns, id, version, unit) -> (node, claim): the claims made or read here."""
 
     # ---- small helpers --------------------------------------------------------------------
 
@@ -171,7 +178,7 @@ class UnitTransitions:
                 self._hands.move_to_end(key)
             return hand
 
-    def _remember(self, run: tuple[str, str, int], unit: str, held: tuple[str, int, int]) -> None:
+    def _remember(self, run: tuple[str, str, int], unit: str, held: tuple[str, Claim]) -> None:
         with self._lock:
             self._claims[_unit_key(run, unit)] = held
             while len(self._claims) > _CACHE:
@@ -181,7 +188,7 @@ class UnitTransitions:
         with self._lock:
             self._claims.pop(_unit_key(run, unit), None)
 
-    def _held_here(self, run: tuple[str, str, int], unit: str) -> tuple[str, int, int] | None:
+    def _held_here(self, run: tuple[str, str, int], unit: str) -> tuple[str, Claim] | None:
         with self._lock:
             return self._claims.get(_unit_key(run, unit))
 
@@ -436,14 +443,16 @@ class UnitTransitions:
             failure=self._why_reads(namespace, task_id, spec.id),
         )
         if result.succeeded:
-            self._remember((namespace, task_id, version), spec.id, (node_id, result.revision, 0))
-            return Claim(spec, result.revision, 0)
+            got = Claim(spec, result.revision)
+            self._remember((namespace, task_id, version), spec.id, (node_id, got))
+            return got
         self._check_live(namespace, task_id, version, result)
         kv = result.range(2).first()
         existing = self._claim_of(kv)
         if kv is not None and existing is not None and existing.token == token:
-            self._remember((namespace, task_id, version), spec.id, (node_id, kv.mod_revision, 0))
-            return Claim(spec, kv.mod_revision, 0)  # ours: the response was lost
+            got = Claim(spec, kv.mod_revision)  # ours: the response was lost
+            self._remember((namespace, task_id, version), spec.id, (node_id, got))
+            return got
         return None
 
     def _claim_pooled(
@@ -461,8 +470,8 @@ class UnitTransitions:
         claim_key = keys.unit_claim(namespace, task_id, spec.id)
         pool_key = keys.pool(namespace, task_id, spec.id)
         token = _token()
-        attempts = item.entry.attempts
-        claim = UnitClaim(version, UnitStatus.IN_PROGRESS, node_id, attempts, token)
+        attempts, error = item.entry.attempts, item.entry.error
+        claim = UnitClaim(version, UnitStatus.IN_PROGRESS, node_id, attempts, token, error)
         result = self.m.client.txn(
             compare=[
                 *self.m._live(namespace, task_id, version),
@@ -478,14 +487,16 @@ class UnitTransitions:
         )
         run = (namespace, task_id, version)
         if result.succeeded:
-            self._remember(run, spec.id, (node_id, result.revision, attempts))
-            return Claim(spec, result.revision, attempts)
+            got = Claim(spec, result.revision, attempts, error)
+            self._remember(run, spec.id, (node_id, got))
+            return got
         self._check_live(namespace, task_id, version, result)
         kv = result.range(2).first()
         existing = self._claim_of(kv)
         if kv is not None and existing is not None and existing.token == token:
-            self._remember(run, spec.id, (node_id, kv.mod_revision, attempts))
-            return Claim(spec, kv.mod_revision, attempts)
+            got = Claim(spec, kv.mod_revision, attempts, error)
+            self._remember(run, spec.id, (node_id, got))
+            return got
         return None  # another node took it first
 
     def read_pool(self, namespace: str, task_id: str, version: int) -> list[PoolItem]:
@@ -532,10 +543,9 @@ class UnitTransitions:
                 continue  # released or recorded meanwhile
             if claim.status is not UnitStatus.IN_PROGRESS or claim.node != node_id:
                 continue
-            self._remember(
-                (namespace, task_id, version), uid, (node_id, claim_kv.mod_revision, claim.attempts)
-            )
-            out.append(Claim(decl.by_id[uid], claim_kv.mod_revision, claim.attempts))
+            got = Claim(decl.by_id[uid], claim_kv.mod_revision, claim.attempts, claim.error)
+            self._remember((namespace, task_id, version), uid, (node_id, got))
+            out.append(got)
         return out
 
     def _read_claims(
@@ -565,18 +575,18 @@ class UnitTransitions:
         claim: Claim | None,
         *,
         completing: bool = True,
-    ) -> tuple[int, int, UnitClaim | None]:
-        """``(claim revision, attempts, claim)`` of ``node_id``'s claim of ``unit_id``: from
-        the caller, this process's claims, or one read. Raises :class:`UnitClaimError` when
-        it does not hold it (the claim is returned as read when it is COMPLETED by it), and
-        :class:`TaskNotRunningError` when the run ended (a FINISHED one passes when
-        ``completing``: a completion recorded again is a no-op)."""
+    ) -> tuple[Claim, UnitClaim | None]:
+        """``node_id``'s claim of ``unit_id``, and the stored claim when it is no longer
+        IN_PROGRESS: from the caller, this process's claims, or one read. Raises
+        :class:`UnitClaimError` when it does not hold it (the claim is returned as read when it
+        is COMPLETED by it), and :class:`TaskNotRunningError` when the run ended (a FINISHED
+        one passes when ``completing``: a completion recorded again is a no-op)."""
         run = (namespace, task_id, version)
         if claim is not None:
-            return claim.revision, claim.attempts, None
+            return claim, None
         held = self._held_here(run, unit_id)
         if held is not None and held[0] == node_id:
-            return held[1], held[2], None
+            return held[1], None
         result = self.m.client.txn(success=self._why_reads(namespace, task_id, unit_id))
         if completing:
             self._check_live_or_done(namespace, task_id, version, result)
@@ -589,9 +599,9 @@ class UnitTransitions:
         if stored.node != node_id or stored.status is UnitStatus.PENDING:
             holder = None if stored.status is UnitStatus.PENDING else stored.node  # PENDING: none
             raise UnitClaimError(unit_id, node_id, holder)
-        if stored.status is UnitStatus.IN_PROGRESS:
-            return kv.mod_revision, stored.attempts, None
-        return kv.mod_revision, stored.attempts, stored
+        spec = self.decl_of(self.m.known_run(namespace, task_id, version), namespace, task_id)
+        got = Claim(spec.by_id[unit_id], kv.mod_revision, stored.attempts, stored.error)
+        return got, None if stored.status is UnitStatus.IN_PROGRESS else stored
 
     def _check_live_or_done(
         self, namespace: str, task_id: str, version: int, result: t.TxnResult
@@ -638,9 +648,8 @@ class UnitTransitions:
         if spec is None:
             raise InvalidTaskError(f"task {namespace}/{task_id} has no unit {unit_id!r}", "unit_id")
         run = (namespace, task_id, version)
-        claim_revision, attempts, done = self._holder(
-            namespace, task_id, version, unit_id, node_id, claim
-        )
+        held, done = self._holder(namespace, task_id, version, unit_id, node_id, claim)
+        claim_revision, attempts = held.revision, held.attempts
         if done is not None:
             return self._settled(namespace, task_id, version, unit_id, node_id, known, done)
         keys = self.keys
@@ -650,7 +659,7 @@ class UnitTransitions:
         group_key = keys.group_count(namespace, task_id, spec.group)
         now = self.m.now()
         outcome = OutcomeRecord(TaskStatus.FINISHED, now, token)
-        completed = UnitClaim(version, UnitStatus.COMPLETED, node_id, attempts, token)
+        completed = UnitClaim(version, UnitStatus.COMPLETED, node_id, attempts, token, held.error)
         hand = self._hand(namespace, task_id, version, node_id)
         ahead = self._ahead_counter(namespace, task_id, node_id, hand, decl) if take_ahead else None
         ahead_ops = [] if ahead is None else [t.put(ahead[1], b""), t.get(ahead[1], keys_only=True)]
@@ -765,7 +774,7 @@ class UnitTransitions:
             return self._settled(namespace, task_id, version, unit_id, node_id, known, claim)
         if mine and status is UnitStatus.IN_PROGRESS and again is not None:
             spec = self.decl_of(known, namespace, task_id).by_id[unit_id]
-            return again(Claim(spec, kv.mod_revision, claim.attempts))
+            return again(Claim(spec, kv.mod_revision, claim.attempts, claim.error))
         holder = None if mine or status is UnitStatus.PENDING else claim.node
         state = f", {status.value}"
         if mine and status is not UnitStatus.COMPLETED:
@@ -795,9 +804,10 @@ class UnitTransitions:
         spec = decl.by_id.get(unit_id)
         if spec is None:
             raise InvalidTaskError(f"task {namespace}/{task_id} has no unit {unit_id!r}", "unit_id")
-        claim_revision, attempts, done = self._holder(
+        held, done = self._holder(
             namespace, task_id, version, unit_id, node_id, claim, completing=False
         )
+        claim_revision, attempts = held.revision, held.attempts
         if done is not None:
             raise UnitClaimError(unit_id, node_id, None, f", {done.status.value}")
         keys = self.keys
@@ -818,7 +828,9 @@ class UnitTransitions:
                 ),
                 t.put(
                     keys.pool(namespace, task_id, unit_id),
-                    PoolEntry(version, _ms(delay), now + delay, spec.node, attempts + 1).encode(),
+                    PoolEntry(
+                        version, _ms(delay), now + delay, spec.node, attempts + 1, message
+                    ).encode(),
                 ),
                 t.get(keys.state(namespace, task_id)),
             ]
@@ -1026,7 +1038,14 @@ class UnitTransitions:
             t.put(claim_key, pending.encode()),
             t.put(
                 keys.pool(namespace, task_id, spec.id),
-                PoolEntry(version, 0, self.m.now(), spec.node, attempts).encode(),
+                PoolEntry(
+                    version,
+                    0,
+                    self.m.now(),
+                    spec.node,
+                    attempts,
+                    None if claim is None else claim.error,
+                ).encode(),
             ),
         ]
         if holder is not None:

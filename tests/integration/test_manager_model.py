@@ -9,6 +9,13 @@ two transitions at once, one per Manager, and accepts any outcome some serial or
 would give (plus the one known non-serial window of a two-step finish, see
 ``test_a_cancel_between_the_last_completion_and_its_finish_wins``).
 
+Unit tasks (API.md "Units") run through the same machine: an add may declare units (groups,
+affinity to one of the run's nodes, 1-3 attempts per unit, no backoff), and rules claim units
+(the claim must be one the model says that node may take, and None exactly when there is
+none), complete and fail them (by the claimant, by another node, again), record their
+progress. After each rule ``get_units`` must show the model's units, a unit task is FINISHED
+exactly when every unit is COMPLETED, and its ``finished_nodes`` stay empty.
+
 Each state-machine example runs under a fresh prefix (the test's ``dtask_prefix`` plus a
 counter) and deletes its keys when done.
 """
@@ -49,6 +56,10 @@ STRANGER = "n9"  # never assigned: recording for it is an InvalidTaskError
 TTL = timedelta(seconds=10)
 DEADLINE = 30.0
 POLICIES = {1: None, 2: dt.RunPolicy(max_attempts=2), 3: dt.RunPolicy(max_attempts=3)}
+UNIT_IDS = ["u0", "u/1", "u2", "u3"]  # a unit task declares the first 1-4 of them
+UNDECLARED = "zz"  # never declared: recording it is an InvalidTaskError
+GROUPS = ["", "g1", "g2"]
+UNIT_OPS = ("uclaim", "ucomplete", "ufail", "uprogress")
 NOT_FOUND_VERSIONS = [1, 2**62]  # positive, but never the version of one of our runs
 INVALID_VERSIONS = [0, -3]
 
@@ -56,12 +67,28 @@ INVALID_VERSIONS = [0, -3]
 # keeps FinishedNodes when a node fails: a node that completed and then failed stays finished.
 FAILURE_KEEPS_COMPLETION = True
 
+# API.md: Unit.error is the unit's "latest failure message": a retried unit keeps it while it
+# runs again and once it completes (the pool entry carries it to the next claim).
+CLAIM_KEEPS_ERROR = True
+
 Key = tuple[str, str]
-Op = tuple[Any, ...]  # ("add", ns, id, payload, nodes) | ("complete", ns, id, v, node) | ...
+Op = tuple[Any, ...]  # ("add", ns, id, payload, nodes, attempts, units) | ("complete", ns, id,
+# v, node) | ("uclaim", ns, id, v, node) | ("ucomplete", ns, id, v, node, unit) | ...
 
 # ---- the reference model ------------------------------------------------------------------------
 
 NEW = 0  # the version of a run the model adds: only etcd knows it, filled in from the result
+
+
+@dataclass(frozen=True)
+class UState:
+    """The model of one unit of a run: its current (or last) claimant, status, failed
+    attempts and latest failure message."""
+
+    node: str | None = None
+    status: dt.UnitStatus = dt.UnitStatus.PENDING
+    attempts: int = 0
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,10 +108,20 @@ class Run:
     paused: bool = False
     attempts: tuple[tuple[str, int, str], ...] = ()  # (node, failed attempts, last error)
     progress: tuple[tuple[str, float, str, datetime], ...] = ()  # (node, fraction, msg, at)
+    units: tuple[dt.UnitSpec, ...] = ()  # the declaration of a unit task; () for a plain one
+    ustates: tuple[UState, ...] = ()  # one per declared unit, in declaration order
+    uprogress: tuple[tuple[str, float, str, datetime], ...] = ()  # (unit, fraction, msg, at)
+    failed_unit: str | None = None
 
     @property
     def live(self) -> bool:
         return not self.status.terminal
+
+    @property
+    def policy(self) -> dt.RunPolicy:
+        if self.units:  # unit tasks are added with no backoff: a retried unit is claimable now
+            return dt.RunPolicy(max_attempts=self.max_attempts, retry_backoff=timedelta(0))
+        return dt.RunPolicy(max_attempts=self.max_attempts)
 
     def task(self, key: Key) -> dt.Task:
         status = dt.TaskStatus.PAUSED if self.paused and self.live else self.status
@@ -100,9 +137,11 @@ class Run:
             nodes=self.nodes,
             finished_nodes=self.finished,
             failed_node=self.failed_node,
-            policy=dt.RunPolicy(max_attempts=self.max_attempts),
+            policy=self.policy,
             attempts={node: count for node, count, _ in self.attempts},
             last_errors={node: error for node, _, error in self.attempts},
+            units=self.units,
+            failed_unit=self.failed_unit,
         )
 
     def attempts_of(self, node: str) -> int:
@@ -115,6 +154,43 @@ class Run:
     def progress_map(self) -> dict[str, dt.Progress]:
         return {node: dt.Progress(f, msg, at) for node, f, msg, at in self.progress}
 
+    # ---- units ------------------------------------------------------------------------------
+
+    def unit_index(self, unit_id: str) -> int | None:
+        return next((i for i, spec in enumerate(self.units) if spec.id == unit_id), None)
+
+    def with_unit(self, unit_id: str, **changes: Any) -> Run:
+        i = self.unit_index(unit_id)
+        assert i is not None
+        states = list(self.ustates)
+        states[i] = replace(states[i], **changes)
+        return replace(self, ustates=tuple(states))
+
+    def claimable(self, node: str) -> list[str]:
+        """The units ``node`` may claim now: PENDING, without affinity or with affinity to it
+        (no backoff, so a unit given back by a failure is claimable at once)."""
+        return [
+            spec.id
+            for spec, state in zip(self.units, self.ustates, strict=True)
+            if state.status is dt.UnitStatus.PENDING and spec.node in (None, node)
+        ]
+
+    def unit_map(self) -> dict[str, dt.Unit]:
+        """What ``get_units`` must return."""
+        progress = {uid: dt.Progress(f, msg, at) for uid, f, msg, at in self.uprogress}
+        out: dict[str, dt.Unit] = {}
+        for spec, state in zip(self.units, self.ustates, strict=True):
+            out[spec.id] = dt.Unit(
+                spec.id,
+                spec.group,
+                state.node,
+                state.status,
+                state.attempts,
+                state.error,
+                progress.get(spec.id),
+            )
+        return out
+
 
 REMOVED = object()  # "the run is gone" as a predicted next state
 
@@ -124,18 +200,36 @@ class Prediction:
     error: type[Exception] | None
     after: object  # the run after the call (REMOVED after a clean-up)
     returns_task: bool = True  # whether a successful call returns the run after it
+    claimable: tuple[str, ...] = ()  # a claim_unit: the units it may return (none: None)
+    holder: str | None = None  # a UnitClaimError: the claimant it names
 
 
 def predict(run: Run | None, op: Op, now: datetime) -> Prediction:
     """What API.md says ``op`` does to the current run ``run`` of its id at ``now``."""
     kind = op[0]
     if kind == "add":
-        _, _, _, payload, nodes, max_attempts = op
+        _, _, _, payload, nodes, max_attempts, units = op
         if not nodes:
             return Prediction(dt.InvalidTaskError, run)
+        if units is not None and (
+            not units or any(u.node is not None and u.node not in nodes for u in units)
+        ):
+            return Prediction(dt.InvalidTaskError, run)  # no units, or affinity to a stranger
         if run is not None and run.live:
             return Prediction(dt.TaskAlreadyRunningError, run)
-        return Prediction(None, Run(NEW, payload, frozenset(nodes), now, max_attempts=max_attempts))
+        units = tuple(units or ())
+        added = Run(
+            NEW,
+            payload,
+            frozenset(nodes),
+            now,
+            max_attempts=max_attempts,
+            units=units,
+            ustates=tuple(UState() for _ in units),
+        )
+        return Prediction(None, added)
+    if kind in UNIT_OPS:
+        return predict_unit(run, op, now)
     version = op[3]
     node = op[4] if kind in ("complete", "fail", "progress") else None
     if type(version) is not int or version <= 0:
@@ -150,6 +244,8 @@ def predict(run: Run | None, op: Op, now: datetime) -> Prediction:
             return Prediction(dt.TaskTooFreshError, run)
         return Prediction(None, REMOVED, returns_task=False)
     # complete / fail / cancel / progress / pause / resume / deadline of a version that exists
+    if kind == "complete" and run.units and node in run.nodes:
+        return Prediction(dt.InvalidTaskError, run)  # units record, nodes do not (even ended)
     if kind == "deadline":  # a Scheduler's deadline timer: acts on a STARTED run only
         if not run.live or run.paused:
             return Prediction(None, run, returns_task=False)
@@ -200,10 +296,91 @@ def predict(run: Run | None, op: Op, now: datetime) -> Prediction:
     return Prediction(None, replace(run, finished=finished))
 
 
+def predict_unit(run: Run | None, op: Op, now: datetime) -> Prediction:
+    """What API.md "Units" says a unit call ``op`` does to the current run ``run``."""
+    kind, version, node = op[0], op[3], op[4]
+    unit = op[5] if kind != "uclaim" else None
+    if type(version) is not int or version <= 0:
+        return Prediction(dt.InvalidTaskError, run)
+    if run is None or run.version != version:
+        return Prediction(dt.TaskNotFoundError, run)
+    if node not in run.nodes:  # an ended run says so first, as a transition's compares would
+        return Prediction(dt.InvalidTaskError if run.live else dt.TaskNotRunningError, run)
+    if not run.units:
+        return Prediction(dt.InvalidTaskError, run)  # not a unit task (whatever its status)
+    if unit is not None and run.unit_index(unit) is None:
+        return Prediction(dt.InvalidTaskError, run)  # not one of its units
+    if kind == "uclaim":
+        # live(V) includes PAUSED: the Manager hands out units of a PAUSED run (its Schedulers
+        # stop claiming; API.md: what is recorded while PAUSED counts as usual)
+        if not run.live:
+            return Prediction(dt.TaskNotRunningError, run)
+        return Prediction(None, run, returns_task=False, claimable=tuple(run.claimable(node)))
+    if kind == "uprogress":
+        if not run.live:
+            return Prediction(dt.TaskNotRunningError, run)
+        assert unit is not None
+        fraction = min(1.0, max(0.0, float(op[6])))
+        kept = tuple(p for p in run.uprogress if p[0] != unit)
+        after = replace(run, uprogress=(*kept, (unit, fraction, op[7], now)))
+        return Prediction(None, after, returns_task=False)
+    assert unit is not None
+    index = run.unit_index(unit)
+    assert index is not None
+    state = run.ustates[index]
+    if run.status in (dt.TaskStatus.CANCELLED, dt.TaskStatus.FAILED):
+        return Prediction(dt.TaskNotRunningError, run)
+    mine = state.node == node
+    # the error names the unit's claimant: None when unclaimed (PENDING) or the caller itself
+    claimed_by = None if state.status is dt.UnitStatus.PENDING or mine else state.node
+    not_held = Prediction(dt.UnitClaimError, run, holder=claimed_by)
+    if kind == "ucomplete":
+        if mine and state.status is dt.UnitStatus.COMPLETED:
+            return Prediction(None, run)  # recording the same completion again: a no-op
+        if not run.live or not mine or state.status is not dt.UnitStatus.IN_PROGRESS:
+            return not_held
+        after = run.with_unit(unit, status=dt.UnitStatus.COMPLETED)
+        if all(s.status is dt.UnitStatus.COMPLETED for s in after.ustates):
+            after = replace(after, status=dt.TaskStatus.FINISHED, finished_at=now)
+        return Prediction(None, after)
+    assert kind == "ufail"
+    if not run.live:
+        return Prediction(dt.TaskNotRunningError, run)  # FINISHED: a failure comes too late
+    if not mine or state.status is not dt.UnitStatus.IN_PROGRESS:
+        return not_held
+    message = op[6] or "failed"
+    attempts = state.attempts + 1
+    if attempts < run.max_attempts:
+        after = run.with_unit(unit, status=dt.UnitStatus.PENDING, attempts=attempts, error=message)
+        return Prediction(None, after)
+    after = run.with_unit(unit, status=dt.UnitStatus.FAILED, attempts=attempts, error=message)
+    after = replace(
+        after,
+        status=dt.TaskStatus.FAILED,
+        finished_at=now,
+        error=message,
+        failed_node=node,
+        failed_unit=unit,
+    )
+    return Prediction(None, after)
+
+
 def execute(manager: dt.Manager, op: Op) -> Any:
     kind, ns, tid = op[:3]
     if kind == "add":
-        return manager.add_task(ns, tid, op[3], nodes=op[4], policy=POLICIES[op[5]])
+        units = op[6]
+        if units is None:
+            return manager.add_task(ns, tid, op[3], nodes=op[4], policy=POLICIES[op[5]])
+        policy = dt.RunPolicy(max_attempts=op[5], retry_backoff=timedelta(0))
+        return manager.add_task(ns, tid, op[3], nodes=op[4], policy=policy, units=units)
+    if kind == "uclaim":
+        return manager.claim_unit(ns, tid, op[3], op[4])
+    if kind == "ucomplete":
+        return manager.record_unit_completion(ns, tid, op[3], op[5], op[4])
+    if kind == "ufail":
+        return manager.record_unit_failure(ns, tid, op[3], op[5], op[4], op[6])
+    if kind == "uprogress":
+        return manager.record_unit_progress(ns, tid, op[3], op[5], op[4], op[6], op[7])
     if kind == "pause":
         return manager.pause_task(ns, tid, op[3])
     if kind == "resume":
@@ -246,6 +423,9 @@ def call(manager: dt.Manager, op: Op) -> tuple[Any, Exception | None]:
 
 def check_error_fields(exc: Exception, op: Op, run: Run | None) -> None:
     """Errors carry the fields they are about (API.md)."""
+    if isinstance(exc, dt.UnitClaimError):
+        assert (exc.unit_id, exc.node_id) == (op[5], op[4])
+        return
     if isinstance(exc, dt.InvalidTaskError):
         return
     assert (exc.namespace, exc.task_id) == (op[1], op[2])  # type: ignore[attr-defined]
@@ -272,6 +452,27 @@ fractions = st.sampled_from([0.0, 0.25, 1.0, -0.5, 1.5, 7])
 messages = st.sampled_from(["", "half", "ünï"])
 which = st.sampled_from([0, 1])
 attempt_limits = st.sampled_from([1, 1, 2, 3])
+unit_node_sets = st.frozensets(st.sampled_from(NODES), min_size=1, max_size=3)
+unit_attempt_limits = st.sampled_from([1, 2, 3])
+affinities = st.sampled_from([None, None, None, 0, 1, 2])  # an index into the run's nodes
+
+
+def unit_declaration(data: Any, nodes: frozenset[str]) -> tuple[dt.UnitSpec, ...]:
+    """1-4 units, some in a group, some with affinity to one of ``nodes``; rarely none, or one
+    with affinity to a stranger (an InvalidTaskError)."""
+    count = data.draw(st.integers(1, len(UNIT_IDS)))
+    flaw = data.draw(st.sampled_from(["none"] * 18 + ["empty", "stranger"]))
+    order = sorted(nodes)
+    specs = []
+    for uid in UNIT_IDS[:count]:
+        group, affinity = data.draw(st.sampled_from(GROUPS)), data.draw(affinities)
+        node = None if affinity is None else order[affinity % len(order)]
+        specs.append(dt.UnitSpec(uid, group=group, node=node))
+    if flaw == "empty":
+        return ()
+    if flaw == "stranger":
+        specs[-1] = replace(specs[-1], node=STRANGER)
+    return tuple(specs)
 
 
 def pick(data: Any, items: list[Any]) -> Any:
@@ -316,6 +517,7 @@ def make_machine(cluster: Cluster) -> type[RuleBasedStateMachine]:
             self.model: dict[Key, Run] = {}
             self.history: dict[Key, list[int]] = {}  # every version each id ever had
             self.last_seen: dict[Key, int] = {}  # last version seen, even if removed since
+            self.added: dict[int, tuple[Key, Run]] = {}  # every run added, by version
             self.steps = 0
 
         # ---- helpers ------------------------------------------------------------------------
@@ -353,29 +555,145 @@ def make_machine(cluster: Cluster) -> type[RuleBasedStateMachine]:
             pending_node = pick(data, pending or NODES)
             return pending_node if pending and prefer_pending else any_node
 
-        def apply(self, manager_index: int, op: Op) -> None:
+        def live_keys(self) -> set[Key]:
+            return {key for key, run in self.model.items() if run.live}
+
+        def unit_key_for(self, data: Any) -> Key:
+            """Mostly an id whose run is a live unit task; else one whose run is any unit
+            task, or any id."""
+            key = self.key_for(data)
+            units = sorted(k for k, run in self.model.items() if run.units)
+            live = [k for k in units if self.model[k].live]
+            choice = data.draw(st.integers(0, 9))
+            live_key: Key = pick(data, live or [key])
+            unit_key: Key = pick(data, units or [key])
+            if live and choice < 6:
+                return live_key
+            return unit_key if units and choice < 8 else key
+
+        def unit_version_for(self, data: Any, key: Key) -> int:
+            """Mostly the version of the id's current run (else as :meth:`version_for`)."""
+            run = self.model.get(key)
+            current = data.draw(st.integers(0, 3)) > 0
+            other = self.version_for(data, key)
+            return run.version if run is not None and current else other
+
+        def claimant_for(self, data: Any, key: Key) -> str:
+            """Mostly a node of the run."""
+            run = self.model.get(key)
+            own: str = pick(data, sorted(run.nodes) if run is not None else NODES)
+            any_node: str = data.draw(record_nodes)
+            prefer = data.draw(st.integers(0, 4)) > 0
+            return own if run is not None and prefer else any_node
+
+        def unit_and_node_for(self, data: Any, key: Key) -> tuple[str, str]:
+            """Mostly a unit in progress and its claimant; else a completed unit and the node
+            that completed it (a repeat), any unit and any node (mostly not the claimant), or a
+            unit that is not declared."""
+            run = self.model.get(key)
+            pairs = [] if run is None else list(zip(run.units, run.ustates, strict=True))
+            held = [(s.id, u.node) for s, u in pairs if u.status is dt.UnitStatus.IN_PROGRESS]
+            done = [(s.id, u.node) for s, u in pairs if u.status is dt.UnitStatus.COMPLETED]
+            # (a unit IN_PROGRESS or COMPLETED always has its node)
+            choice = data.draw(st.integers(0, 9))
+            held_pick: tuple[str, str] | None = pick(data, held or [None])
+            done_pick: tuple[str, str] | None = pick(data, done or [None])
+            any_unit: str = pick(data, [s.id for s, _ in pairs] or UNIT_IDS)
+            any_node: str = data.draw(record_nodes)
+            if held_pick is not None and choice < 5:
+                return held_pick
+            if done_pick is not None and choice < 6:
+                return done_pick
+            return (any_unit, any_node) if choice < 9 else (UNDECLARED, any_node)
+
+        def cached_alternative(self, op: Op, expected: Prediction) -> type[Exception] | None:
+            """A Manager that has seen an earlier run of the id keeps what never changes of it
+            (its record, nodes and units) and checks the shape of a call against it before etcd
+            says the version is gone: InvalidTaskError instead of TaskNotFoundError when the
+            call does not fit that earlier run (a unit call on a plain run or an undeclared
+            unit, a node completion on a unit run). Which one depends on that cache."""
+            if expected.error is not dt.TaskNotFoundError or op[0] not in (*UNIT_OPS, "complete"):
+                return None
+            key, old = self.added.get(op[3], (None, None))
+            if old is None or key != (op[1], op[2]) or op[4] not in old.nodes:
+                return None
+            if op[0] == "complete":
+                fits = not old.units
+            else:
+                fits = bool(old.units) and (op[0] == "uclaim" or old.unit_index(op[5]) is not None)
+            return None if fits else dt.InvalidTaskError
+
+        def apply(self, manager_index: int, op: Op) -> Any:
+            """Run ``op`` on one Manager, check it against the model, and return its result."""
             key: Key = (op[1], op[2])
             run = self.model.get(key)
             expected = predict(run, op, self.clock())
+            alternative = self.cached_alternative(op, expected)
             note(f"m{manager_index} {op!r} -> expect {expected.error or 'success'}")
             result, exc = call(self.managers[manager_index], op)
             cluster.outcomes[f"{op[0]}: {type(exc).__name__ if exc else 'ok'}"] += 1
             if expected.error is not None:
-                assert type(exc) is expected.error, (
+                assert exc is not None and type(exc) in (expected.error, alternative), (
                     f"{op!r}: expected {expected.error}, got {exc!r}"
                 )
                 check_error_fields(exc, op, run)
-                return
+                if type(exc) is dt.UnitClaimError:
+                    assert exc.holder == expected.holder, (exc, expected.holder)
+                return None
             assert exc is None, f"{op!r}: expected success, got {exc!r}"
+            if op[0] in UNIT_OPS and run is not None and run.paused:
+                cluster.outcomes[f"{op[0]} while PAUSED: ok"] += 1
+            if op[0] == "uclaim":
+                assert run is not None
+                self.claimed(key, run, op[4], expected.claimable, result)
+                return result
             self.settle(key, expected.after, result if op[0] == "add" else None)
             if expected.returns_task:
                 assert isinstance(result, dt.Task)
                 assert result == self.model[key].task(key)
             else:
                 assert result is None
+            return result
+
+        def claimed(
+            self, key: Key, run: Run, node: str, claimable: tuple[str, ...], got: dt.Unit | None
+        ) -> None:
+            """A claim_unit's result: one of the units the model says ``node`` may claim, or
+            None exactly when there is none; the unit is then IN_PROGRESS under its name.
+            (A Scheduler's completion takes its node's next ticket ahead, reserving a unit in
+            its memory; the Manager's does not, or this would fail.)"""
+            if not claimable:
+                assert got is None, f"claimed {got!r}, but nothing is claimable for {node}"
+                return
+            assert got is not None, f"no unit, but {claimable} are claimable for {node}"
+            assert got.id in claimable, (got, claimable)
+            index = run.unit_index(got.id)
+            assert index is not None
+            spec, state = run.units[index], run.ustates[index]
+            assert (got.id, got.group, got.node, got.status, got.attempts) == (
+                spec.id,
+                spec.group,
+                node,
+                dt.UnitStatus.IN_PROGRESS,
+                state.attempts,
+            )
+            error = state.error if CLAIM_KEEPS_ERROR else None
+            assert got.error == error, (got, state)
+            after = run.with_unit(got.id, node=node, status=dt.UnitStatus.IN_PROGRESS, error=error)
+            self.settle(key, after, None)
 
         def settle(self, key: Key, after: object, added: dt.Task | None) -> None:
             """Make ``after`` the model's state of ``key``; an added run takes etcd's version."""
+            before = self.model.get(key)
+            if (
+                isinstance(after, Run)
+                and after.units
+                and not after.live
+                and before is not None
+                and before.live
+                and before.version == after.version
+            ):
+                cluster.outcomes[f"unit task ended {after.status.value}"] += 1
             if added is not None:
                 previous = self.history.get(key, [])
                 assert all(added.version > v for v in previous), (added.version, previous)
@@ -383,6 +701,7 @@ def make_machine(cluster: Cluster) -> type[RuleBasedStateMachine]:
                 self.last_seen[key] = added.version
                 if isinstance(after, Run) and after.version == NEW:
                     after = replace(after, version=added.version)
+                    self.added[added.version] = (key, after)
             if after is REMOVED:
                 self.model.pop(key, None)
                 return
@@ -400,13 +719,81 @@ def make_machine(cluster: Cluster) -> type[RuleBasedStateMachine]:
         )
         def add_some_tasks(self, adds: list[tuple[int, Key, bytes, frozenset[str], int]]) -> None:
             for m, key, payload, nodes, limit in adds:
-                self.apply(m, ("add", *key, payload, sorted(nodes), limit))
+                self.apply(m, ("add", *key, payload, sorted(nodes), limit, None))
+
+        @initialize(
+            m=which, key=keys_st, nodes=unit_node_sets, limit=unit_attempt_limits, data=st.data()
+        )
+        def add_a_unit_task(
+            self, m: int, key: Key, nodes: frozenset[str], limit: int, data: Any
+        ) -> None:
+            self.add_unit_task(m, key, b"u", nodes, limit, data)
 
         @rule(m=which, key=keys_st, payload=payloads, nodes=node_sets, limit=attempt_limits)
         def add_task(
             self, m: int, key: Key, payload: bytes, nodes: frozenset[str], limit: int
         ) -> None:
-            self.apply(m, ("add", *key, payload, sorted(nodes), limit))
+            self.apply(m, ("add", *key, payload, sorted(nodes), limit, None))
+
+        @rule(
+            m=which,
+            key=keys_st,
+            payload=payloads,
+            nodes=unit_node_sets,
+            limit=unit_attempt_limits,
+            data=st.data(),
+        )
+        def add_unit_task(
+            self, m: int, key: Key, payload: bytes, nodes: frozenset[str], limit: int, data: Any
+        ) -> None:
+            """Mostly on an id without a live run (so that unit tasks keep coming)."""
+            free = [k for k in itertools.product(NAMESPACES, IDS) if k not in self.live_keys()]
+            free_key, prefer = pick(data, free or [key]), data.draw(st.integers(0, 3)) > 0
+            key = free_key if free and prefer else key
+            units = unit_declaration(data, nodes)
+            self.apply(m, ("add", *key, payload, sorted(nodes), limit, units))
+
+        @rule(m=which, data=st.data())
+        def claim_unit(self, m: int, data: Any) -> None:
+            key = self.unit_key_for(data)
+            version, node = self.unit_version_for(data, key), self.claimant_for(data, key)
+            self.apply(m, ("uclaim", *key, version, node))
+
+        @rule(m=which, data=st.data())
+        def record_unit_completion(self, m: int, data: Any) -> None:
+            key = self.unit_key_for(data)
+            version = self.unit_version_for(data, key)
+            unit, node = self.unit_and_node_for(data, key)
+            self.apply(m, ("ucomplete", *key, version, node, unit))
+
+        @rule(m=which, error=errors, data=st.data())
+        def record_unit_failure(self, m: int, error: str, data: Any) -> None:
+            key = self.unit_key_for(data)
+            version = self.unit_version_for(data, key)
+            unit, node = self.unit_and_node_for(data, key)
+            self.apply(m, ("ufail", *key, version, node, unit, error))
+
+        @rule(m=which, f=fractions, msg=messages, data=st.data())
+        def record_unit_progress(self, m: int, f: float, msg: str, data: Any) -> None:
+            key = self.unit_key_for(data)
+            version = self.unit_version_for(data, key)
+            unit, node = self.unit_and_node_for(data, key)
+            self.apply(m, ("uprogress", *key, version, node, unit, f, msg))
+
+        @rule(claimer=which, recorder=which, fail=st.booleans(), error=errors, data=st.data())
+        def work_on_a_unit(
+            self, claimer: int, recorder: int, fail: bool, error: str, data: Any
+        ) -> None:
+            """What a node's provider does: claim a unit of the current run, then record it
+            (through the same Manager, which knows its claim, or the other, which reads it)."""
+            key = self.unit_key_for(data)
+            run = self.model.get(key)
+            version = NOT_FOUND_VERSIONS[0] if run is None else run.version
+            node = self.claimant_for(data, key)
+            unit = self.apply(claimer, ("uclaim", *key, version, node))
+            if isinstance(unit, dt.Unit):
+                outcome = ("ufail", *key, version, node, unit.id, error) if fail else None
+                self.apply(recorder, outcome or ("ucomplete", *key, version, node, unit.id))
 
         @rule(m=which, data=st.data(), kind=st.sampled_from(["pause", "resume"]))
         def pause_or_resume(self, m: int, data: Any, kind: str) -> None:
@@ -464,7 +851,7 @@ def make_machine(cluster: Cluster) -> type[RuleBasedStateMachine]:
                 payload, error = data.draw(payloads), data.draw(errors)
                 node = pick(data, pending)
                 return {
-                    "add": ("add", *key, payload, ["n1"], 1),
+                    "add": ("add", *key, payload, ["n1"], 1, None),
                     "complete": ("complete", *key, version, node),
                     "fail": ("fail", *key, version, node, error),
                     "cancel": ("cancel", *key, version),
@@ -626,6 +1013,48 @@ def make_machine(cluster: Cluster) -> type[RuleBasedStateMachine]:
                     assert reader.get_progress(*key, version) == {}
 
         @invariant()
+        def units_match_the_model(self) -> None:
+            """get_units is the model's; a unit task is FINISHED exactly when every unit is
+            COMPLETED, FAILED by its failed unit's last attempt, and no node finishes it (the
+            task is the model's: the invariants above compared them). A plain run has no units
+            and a replaced or removed run none any more (one such id checked per step: each
+            read costs)."""
+            reader = self.managers[self.steps % 2]
+            plain = [key for key, run in sorted(self.model.items()) if not run.units]
+            gone = [
+                (key, version)
+                for key, version in sorted(self.last_seen.items())
+                if key not in self.model or self.model[key].version != version
+            ]
+            if plain:
+                key = plain[self.steps % len(plain)]
+                with pytest.raises(dt.InvalidTaskError):
+                    reader.get_units(*key, self.model[key].version)
+            if gone:
+                key, version = gone[self.steps % len(gone)]
+                with pytest.raises(dt.TaskNotFoundError):
+                    reader.get_units(*key, version)
+            for key, run in sorted(self.model.items()):
+                if not run.units:
+                    continue
+                units = reader.get_units(*key, run.version)
+                assert units == run.unit_map()
+                task = run.task(key)
+                assert task.finished_nodes == frozenset()
+                statuses = {unit.status for unit in units.values()}
+                assert (task.status is dt.TaskStatus.FINISHED) == (
+                    statuses == {dt.UnitStatus.COMPLETED}
+                )
+                failed = [unit for unit in units.values() if unit.status is dt.UnitStatus.FAILED]
+                if task.failed_unit is not None:
+                    assert task.status is dt.TaskStatus.FAILED
+                    assert [unit.id for unit in failed] == [task.failed_unit]
+                    assert (failed[0].node, failed[0].error) == (task.failed_node, task.error)
+                    assert failed[0].attempts == task.policy.max_attempts
+                else:
+                    assert failed == []
+
+        @invariant()
         def nothing_was_skipped(self) -> None:
             assert [m.skipped_records for m in self.managers] == [0, 0]
 
@@ -648,10 +1077,12 @@ def cluster(etcd_endpoint: str, dtask_prefix: str) -> Iterator[Cluster]:
 # No shrinking: an example is not exactly repeatable (races, and versions are etcd revisions),
 # so shrinking ends in Flaky errors and can outlast the test's timeout. The notes of a failing
 # example (every call, its expected outcome, each race's results) are printed in full instead.
+# A longer search by hand: DTASK_MODEL_EXAMPLES=300 pytest <this file> (the test's timeout grows
+# with it: an example takes about a second, several on a loaded machine).
+MODEL_EXAMPLES = int(os.environ.get("DTASK_MODEL_EXAMPLES", "20"))
 MODEL_SETTINGS = settings(
     phases=(Phase.explicit, Phase.generate),
-    # a longer search by hand: DTASK_MODEL_EXAMPLES=300 pytest <this file>
-    max_examples=int(os.environ.get("DTASK_MODEL_EXAMPLES", "20")),
+    max_examples=MODEL_EXAMPLES,
     stateful_step_count=25,
     deadline=None,
     database=None,
@@ -659,6 +1090,7 @@ MODEL_SETTINGS = settings(
 )
 
 
+@pytest.mark.timeout(max(120, 10 * MODEL_EXAMPLES))
 def test_manager_matches_the_model(cluster: Cluster) -> None:
     run_state_machine_as_test(make_machine(cluster), settings=MODEL_SETTINGS)
     print(f"outcomes: {sorted(cluster.outcomes.items())}")

@@ -421,3 +421,23 @@ def test_a_unit_is_handed_out_again_after_its_claimants_manager_is_gone(
         restarted.record_unit_completion("ns", "t", task.version, got.id, node)
     final = restarted.get_task("ns", "t")
     assert final is not None and final.status is TaskStatus.FINISHED
+
+
+def test_a_unit_keeps_its_latest_error_through_its_retry(manager: dt.Manager) -> None:
+    policy = dt.RunPolicy(max_attempts=3, retry_backoff=timedelta(0))
+    task = add(manager, ["u1"], policy=policy)
+    assert manager.claim_unit("ns", "t", task.version, "a") is not None
+    manager.record_unit_failure("ns", "t", task.version, "u1", "a", "first")
+    again = manager.claim_unit("ns", "t", task.version, "b")
+    assert again is not None and (again.attempts, again.error) == (1, "first")
+    in_progress = manager.get_units("ns", "t", task.version)["u1"]
+    assert (in_progress.status, in_progress.error) == (UnitStatus.IN_PROGRESS, "first")
+    done = manager.record_unit_completion("ns", "t", task.version, "u1", "b")
+    assert done.status is TaskStatus.FINISHED
+    unit = manager.get_units("ns", "t", task.version)["u1"]
+    assert (unit.status, unit.node, unit.attempts, unit.error) == (
+        UnitStatus.COMPLETED,
+        "b",
+        1,
+        "first",
+    )
