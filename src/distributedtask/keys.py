@@ -24,7 +24,8 @@ claim: its status, claimant, attempts), ``ticket`` (the shared counter that hand
 units without affinity: its etcd version), ``aticket/<node>`` (the same, per node, for the
 units with affinity to it), ``held/<node>/<unit>`` (the units a node holds IN_PROGRESS),
 ``count`` and ``gcount/<=group>`` (completed units, in all and per group: etcd versions),
-``progress/<unit>`` and ``acks/<node>/<=group>`` (the ``group_completed`` calls a node made).
+``progress/<unit>``, ``acks/<node>/<=group>`` (the ``group_completed`` calls a node made) and
+``paused`` (present while the task is PAUSED: no unit is handed out then).
 No Scheduler watches ``P/units/``: a unit transition reaches only the etcd member that serves
 it. A group segment is ``=`` and the escaped group name (``=`` alone: the group ``""``).
 
@@ -140,6 +141,7 @@ def _group_of(segment: str) -> str | None:
 
 
 _UNIT_RUN_SHAPES = {
+    "paused": 0,
     "claim": 1,
     "ticket": 0,
     "aticket": 1,
@@ -465,6 +467,10 @@ class Keys:
 
     def all_unit_runs(self) -> bytes:
         return self._unit_runs
+
+    def units_paused(self, namespace: str, task_id: str) -> bytes:
+        """Present while a unit task is PAUSED: claims compare its absence."""
+        return self.unit_run(namespace, task_id) + b"paused"
 
     def unit_claims(self, namespace: str, task_id: str) -> bytes:
         return self.unit_run(namespace, task_id) + b"claim/"

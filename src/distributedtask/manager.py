@@ -985,7 +985,11 @@ class Manager:
                     *self._live(namespace, task_id, version),
                     t.mod_equals(key, 0 if run.state_kv is None else run.state_kv.mod_revision),
                 ],
-                success=[t.put(key, state.encode()), *self.read.run_ops(namespace, task_id)],
+                success=[
+                    t.put(key, state.encode()),
+                    *self.read.run_ops(namespace, task_id),
+                    *self._pause_units(namespace, task_id, run, paused=paused),
+                ],
             )
             if result.succeeded:
                 changed = self.read.run_from(namespace, task_id, result, at=1)
@@ -999,6 +1003,14 @@ class Manager:
         raise EtcdError(  # pragma: no cover - a livelock against other writers
             f"could not change task {namespace}/{task_id}: it kept changing under us"
         )
+
+    def _pause_units(self, namespace: str, task_id: str, run: Run, *, paused: bool) -> list[t.Op]:
+        """For a unit task, the marker its claims compare: no unit is handed out while
+        PAUSED."""
+        if run.decl is None:
+            return []
+        marker = self.keys.units_paused(namespace, task_id)
+        return [t.put(marker, b"") if paused else t.delete(marker)]
 
     def cancel_task(self, namespace: str, task_id: str, version: int) -> Task:
         """Cancel ``version``: STARTED -> CANCELLED. Returns the run after the call.
@@ -1347,7 +1359,8 @@ class Manager:
         keys, ns, tid = self.keys, task.namespace, task.id
         if status is TaskStatus.PAUSED:
             state = RunState(self.now(), 0, token)
-            self.client.txn(success=[t.put(keys.state(ns, tid), state.encode())])
+            marker = [t.put(keys.units_paused(ns, tid), b"")] if task.units else []
+            self.client.txn(success=[t.put(keys.state(ns, tid), state.encode()), *marker])
         # An attempt count is the version of its key: one write per failed attempt.
         for count in range(1, max(task.attempts.values(), default=0) + 1):
             writes = [

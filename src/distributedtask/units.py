@@ -100,6 +100,10 @@ _AHEAD = 4
 """At most this many tickets taken ahead and not yet used, per node and run."""
 
 
+class _RunPausedError(Exception):
+    """A claim met the run PAUSED: nothing is handed out (not an error for the caller)."""
+
+
 def _unit_key(run: tuple[str, str, int], unit: str) -> tuple[str, str, int, str]:
     return (run[0], run[1], run[2], unit)
 
@@ -207,6 +211,29 @@ class UnitTransitions:
             t.get(self.keys.unit_claim(namespace, task_id, unit_id)),
         ]
 
+    def _claim_compares(self, namespace: str, task_id: str, version: int) -> list[t.Compare]:
+        """live(V), and not PAUSED: what every hand-out compares."""
+        return [
+            *self.m._live(namespace, task_id, version),
+            t.create_equals(self.keys.units_paused(namespace, task_id), 0),
+        ]
+
+    def _claim_why_reads(self, namespace: str, task_id: str, unit_id: str) -> list[t.Op]:
+        """:meth:`_why_reads`, and (at 3) whether the run is PAUSED."""
+        return [
+            *self._why_reads(namespace, task_id, unit_id),
+            t.get(self.keys.units_paused(namespace, task_id), keys_only=True),
+        ]
+
+    def _check_claimable(
+        self, namespace: str, task_id: str, version: int, result: t.TxnResult
+    ) -> None:
+        """After a hand-out's compare failed (reads of :meth:`_claim_why_reads`): raise why
+        the run is not live, or :class:`_RunPausedError`; return if it is neither."""
+        self._check_live(namespace, task_id, version, result)
+        if result.range(3).first() is not None:
+            raise _RunPausedError
+
     def _check_live(self, namespace: str, task_id: str, version: int, result: t.TxnResult) -> None:
         """Raise why ``version`` is not live, from :meth:`_why_reads` (at 0); return if it
         is."""
@@ -285,6 +312,21 @@ class UnitTransitions:
         Raises :class:`TaskNotFoundError`, :class:`TaskNotRunningError`,
         :class:`InvalidTaskError` (not a unit task), :class:`EtcdError`.
         """
+        try:
+            return self._claim(namespace, task_id, version, node_id, known, pool)
+        except _RunPausedError:
+            return None
+
+    def _claim(
+        self,
+        namespace: str,
+        task_id: str,
+        version: int,
+        node_id: str,
+        known: KnownRun,
+        pool: Sequence[PoolItem] | None,
+    ) -> Claim | None:
+        """:meth:`claim`; raises :class:`_RunPausedError` when the run is PAUSED."""
         decl = self.decl_of(known, namespace, task_id)
         if pool is not None:  # the caller's view of the pool costs nothing: it goes first
             got = self._from_pool(namespace, task_id, version, node_id, known, pool)
@@ -322,9 +364,12 @@ class UnitTransitions:
                     t.get(self.keys.task(namespace, task_id), keys_only=True),
                     t.get(self.keys.outcome(namespace, task_id)),
                     t.get_prefix(self.keys.task_pool(namespace, task_id)),
+                    t.get(self.keys.units_paused(namespace, task_id), keys_only=True),
                 ]
             )
             self._check_live(namespace, task_id, version, result)
+            if result.range(3).first() is not None:
+                return None
             read = self.pool_items(result.range(2).kvs, version)
         now = self.m.now()
         ready = [item for item in read if item.entry.not_before <= now]
@@ -392,7 +437,7 @@ class UnitTransitions:
             if own
             else self.keys.unit_ticket(namespace, task_id)
         )
-        live = self.m._live(namespace, task_id, version)
+        live = self._claim_compares(namespace, task_id, version)
         while True:
             with self._lock:
                 waiting = hand.ahead[own]
@@ -409,10 +454,10 @@ class UnitTransitions:
                         t.get(counter, keys_only=True),
                         *(pool_op if read_pool and read is None else []),
                     ],
-                    failure=self._why_reads(namespace, task_id, units[0].id),
+                    failure=self._claim_why_reads(namespace, task_id, units[0].id),
                 )
                 if not result.succeeded:
-                    self._check_live(namespace, task_id, version, result)
+                    self._check_claimable(namespace, task_id, version, result)
                     raise TaskNotFoundError(namespace, task_id, version)  # pragma: no cover
                 if read_pool and read is None:
                     read = self.pool_items(result.range(2).kvs, version)
@@ -422,7 +467,12 @@ class UnitTransitions:
                     return None, read  # the list is handed out (tickets ahead are used first)
             elif ticket > len(units) or ticket <= 0:
                 continue
-            got = self._claim_fresh(namespace, task_id, version, node_id, units[ticket - 1])
+            try:
+                got = self._claim_fresh(namespace, task_id, version, node_id, units[ticket - 1])
+            except _RunPausedError:
+                with self._lock:  # the ticket is this node's still: at the next claim
+                    hand.ahead[own].append(ticket)
+                raise
             if got is not None:
                 return got, read
             # given to the pool by a look for lost hand-outs meanwhile: take the next one
@@ -435,12 +485,15 @@ class UnitTransitions:
         token = _token()
         claim = UnitClaim(version, UnitStatus.IN_PROGRESS, node_id, 0, token)
         result = self.m.client.txn(
-            compare=[*self.m._live(namespace, task_id, version), t.create_equals(claim_key, 0)],
+            compare=[
+                *self._claim_compares(namespace, task_id, version),
+                t.create_equals(claim_key, 0),
+            ],
             success=[
                 t.put(claim_key, claim.encode()),
                 t.put(keys.unit_held(namespace, task_id, node_id, spec.id), b""),
             ],
-            failure=self._why_reads(namespace, task_id, spec.id),
+            failure=self._claim_why_reads(namespace, task_id, spec.id),
         )
         if result.succeeded:
             got = Claim(spec, result.revision)
@@ -453,6 +506,8 @@ class UnitTransitions:
             got = Claim(spec, kv.mod_revision)  # ours: the response was lost
             self._remember((namespace, task_id, version), spec.id, (node_id, got))
             return got
+        if kv is None:  # unclaimed: the compare that failed was the pause's
+            self._check_claimable(namespace, task_id, version, result)
         return None
 
     def _claim_pooled(
@@ -474,7 +529,7 @@ class UnitTransitions:
         claim = UnitClaim(version, UnitStatus.IN_PROGRESS, node_id, attempts, token, error)
         result = self.m.client.txn(
             compare=[
-                *self.m._live(namespace, task_id, version),
+                *self._claim_compares(namespace, task_id, version),
                 t.mod_equals(claim_key, item.revision),
                 t.mod_equals(pool_key, item.revision),
             ],
@@ -483,7 +538,7 @@ class UnitTransitions:
                 t.put(keys.unit_held(namespace, task_id, node_id, spec.id), b""),
                 t.delete(pool_key),
             ],
-            failure=self._why_reads(namespace, task_id, spec.id),
+            failure=self._claim_why_reads(namespace, task_id, spec.id),
         )
         run = (namespace, task_id, version)
         if result.succeeded:
@@ -497,6 +552,8 @@ class UnitTransitions:
             got = Claim(spec, kv.mod_revision, attempts, error)
             self._remember(run, spec.id, (node_id, got))
             return got
+        if kv is not None and kv.mod_revision == item.revision:
+            self._check_claimable(namespace, task_id, version, result)  # untouched: paused?
         return None  # another node took it first
 
     def read_pool(self, namespace: str, task_id: str, version: int) -> list[PoolItem]:

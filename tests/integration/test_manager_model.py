@@ -311,10 +311,11 @@ def predict_unit(run: Run | None, op: Op, now: datetime) -> Prediction:
     if unit is not None and run.unit_index(unit) is None:
         return Prediction(dt.InvalidTaskError, run)  # not one of its units
     if kind == "uclaim":
-        # live(V) includes PAUSED: the Manager hands out units of a PAUSED run (its Schedulers
-        # stop claiming; API.md: what is recorded while PAUSED counts as usual)
+        # No unit is handed out while PAUSED (None); what is recorded then counts as usual.
         if not run.live:
             return Prediction(dt.TaskNotRunningError, run)
+        if run.status is dt.TaskStatus.PAUSED:
+            return Prediction(None, run, returns_task=False, claimable=())
         return Prediction(None, run, returns_task=False, claimable=tuple(run.claimable(node)))
     if kind == "uprogress":
         if not run.live:

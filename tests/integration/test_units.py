@@ -441,3 +441,18 @@ def test_a_unit_keeps_its_latest_error_through_its_retry(manager: dt.Manager) ->
         1,
         "first",
     )
+
+
+def test_no_unit_is_handed_out_while_paused(manager: dt.Manager) -> None:
+    task = add(manager, ["u1", "u2", "u3"])
+    held = manager.claim_unit("ns", "t", task.version, "a")
+    assert held is not None
+    manager.pause_task("ns", "t", task.version)
+    other = dt.Manager(manager.client, prefix=manager.prefix)  # knows nothing of the run
+    for claimant in (manager, other):
+        assert claimant.claim_unit("ns", "t", task.version, "b") is None
+    paused = manager.record_unit_completion("ns", "t", task.version, held.id, "a")  # counts
+    assert paused.status is TaskStatus.PAUSED
+    manager.resume_task("ns", "t", task.version)
+    got = [manager.claim_unit("ns", "t", task.version, "b") for _ in range(3)]
+    assert sorted(u.id for u in got if u is not None) == ["u2", "u3"]
