@@ -864,13 +864,19 @@ class Manager:
         the node's attempt count (the version of its attempt key) and takes one branch.
 
         Raises :class:`TaskNotFoundError`, :class:`TaskNotRunningError`,
-        :class:`InvalidTaskError` (not one of the task's nodes, or ``error`` not a str),
-        :class:`EtcdError`.
+        :class:`InvalidTaskError` (not one of the task's nodes, ``error`` not a str, or a task
+        made of units: its units fail, not its nodes), :class:`EtcdError`.
         """
         version = self._check_run_args(namespace, task_id, version, node_id)
         if not isinstance(error, str):
             raise InvalidTaskError(f"error must be a str, not {type(error).__name__}", "error")
         known = self.known_run(namespace, task_id, version, node_id)
+        if known.decl is not None:
+            raise InvalidTaskError(
+                f"task {namespace}/{task_id} is made of units: record unit failures "
+                "(record_unit_failure), not node failures",
+                "task_id",
+            )
         return self.fail(
             namespace,
             task_id,

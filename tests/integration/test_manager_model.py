@@ -244,7 +244,7 @@ def predict(run: Run | None, op: Op, now: datetime) -> Prediction:
             return Prediction(dt.TaskTooFreshError, run)
         return Prediction(None, REMOVED, returns_task=False)
     # complete / fail / cancel / progress / pause / resume / deadline of a version that exists
-    if kind == "complete" and run.units and node in run.nodes:
+    if kind in ("complete", "fail") and run.units and node in run.nodes:
         return Prediction(dt.InvalidTaskError, run)  # units record, nodes do not (even ended)
     if kind == "deadline":  # a Scheduler's deadline timer: acts on a STARTED run only
         if not run.live or run.paused:

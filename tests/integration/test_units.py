@@ -456,3 +456,15 @@ def test_no_unit_is_handed_out_while_paused(manager: dt.Manager) -> None:
     manager.resume_task("ns", "t", task.version)
     got = [manager.claim_unit("ns", "t", task.version, "b") for _ in range(3)]
     assert sorted(u.id for u in got if u is not None) == ["u2", "u3"]
+
+
+def test_nodes_of_a_unit_task_record_units_not_completions_or_failures(
+    manager: dt.Manager,
+) -> None:
+    task = add(manager, ["u1"])
+    with pytest.raises(dt.InvalidTaskError, match="record_unit_completion"):
+        manager.record_node_completion("ns", "t", task.version, "a")
+    with pytest.raises(dt.InvalidTaskError, match="record_unit_failure"):
+        manager.record_node_failure("ns", "t", task.version, "a", "boom")
+    stored = manager.get_task("ns", "t")
+    assert stored is not None and stored.status is TaskStatus.STARTED and not stored.attempts
