@@ -314,7 +314,7 @@ def predict_unit(run: Run | None, op: Op, now: datetime) -> Prediction:
         # No unit is handed out while PAUSED (None); what is recorded then counts as usual.
         if not run.live:
             return Prediction(dt.TaskNotRunningError, run)
-        if run.status is dt.TaskStatus.PAUSED:
+        if run.paused:
             return Prediction(None, run, returns_task=False, claimable=())
         return Prediction(None, run, returns_task=False, claimable=tuple(run.claimable(node)))
     if kind == "uprogress":
