@@ -362,6 +362,10 @@ class AsyncManager:
         """:meth:`Manager.get_units`."""
         return await self._call(self.manager.get_units, namespace, task_id, version)
 
+    async def units_completed(self, tasks: Iterable[Task]) -> dict[tuple[str, str], int]:
+        """:meth:`Manager.units_completed`."""
+        return await self._call(self.manager.units_completed, list(tasks))
+
     async def clean_up_task(
         self, namespace: str, task_id: str, version: int, *, ttl: timedelta | None = None
     ) -> None:

@@ -44,7 +44,6 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 import orjson
 
 from .describe import NodeState, describe_changes, failed_attempts, node_state, unit_states
-from .etcd import txn as t
 from .etcd.client import EtcdClient
 from .etcd.watch import Changes, ResumableWatch, Snapshot
 from .exceptions import DistributedTaskError, InvalidTaskError, TaskNotFoundError
@@ -438,7 +437,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     ]
     if any(task.units for task in listed):  # a column only when some task has units
         headers.insert(5, "UNITS")
-        completed = _units_completed(manager, listed)
+        completed = manager.units_completed(listed)
         for row, task in zip(rows, listed, strict=True):
             cell = f"{completed[task.namespace, task.id]}/{len(task.units)}" if task.units else "-"
             row.insert(5, cell)
@@ -448,35 +447,6 @@ def cmd_list(args: argparse.Namespace) -> int:
             row.append(failed_attempts(task))
     _table(rows, headers, sys.stdout)
     return 0
-
-
-def _units_completed(manager: Manager, tasks: Sequence[Task]) -> dict[tuple[str, str], int]:
-    """The completed units of each unit task of ``tasks`` by ``(namespace, id)``: the etcd
-    version of its completion counter (keys only), read in one transaction per batch of
-    tasks; a FINISHED run has completed every unit (no read)."""
-    out: dict[tuple[str, str], int] = {}
-    unread = []
-    for task in tasks:
-        if not task.units:
-            continue
-        if task.status is TaskStatus.FINISHED:
-            out[task.namespace, task.id] = len(task.units)
-        else:
-            unread.append(task)
-    for start in range(0, len(unread), t.MAX_TXN_OPS):
-        batch = unread[start : start + t.MAX_TXN_OPS]
-        keys = manager.keys
-        result = manager.client.txn(
-            success=[
-                t.get(keys.units_completed(task.namespace, task.id), keys_only=True)
-                for task in batch
-            ]
-        )
-        for index, task in enumerate(batch):
-            kv = result.range(index).first()
-            # clamped: the run may have been replaced since it was listed (a display only)
-            out[task.namespace, task.id] = min(len(task.units), 0 if kv is None else kv.version)
-    return out
 
 
 def cmd_get(args: argparse.Namespace) -> int:

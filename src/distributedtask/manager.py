@@ -1226,6 +1226,32 @@ class Manager:
         progress = Progress(min(1.0, max(0.0, float(fraction))), _clip(message), self.now())
         self.units.progress(namespace, task_id, version, unit_id, node_id, progress)
 
+    def units_completed(self, tasks: Iterable[Task]) -> dict[tuple[str, str], int]:
+        """How many units each unit task of ``tasks`` has COMPLETED, by ``(namespace, id)``
+        (plain tasks are left out): a FINISHED run has completed them all (no read); the
+        others' counts are the etcd versions of their completion counters, read keys only,
+        128 to a transaction. Raises :class:`EtcdError`, :class:`StorageFormatError`."""
+        out: dict[tuple[str, str], int] = {}
+        unread = []
+        for task in tasks:
+            if not task.units:
+                continue
+            if task.status is TaskStatus.FINISHED:
+                out[task.namespace, task.id] = len(task.units)
+            else:
+                unread.append(task)
+        per_txn = t.MAX_TXN_OPS - len(self.read.format_ops())
+        for start in range(0, len(unread), per_txn):
+            batch = unread[start : start + per_txn]
+            result = self._read(
+                [t.get(self.keys.units_completed(u.namespace, u.id), keys_only=True) for u in batch]
+            )
+            for index, task in enumerate(batch):
+                kv = result.range(index).first()
+                # clamped: the run may have been replaced since it was listed
+                out[task.namespace, task.id] = min(len(task.units), 0 if kv is None else kv.version)
+        return out
+
     def get_units(self, namespace: str, task_id: str, version: int) -> dict[str, Unit]:
         """Every unit of ``version``, in declaration order, read at one revision: status,
         claimant, failed attempts, latest error and progress.

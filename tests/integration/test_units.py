@@ -468,3 +468,14 @@ def test_nodes_of_a_unit_task_record_units_not_completions_or_failures(
         manager.record_node_failure("ns", "t", task.version, "a", "boom")
     stored = manager.get_task("ns", "t")
     assert stored is not None and stored.status is TaskStatus.STARTED and not stored.attempts
+
+
+def test_units_completed_counts_each_unit_tasks_completions(manager: dt.Manager) -> None:
+    task = add(manager, ["u1", "u2", "u3"])
+    plain = manager.add_task("ns", "plain", nodes=["a"])
+    unit = manager.claim_unit("ns", "t", task.version, "a")
+    assert unit is not None
+    manager.record_unit_completion("ns", "t", task.version, unit.id, "a")
+    listed = manager.list_tasks()["ns"]
+    assert manager.units_completed(listed) == {("ns", "t"): 1}
+    assert plain.id not in {tid for _, tid in manager.units_completed(listed)}
