@@ -612,13 +612,15 @@ def make_machine(cluster: Cluster) -> type[RuleBasedStateMachine]:
             (its record, nodes and units) and checks the shape of a call against it before etcd
             says the version is gone: InvalidTaskError instead of TaskNotFoundError when the
             call does not fit that earlier run (a unit call on a plain run or an undeclared
-            unit, a node completion on a unit run). Which one depends on that cache."""
-            if expected.error is not dt.TaskNotFoundError or op[0] not in (*UNIT_OPS, "complete"):
+            unit, a node completion or failure on a unit run). Which one depends on that
+            cache."""
+            node_ops = ("complete", "fail")
+            if expected.error is not dt.TaskNotFoundError or op[0] not in (*UNIT_OPS, *node_ops):
                 return None
             key, old = self.added.get(op[3], (None, None))
             if old is None or key != (op[1], op[2]) or op[4] not in old.nodes:
                 return None
-            if op[0] == "complete":
+            if op[0] in node_ops:
                 fits = not old.units
             else:
                 fits = bool(old.units) and (op[0] == "uclaim" or old.unit_index(op[5]) is not None)

@@ -7,10 +7,15 @@ The desk is the unit half of the node's recorder (:mod:`.recorder` delegates to 
   then one from the pool this node may take and whose retry backoff is over (the Scheduler's
   view has the pool: no read), then the next unit by ticket (units.py). One or two round trips.
 - ``await_unit(task, stop)`` claims, and while nothing is claimable and the run is still
-  STARTED here, *waits on the watch*: a unit given back to the pool, a backoff ending, a pause,
+  live here, *waits on the watch*: a unit given back to the pool, a backoff ending, a pause,
   an outcome, a member leaving — every change the Scheduler's watch brings — wakes it
-  (:meth:`UnitDesk.changed`). It returns None once the run is no longer STARTED here or
-  ``stop`` is set (the Scheduler wakes waiters after terminating a handle).
+  (:meth:`UnitDesk.changed`). While the run is PAUSED it claims nothing and waits. It returns
+  None once the run has ended, is gone or replaced, or ``stop`` is set (the Scheduler
+  terminates a paused run's handle, and wakes waiters after terminating a handle).
+- What this node holds is read again whenever it may hold a unit it does not know of: at each
+  session, after a claim that failed with an error (applied, its answer lost), after a claim
+  that found nothing (a claim applied late), and after a claim that returned once its session
+  had ended (handed to the next session).
 - A node that has nothing to claim and has seen every ticket handed out looks for lost
   hand-outs (``Manager.units.check_handouts``: one small read) and, while some are missing,
   looks again after a backoff, giving back to the pool what is still missing; a member leaving
@@ -80,6 +85,9 @@ class UnitDesk:
     a unit missing at both is given back, so the first must well exceed the time a live node
     takes from its ticket to its claim."""
     PROGRESS_INTERVAL = 1.0
+    LATE_WRITE = 15.0
+    """After a claim failed with an error: when to look again at what this node holds (a
+    request stuck in a member that was frozen is applied when it thaws)."""
 
     def __init__(
         self,
@@ -111,6 +119,7 @@ class UnitDesk:
         self._out: dict[RunKey, dict[str, Claim]] = {}
         self._held_read: set[RunKey] = set()
         self._held_reading: set[RunKey] = set()  # read by one worker while the others wait
+        self._sessions: dict[RunKey, int] = {}  # bumped when a run's handle is terminated
         self._orphans: dict[RunKey, list[Claim]] = {}
         self._checks: dict[RunKey, set[str] | None] = {}  # None: looked, nothing missing
         self._outbox: dict[tuple[RunKey, str], _Pending] = {}
@@ -148,16 +157,36 @@ class UnitDesk:
                 claim = orphans.pop(0)
                 self._out.setdefault(run, {})[claim.spec.id] = claim
                 return claim.unit(self._node)
+            session = self._sessions.get(run, 0)
         known = self._manager.known_run(namespace, task_id, version, self._node)
         now = self._clock()
         items = self._pool(run)  # takes the Scheduler's lock: never under the desk's
         with self._cond:
             pool = [i for i in items if self._ready_at.get((run, i.unit_id), 0.0) <= now]
-        got = self._units.claim(namespace, task_id, version, self._node, known, pool=pool)
+        try:
+            got = self._units.claim(namespace, task_id, version, self._node, known, pool=pool)
+        except EtcdError:
+            # The claim may have been applied, its answer lost — or be applied later, by a
+            # member that was stuck: this node would then hold a unit it does not know of.
+            # Read what it holds again at the next claim, and wake the claimants once more
+            # when a late write would have landed.
+            with self._cond:
+                self._held_read.discard(run)
+            self._schedule(self.LATE_WRITE, TimerKind.UNIT_READY, run, 0)
+            raise
         if got is None:
+            with self._cond:  # nothing now: at the next claim, look at what it holds again
+                self._held_read.discard(run)  # (a claim applied late after a lost answer)
             return None
         with self._cond:
-            self._out.setdefault(run, {})[got.spec.id] = got
+            if self._sessions.get(run, 0) != session:
+                # The run's handle was terminated while this claim was under way: the unit is
+                # held in etcd, and the next session's claimants take it (read again).
+                self._held_read.discard(run)
+                self._generation += 1
+                self._cond.notify_all()
+            else:
+                self._out.setdefault(run, {})[got.spec.id] = got
         return got.unit(self._node)
 
     def await_unit(self, task: Task, stop: threading.Event) -> Unit | None:
@@ -171,9 +200,17 @@ class UnitDesk:
                 if self._closed or stop.is_set():
                     return None
             current = self._lookup(run)
-            if current is None or current.status is not TaskStatus.STARTED:
-                return None
+            if current is None or current.outcome is not None:
+                return None  # ended, removed or replaced
             wait = self.SAFETY_WAIT
+            if current.status is TaskStatus.PAUSED:
+                # Claim nothing, but stay: the Scheduler terminates this session (``stop``);
+                # if it sees the resume first, the session goes on.
+                with self._cond:
+                    while generation == self._generation and not self._closed and not stop.is_set():
+                        if not self._cond.wait(wait):
+                            break
+                continue
             try:
                 unit = self.claim(task)
             except (TaskNotFoundError, TaskNotRunningError, InvalidTaskError):
@@ -247,6 +284,8 @@ class UnitDesk:
     def session(self, run: RunKey) -> None:
         """A run starts here (again): units this node holds in etcd are handed out first."""
         with self._cond:
+            self._sessions[run] = self._sessions.get(run, 0) + 1
+            self._out.pop(run, None)
             self._held_read.discard(run)
             self._orphans.pop(run, None)
 
@@ -254,6 +293,7 @@ class UnitDesk:
         """The run's handle was terminated here: what it was handed and did not record is
         held again (handed out again at the next session), and its claimants wake."""
         with self._cond:
+            self._sessions[run] = self._sessions.get(run, 0) + 1
             self._out.pop(run, None)
             self._held_read.discard(run)
             self._orphans.pop(run, None)
@@ -266,6 +306,7 @@ class UnitDesk:
             self._out.pop(run, None)
             self._orphans.pop(run, None)
             self._checks.pop(run, None)
+            self._sessions.pop(run, None)
             self._held_read.discard(run)
             self._ready_at = {k: v for k, v in self._ready_at.items() if k[0] != run}
             self._progress = {k: v for k, v in self._progress.items() if k[0] != run}
