@@ -120,6 +120,8 @@ class UnitDesk:
         self._held_read: set[RunKey] = set()
         self._held_reading: set[RunKey] = set()  # read by one worker while the others wait
         self._sessions: dict[RunKey, int] = {}  # bumped when a run's handle is terminated
+        self._given: dict[RunKey, set[tuple[str, int]]] = {}  # (unit, claim revision) handed
+        # out in this session: a claim is run once per session, even once recorded
         self._orphans: dict[RunKey, list[Claim]] = {}
         self._checks: dict[RunKey, set[str] | None] = {}  # None: looked, nothing missing
         self._outbox: dict[tuple[RunKey, str], _Pending] = {}
@@ -133,30 +135,10 @@ class UnitDesk:
         :class:`InvalidTaskError` (not a unit task, or not one of its nodes)."""
         run = _run(task)
         namespace, task_id, version = run
+        orphan = self._orphan(run)
+        if orphan is not None:
+            return orphan.unit(self._node)
         with self._cond:
-            while run in self._held_reading:  # another worker of this node reads them
-                self._cond.wait()
-            first = run not in self._held_read
-            if first:
-                self._held_reading.add(run)
-        if first:
-            try:
-                held = self._units.held(namespace, task_id, version, self._node)
-            finally:
-                with self._cond:
-                    self._held_reading.discard(run)
-                    self._cond.notify_all()
-            with self._cond:
-                if run not in self._held_read:
-                    self._held_read.add(run)
-                    out = self._out.setdefault(run, {})
-                    self._orphans[run] = [c for c in held if c.spec.id not in out]
-        with self._cond:
-            orphans = self._orphans.get(run)
-            if orphans:
-                claim = orphans.pop(0)
-                self._out.setdefault(run, {})[claim.spec.id] = claim
-                return claim.unit(self._node)
             session = self._sessions.get(run, 0)
         known = self._manager.known_run(namespace, task_id, version, self._node)
         now = self._clock()
@@ -179,6 +161,7 @@ class UnitDesk:
                 self._held_read.discard(run)  # (a claim applied late after a lost answer)
             return None
         with self._cond:
+            twice = False
             if self._sessions.get(run, 0) != session:
                 # The run's handle was terminated while this claim was under way: the unit is
                 # held in etcd, and the next session's claimants take it (read again).
@@ -186,8 +169,47 @@ class UnitDesk:
                 self._generation += 1
                 self._cond.notify_all()
             else:
-                self._out.setdefault(run, {})[got.spec.id] = got
-        return got.unit(self._node)
+                given = self._given.setdefault(run, set())
+                # Read as held by another worker while this claim was under way, and handed
+                # out already: one run of a claim here is enough.
+                twice = (got.spec.id, got.revision) in given
+                if not twice:
+                    given.add((got.spec.id, got.revision))
+                    self._out.setdefault(run, {})[got.spec.id] = got
+        return self.claim(task) if twice else got.unit(self._node)
+
+    def _orphan(self, run: RunKey) -> Claim | None:
+        """A unit this node holds in etcd and no worker of this session was handed (read
+        once per session, and again when it may hold one it does not know of), or None."""
+        namespace, task_id, version = run
+        with self._cond:
+            while run in self._held_reading:  # another worker of this node reads them
+                self._cond.wait()
+            first = run not in self._held_read
+            if first:
+                self._held_reading.add(run)
+        if first:
+            try:
+                held = self._units.held(namespace, task_id, version, self._node)
+            finally:
+                with self._cond:
+                    self._held_reading.discard(run)
+                    self._cond.notify_all()
+            with self._cond:
+                if run not in self._held_read:
+                    self._held_read.add(run)
+                    given = self._given.setdefault(run, set())
+                    self._orphans[run] = [c for c in held if (c.spec.id, c.revision) not in given]
+        with self._cond:
+            orphans = self._orphans.get(run, [])
+            given = self._given.setdefault(run, set())
+            while orphans:
+                claim = orphans.pop(0)
+                if (claim.spec.id, claim.revision) not in given:  # not handed out meanwhile
+                    given.add((claim.spec.id, claim.revision))
+                    self._out.setdefault(run, {})[claim.spec.id] = claim
+                    return claim
+        return None
 
     def await_unit(self, task: Task, stop: threading.Event) -> Unit | None:
         """Claim a unit, waiting on the watch while none is claimable (see the module doc);
@@ -233,7 +255,17 @@ class UnitDesk:
         self._record(run, unit_id, _Pending(False, self._hand_back(run, unit_id)))
 
     def record_failure(self, run: RunKey, unit_id: str, error: str) -> None:
-        self._record(run, unit_id, _Pending(True, self._hand_back(run, unit_id), str(error)))
+        claim = self._hand_back(run, unit_id)
+        if claim is None:
+            # Not handed out by this session (its handle was terminated, or the failure is
+            # recorded twice): counting it could count an attempt this node runs now.
+            self._log.warning(
+                "failure of unit %r of %s/%s v%d not recorded: not held by this session",
+                unit_id,
+                *run,
+            )
+            return
+        self._record(run, unit_id, _Pending(True, claim, str(error)))
 
     def record_progress(self, run: RunKey, unit_id: str, fraction: float, message: str) -> None:
         now = self._clock()
@@ -285,6 +317,7 @@ class UnitDesk:
         """A run starts here (again): units this node holds in etcd are handed out first."""
         with self._cond:
             self._sessions[run] = self._sessions.get(run, 0) + 1
+            self._given.pop(run, None)
             self._out.pop(run, None)
             self._held_read.discard(run)
             self._orphans.pop(run, None)
@@ -294,6 +327,7 @@ class UnitDesk:
         held again (handed out again at the next session), and its claimants wake."""
         with self._cond:
             self._sessions[run] = self._sessions.get(run, 0) + 1
+            self._given.pop(run, None)
             self._out.pop(run, None)
             self._held_read.discard(run)
             self._orphans.pop(run, None)
@@ -307,6 +341,7 @@ class UnitDesk:
             self._orphans.pop(run, None)
             self._checks.pop(run, None)
             self._sessions.pop(run, None)
+            self._given.pop(run, None)
             self._held_read.discard(run)
             self._ready_at = {k: v for k, v in self._ready_at.items() if k[0] != run}
             self._progress = {k: v for k, v in self._progress.items() if k[0] != run}
