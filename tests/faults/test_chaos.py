@@ -3,12 +3,16 @@
 Three Schedulers on a three-member etcd cluster; for ``DURATION`` seconds the fault loop kills
 the leader, kills a follower, pauses a member and cuts ``node-c`` off for longer than its member
 TTL (but shorter than the node-loss grace: no run may fail for node loss), while a client makes
-the full 200 adds (about 30% on an id used before, about 30% with a run policy: 2-3 attempts,
+its ``TASKS`` adds (about 30% on an id used before, about 30% with a run policy: 2-3 attempts,
 some with a deadline of a few seconds), cancels about a fifth of the runs, and pauses about
 a sixth of them (a third of those with a policy), then resumes them (or cancels them while
-PAUSED). The seed is printed (and is in the failure message); set ``DTASK_CHAOS_SEED`` to
-replay one. The long version runs by hand: ``python -m tests.faults.chaos --duration 600
---seed N``.
+PAUSED). About 30% of the adds are unit tasks (5-40 units, in groups or not, some bound to a
+node, most with 2-4 attempts per unit), run by ThreadProviders with ``unit_concurrency`` 1-3
+whose unit functions sometimes fail and whose ``group_completed`` sometimes raises; every
+unit's claim is watched, so a unit COMPLETED twice, lost (its run never ends), retried past
+``max_attempts`` or recorded by a node that did not run it is a violation. The seed is printed
+(and is in the failure message); set ``DTASK_CHAOS_SEED`` to replay one. The long version runs
+by hand: ``python -m tests.faults.chaos --duration 600 --seed N``.
 """
 
 from __future__ import annotations
@@ -49,3 +53,8 @@ def test_chaos_keeps_every_invariant(etcd_cluster: EtcdCluster, dtask_prefix: st
     assert report.policy_runs > 0 and report.retries > 0, report.summary()
     assert report.controls["pause ok"] > 0 and report.resume_starts > 0, report.summary()
     assert report.deadline_failures > 0, report.summary()
+    # units were exercised: retried, FINISHED runs read whole with get_units, group callbacks
+    assert report.unit_runs > 0 and report.unit_statuses["FINISHED"] > 0, report.summary()
+    assert report.unit_retries > 0 and report.unit_reads["ok"] > 0, report.summary()
+    assert report.group_callbacks > 0, report.summary()
+    assert report.max_unit_active > 1 or max(report.unit_concurrency.values()) == 1
