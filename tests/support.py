@@ -16,6 +16,22 @@ import distributedtask as dt
 from distributedtask.keys import prefix_range_end
 
 
+class Monotonic:
+    """An injected monotonic clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+
+
 class FakeClock:
     """A settable clock for the Manager: aware UTC, moves only when told."""
 

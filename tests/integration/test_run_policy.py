@@ -15,6 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from tests.support import (
     FakeClock,
+    Monotonic,
     RecordingProvider,
     Schedulers,
     metric,
@@ -29,22 +30,6 @@ pytestmark = pytest.mark.usefixtures("no_scheduler_thread_left")
 
 NS = "ns"
 RETRY3 = dt.RunPolicy(max_attempts=3, retry_backoff=timedelta(seconds=10))
-
-
-class Monotonic:
-    """An injected monotonic clock that moves only when told."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self.now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self.now += seconds
 
 
 @pytest.fixture

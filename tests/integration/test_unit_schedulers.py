@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 from prometheus_client import CollectorRegistry
-from tests.support import Schedulers, metric
+from tests.support import Monotonic, Schedulers, metric
 
 import distributedtask as dt
 from distributedtask import TaskStatus, UnitSpec, UnitStatus
@@ -21,22 +21,6 @@ from distributedtask.testing.proxy import TcpProxy
 NS = "units"
 
 pytestmark = pytest.mark.usefixtures("no_scheduler_thread_left")
-
-
-class Monotonic:
-    """An injected monotonic clock that moves only when told."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self.now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self.now += seconds
 
 
 class Units:

@@ -80,7 +80,7 @@ class UnitDesk:
 
     SAFETY_WAIT = 60.0
     """A waiting claimant looks again after this long without news (a safety net)."""
-    CHECK_DELAY = (1.0, 30.0)
+    CHECK_DELAY = (3.0, 30.0)
     """Between two looks for lost hand-outs, doubling from the first to the second, jittered:
     a unit missing at both is given back, so the first must well exceed the time a live node
     takes from its ticket to its claim."""
